@@ -1,0 +1,115 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"regexp"
+	"testing"
+	"time"
+)
+
+func TestAPIKeys(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	k, secret, err := s.CreateAPIKey(ctx, "first")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`^e2b_[0-9a-f]+$`).MatchString(secret) {
+		t.Fatalf("secret %q does not match the SDK's key pattern", secret)
+	}
+	other, otherSecret, err := s.CreateAPIKey(ctx, "second")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RevokeAPIKey(ctx, other.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RevokeAPIKey(ctx, other.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("second revoke: got %v, want ErrNotFound", err)
+	}
+
+	for _, tc := range []struct {
+		name, secret string
+		ok           bool
+	}{
+		{"valid", secret, true},
+		{"revoked", otherSecret, false},
+		{"unknown", "e2b_00", false},
+		{"empty", "", false},
+		{"prefix of valid", secret[:len(secret)-1], false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := s.VerifyAPIKey(ctx, tc.secret)
+			if tc.ok {
+				if err != nil || got.ID != k.ID {
+					t.Fatalf("VerifyAPIKey = %+v, %v; want key %s", got, err, k.ID)
+				}
+				return
+			}
+			if !errors.Is(err, ErrNotFound) {
+				t.Fatalf("VerifyAPIKey = %v, want ErrNotFound", err)
+			}
+		})
+	}
+
+	keys, err := s.ListAPIKeys(ctx)
+	if err != nil || len(keys) != 2 {
+		t.Fatalf("ListAPIKeys = %d keys, %v", len(keys), err)
+	}
+	if keys[1].RevokedAt == nil || keys[0].RevokedAt != nil {
+		t.Fatalf("revocation not recorded: %+v", keys)
+	}
+	if n, err := s.CountActiveAPIKeys(ctx); err != nil || n != 1 {
+		t.Fatalf("CountActiveAPIKeys = %d, %v; want 1", n, err)
+	}
+}
+
+func TestSandboxesSurviveReopen(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb := Sandbox{
+		ID: "abcdefghij0123456789", TemplateID: "base", State: "running",
+		StartedAt: time.Now().UTC().Truncate(time.Second), EndAt: time.Now().Add(time.Minute).UTC().Truncate(time.Second),
+		Metadata: map[string]string{"k": "v"}, EnvdAccessToken: "tok",
+	}
+	if err := s.PutSandbox(ctx, sb); err != nil {
+		t.Fatal(err)
+	}
+	sb.State = "paused"
+	if err := s.PutSandbox(ctx, sb); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	s, err = Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	got, err := s.ListSandboxes(ctx)
+	if err != nil || len(got) != 1 {
+		t.Fatalf("ListSandboxes = %v, %v", got, err)
+	}
+	if got[0].State != "paused" || got[0].Metadata["k"] != "v" || !got[0].EndAt.Equal(sb.EndAt) {
+		t.Fatalf("record changed across reopen: %+v", got[0])
+	}
+	if err := s.DeleteSandbox(ctx, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSandbox(ctx, sb.ID); err != nil {
+		t.Fatalf("deleting a missing record: %v", err)
+	}
+	if got, _ := s.ListSandboxes(ctx); len(got) != 0 {
+		t.Fatalf("record still there after delete: %v", got)
+	}
+}
