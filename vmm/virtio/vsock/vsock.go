@@ -1,0 +1,306 @@
+// Package vsock is the virtio socket device (virtio 1.2 §5.10) implemented in
+// userspace, as Firecracker does, because the hosts cubicle runs on have no
+// vhost-vsock and a jailed VMM must not reach the host's AF_VSOCK anyway. The
+// guest speaks AF_VSOCK; the host side is plain Unix sockets. Host programs
+// reach a guest port by connecting to UDSPath and sending "CONNECT <port>\n";
+// the device answers "OK <hostport>\n" once the guest accepts, and from then
+// on the Unix socket is the stream. A guest connecting to host port P is
+// connected to the Unix socket "<UDSPath>_<P>". The device runs the whole
+// packet protocol (REQUEST/RESPONSE/RST/SHUTDOWN/RW/CREDIT_UPDATE/
+// CREDIT_REQUEST) with per-connection credit accounting, so neither side can
+// make the other buffer without bound. After a snapshot restore no Unix
+// connection survives: the device tells the guest with a TRANSPORT_RESET event
+// and the guest drops its sockets and re-reads its CID.
+//
+// Goroutines and ownership:
+//   - the worker (Activate/Resume to Pause/Reset) owns the three queues and all
+//     connection state (the muxer); everything else talks to it through
+//     Device.events;
+//   - the acceptor owns the listener for the device's lifetime and runs one
+//     short-lived handshake goroutine per incoming connection;
+//   - each established connection has a reader goroutine (reads the Unix
+//     socket only when the worker grants it a credit budget, so the guest's
+//     receive buffer is never overrun) and a writer goroutine (drains the
+//     bytes the guest sent, which the worker appends under conn.outMu);
+//   - dial goroutines connect guest-initiated connections without blocking
+//     the worker.
+//
+// Lock order: the transport's lock, then Device.mu (lifecycle), then
+// conn.outMu. The worker takes only conn.outMu.
+package vsock
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cubicle-dev/cubicle/vmm/virtio"
+	"github.com/cubicle-dev/cubicle/vmm/virtio/queue"
+)
+
+// Queues and sizes (§5.10.2: rx, tx, event).
+const (
+	RxQueue    = 0
+	TxQueue    = 1
+	EventQueue = 2
+	// QueueSize is the maximum size of each queue.
+	QueueSize = 256
+	// configSize is sizeof(struct virtio_vsock_config): le64 guest_cid.
+	configSize = 8
+)
+
+// Tunables of the host side.
+const (
+	// ConnBufSize is the receive buffer each connection advertises to the
+	// guest (buf_alloc): how many bytes the guest may send before the host
+	// program reads them.
+	ConnBufSize = 256 << 10
+	// MaxConns bounds the connections of one device.
+	MaxConns = 1024
+	// HostPortBase is the first local port for host-initiated connections.
+	HostPortBase = 1 << 30
+	// ConnectTimeout bounds how long a host-initiated connection waits for
+	// the guest's RESPONSE, and a guest-initiated one for the dial.
+	ConnectTimeout = 2 * time.Second
+	// HandshakeTimeout bounds how long a host program may take to send its
+	// CONNECT line.
+	HandshakeTimeout = 2 * time.Second
+	// ShutdownTimeout bounds how long a closing connection waits for the
+	// other side before it is reset.
+	ShutdownTimeout = 2 * time.Second
+	// readChunk is the most the reader takes from a Unix socket at once.
+	readChunk = 32 << 10
+	// writeChunk is the most the writer hands a Unix socket at once before
+	// it reports progress.
+	writeChunk = 32 << 10
+	// creditThreshold: a CREDIT_UPDATE is sent when the guest may believe it
+	// has less than this much room left.
+	creditThreshold = MaxPayload
+	// maxPendingCtrl bounds control packets waiting for rx buffers; beyond
+	// it the device stops reading the tx queue (back-pressure on the guest).
+	maxPendingCtrl = 256
+)
+
+// Errors.
+var (
+	ErrInvalidCID       = errors.New("vsock: guest CID must be in 3..0xfffffffe")
+	ErrQueuesMissing    = errors.New("vsock: rx, tx and event queues must all be enabled")
+	ErrClosed           = errors.New("vsock: device closed")
+	ErrSnapshotMismatch = errors.New("vsock: snapshot does not match the device")
+)
+
+// Config configures a vsock device.
+type Config struct {
+	GuestCID uint64
+	// UDSPath is the host Unix socket for host-initiated connections; the
+	// device creates it and removes it in Close. Guest-initiated connections
+	// to port P go to UDSPath + "_" + P.
+	UDSPath string
+	Logger  *slog.Logger
+}
+
+// Metrics counts what the device did. Fields are updated atomically and may
+// be read at any time.
+type Metrics struct {
+	TxPackets, RxPackets        atomic.Uint64
+	TxBytes, RxBytes            atomic.Uint64 // payload bytes guest→host, host→guest
+	ConnsOpened, ConnsClosed    atomic.Uint64
+	HostConnects, GuestConnects atomic.Uint64
+	ConnectFailures             atomic.Uint64 // dials, handshakes and refusals
+	Resets                      atomic.Uint64 // RST packets sent
+	InvalidPackets              atomic.Uint64 // malformed packets dropped
+	InvalidChains               atomic.Uint64 // malformed chains returned unused
+	CreditViolations            atomic.Uint64 // guest sent beyond its credit
+	TransportResets, Interrupts atomic.Uint64
+}
+
+// Device is a virtio-vsock device.
+type Device struct {
+	cid     uint64
+	udsPath string
+	log     *slog.Logger
+	ln      *net.UnixListener
+	kicks   *virtio.Kicks
+	events  chan event
+	closed  chan struct{} // closed by Close
+	bg      sync.WaitGroup
+	live    atomic.Bool // a driver is active: host connections are accepted
+	metrics Metrics
+
+	mu           sync.Mutex // guards the fields below
+	worker       virtio.Worker
+	qs           []*queue.Queue
+	sig          virtio.Signaler
+	mux          *muxer
+	pendingReset bool
+	isClosed     bool
+}
+
+// New creates the device and starts listening on cfg.UDSPath.
+func New(cfg Config) (*Device, error) {
+	if cfg.GuestCID <= HostCID || cfg.GuestCID >= 0xffffffff {
+		return nil, fmt.Errorf("%w: %d", ErrInvalidCID, cfg.GuestCID)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: cfg.UDSPath, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("vsock: listen on %s: %w", cfg.UDSPath, err)
+	}
+	d := &Device{
+		cid:     cfg.GuestCID,
+		udsPath: cfg.UDSPath,
+		log:     cfg.Logger,
+		ln:      ln,
+		kicks:   virtio.NewKicks(),
+		events:  make(chan event, 64),
+		closed:  make(chan struct{}),
+	}
+	if d.log == nil {
+		d.log = slog.New(slog.DiscardHandler)
+	}
+	d.log = d.log.With("device", "vsock", "cid", cfg.GuestCID)
+	d.mux = newMuxer(d)
+	d.bg.Add(1)
+	go d.acceptLoop()
+	return d, nil
+}
+
+// Close stops the device, drops every connection and removes the listening
+// socket. The transport must be closed (or reset) first.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	if d.isClosed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.isClosed = true
+	d.worker.Stop()
+	d.live.Store(false)
+	close(d.closed)
+	err := d.ln.Close()
+	d.mux.closeAll()
+	d.mu.Unlock()
+	d.bg.Wait()
+	if err != nil {
+		return fmt.Errorf("vsock: close listener: %w", err)
+	}
+	return nil
+}
+
+// GuestCID returns the guest's context ID.
+func (d *Device) GuestCID() uint64 { return d.cid }
+
+// Metrics returns the device's counters.
+func (d *Device) Metrics() *Metrics { return &d.metrics }
+
+// Type implements mmio.Device.
+func (d *Device) Type() virtio.DeviceType { return virtio.DeviceVsock }
+
+// Features implements mmio.Device. Stream sockets are implied without
+// feature bits (§5.10.3).
+func (d *Device) Features() uint64 { return virtio.CommonFeatures }
+
+// QueueMaxSizes implements mmio.Device.
+func (d *Device) QueueMaxSizes() []uint16 { return []uint16{QueueSize, QueueSize, QueueSize} }
+
+// ReadConfig implements mmio.Device: struct virtio_vsock_config (§5.10.4).
+func (d *Device) ReadConfig(offset uint64, data []byte) {
+	clear(data)
+	var cfg [configSize]byte
+	binary.LittleEndian.PutUint64(cfg[:], d.cid)
+	if offset < configSize {
+		copy(data, cfg[offset:])
+	}
+}
+
+// WriteConfig implements mmio.Device: the configuration is read-only.
+func (d *Device) WriteConfig(offset uint64, data []byte) {}
+
+// Activate implements mmio.Device.
+func (d *Device) Activate(mem virtio.Memory, features uint64, qs []*queue.Queue, sig virtio.Signaler) error {
+	if len(qs) != 3 || qs[RxQueue] == nil || qs[TxQueue] == nil || qs[EventQueue] == nil {
+		return ErrQueuesMissing
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.isClosed {
+		return ErrClosed
+	}
+	d.worker.Stop()
+	d.qs, d.sig = qs, sig
+	d.start()
+	return nil
+}
+
+// start runs the worker. Called with d.mu held.
+func (d *Device) start() {
+	mux, qs, sig := d.mux, d.qs, d.sig
+	if d.pendingReset {
+		mux.pendingReset = true
+		d.pendingReset = false
+	}
+	d.live.Store(true)
+	d.worker.Start(func(stop <-chan struct{}) { mux.run(qs, sig, stop) })
+}
+
+// Notify implements mmio.Device.
+func (d *Device) Notify(i int) { d.kicks.Kick(i) }
+
+// Pause implements mmio.Device. Connections stay open; their data waits.
+func (d *Device) Pause() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.worker.Stop()
+}
+
+// Resume implements mmio.Device.
+func (d *Device) Resume() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.qs == nil || d.isClosed {
+		return virtio.ErrNotActivated
+	}
+	d.start()
+	return nil
+}
+
+// Reset implements mmio.Device: the driver went away, so every connection is
+// dropped.
+func (d *Device) Reset() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.live.Store(false)
+	d.worker.Stop()
+	d.qs, d.sig = nil, nil
+	d.mux.closeAll()
+	d.mux.pendingReset = false
+	d.kicks.Take()
+}
+
+// State is the device's snapshot. Connections are not part of it: the host
+// ends of them belong to the old process.
+type State struct {
+	GuestCID uint64 `json:"guest_cid"`
+}
+
+// Save returns the device's snapshot.
+func (d *Device) Save() State { return State{GuestCID: d.cid} }
+
+// Restore prepares a new device for a guest restored from st: when the
+// transport activates it, the guest receives a TRANSPORT_RESET event, drops
+// the connections it had at snapshot time and re-reads its CID, which may
+// differ from st's (a clone gets a new identity). Call it before the
+// transport's Restore.
+func (d *Device) Restore(st State) error {
+	if st.GuestCID <= HostCID || st.GuestCID >= 0xffffffff {
+		return fmt.Errorf("%w: %w: %d", ErrSnapshotMismatch, ErrInvalidCID, st.GuestCID)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.pendingReset = true
+	return nil
+}
