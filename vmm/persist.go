@@ -1,0 +1,327 @@
+//go:build linux && amd64
+
+package vmm
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+
+	"github.com/cubicle-dev/cubicle/vmm/boot"
+	"github.com/cubicle-dev/cubicle/vmm/kvm"
+	"github.com/cubicle-dev/cubicle/vmm/memory"
+	"github.com/cubicle-dev/cubicle/vmm/snapshot"
+)
+
+// Snapshot saves a paused VM: vCPU state (gathered on each vCPU's own
+// thread: registers, special registers, FPU, XSAVE, XCRs, local APIC,
+// MSRs including the KVM paravirtual range, events, MP state, debug
+// registers, TSC frequency, CPUID), VM state (the three irqchips, the PIT,
+// kvmclock) and the state of every Stateful device go to statePath; guest
+// RAM goes to memPath as a sparse file. Both files are written atomically.
+// The VM stays paused.
+func (vm *VM) Snapshot(statePath, memPath string) error {
+	st, err := vm.captureState()
+	if err != nil {
+		return err
+	}
+	if err := snapshot.WriteFile(statePath, st); err != nil {
+		return err
+	}
+	if err := vm.mem.Dump(memPath); err != nil {
+		return err
+	}
+	return nil
+}
+
+// captureState gathers the snapshot.State of a paused VM.
+func (vm *VM) captureState() (*snapshot.State, error) {
+	vm.mu.Lock()
+	paused := vm.st == statePaused && vm.allParkedLocked()
+	stateful := maps.Clone(vm.stateful)
+	vm.mu.Unlock()
+	if !paused {
+		return nil, fmt.Errorf("%w: Snapshot needs a paused VM", ErrState)
+	}
+	st := &snapshot.State{MemSize: vm.mem.Size()}
+	for _, r := range vm.mem.Regions() {
+		st.Regions = append(st.Regions, snapshot.Region{GuestAddr: r.GuestAddr, Size: r.Size, Offset: r.Offset})
+	}
+	for i := range st.VM.IRQChips {
+		c, err := vm.kvm.GetIRQChip(uint32(i))
+		if err != nil {
+			return nil, err
+		}
+		st.VM.IRQChips[i] = *c
+	}
+	pit, err := vm.kvm.GetPIT2()
+	if err != nil {
+		return nil, err
+	}
+	st.VM.PIT = *pit
+	clock, err := vm.kvm.GetClock()
+	if err != nil {
+		return nil, err
+	}
+	st.VM.Clock = *clock
+
+	xsaveSize := vm.kvm.XSaveSize()
+	st.VCPUs = make([]snapshot.VCPUState, len(vm.runners))
+	err = vm.onEachVCPU(func(r *vcpuRunner) error {
+		return saveVCPU(vm.sys, r.cpu, xsaveSize, &st.VCPUs[r.index])
+	})
+	if err != nil {
+		return nil, fmt.Errorf("vmm: saving vCPU state: %w", err)
+	}
+
+	for _, n := range slices.Sorted(maps.Keys(stateful)) {
+		data, err := stateful[n].SaveState()
+		if err != nil {
+			return nil, fmt.Errorf("vmm: saving device %s: %w", n, err)
+		}
+		st.Devices = append(st.Devices, snapshot.DeviceState{Name: n, Data: data})
+	}
+	return st, nil
+}
+
+// saveVCPU reads every state ioctl of c into s.
+func saveVCPU(sys *kvm.System, c *kvm.VCPU, xsaveSize int, s *snapshot.VCPUState) (err error) {
+	s.ID = uint32(c.ID())
+	if s.CPUID, err = c.GetCPUID2(); err != nil {
+		return err
+	}
+	if s.TSCKHz, err = c.GetTSCKHz(); err != nil {
+		return err
+	}
+	regs, err := c.GetRegs()
+	if err != nil {
+		return err
+	}
+	s.Regs = *regs
+	sregs, err := c.GetSregs()
+	if err != nil {
+		return err
+	}
+	s.Sregs = *sregs
+	fpu, err := c.GetFPU()
+	if err != nil {
+		return err
+	}
+	s.FPU = *fpu
+	if s.XSave, err = c.GetXSave(xsaveSize); err != nil {
+		return err
+	}
+	xcrs, err := c.GetXCRs()
+	if err != nil {
+		return err
+	}
+	s.XCRs = *xcrs
+	lapic, err := c.GetLAPIC()
+	if err != nil {
+		return err
+	}
+	s.LAPIC = *lapic
+	indices, err := sys.SnapshotMSRs()
+	if err != nil {
+		return err
+	}
+	if s.MSRs, err = c.GetMSRs(indices); err != nil {
+		return err
+	}
+	ev, err := c.GetVCPUEvents()
+	if err != nil {
+		return err
+	}
+	// KVM_GET_VCPU_EVENTS fills these fields but KVM_SET_VCPU_EVENTS only
+	// applies them when flagged.
+	ev.Flags |= kvm.VCPUEventValidNMIPending | kvm.VCPUEventValidSIPIVector
+	s.Events = *ev
+	if s.MPState, err = c.GetMPState(); err != nil {
+		return err
+	}
+	dr, err := c.GetDebugRegs()
+	if err != nil {
+		return err
+	}
+	s.DebugRegs = *dr
+	return nil
+}
+
+// Restore builds a VM from a state file and a memory file and leaves it
+// ready to Start. The memory file is mapped MAP_PRIVATE, so any number of
+// VMs restored from it share its pages copy-on-write and never modify it.
+// cfg.MemoryBytes and cfg.VCPUs are ignored: the snapshot decides. Devices
+// beyond the built-in serial port and i8042 must be added (under the
+// names they were saved with) before Start, which fails if the snapshot
+// holds state for a device that was not added.
+func Restore(cfg Config, statePath, memPath string) (*VM, error) {
+	st, err := snapshot.ReadFile(statePath)
+	if err != nil {
+		return nil, err
+	}
+	return RestoreState(cfg, st, memPath)
+}
+
+// RestoreState is Restore from an already decoded state file.
+func RestoreState(cfg Config, st *snapshot.State, memPath string) (*VM, error) {
+	if err := checkRestorable(st); err != nil {
+		return nil, err
+	}
+	mem, err := memory.MapFile(memPath, st.MemSize)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := build(cfg, mem, len(st.VCPUs))
+	if err != nil {
+		mem.Close()
+		return nil, err
+	}
+	if err := vm.restoreState(st); err != nil {
+		vm.release()
+		return nil, err
+	}
+	return vm, nil
+}
+
+// checkRestorable rejects snapshots this VMM cannot rebuild.
+func checkRestorable(st *snapshot.State) error {
+	if err := memory.CheckSize(st.MemSize); err != nil {
+		return fmt.Errorf("%w: %w", ErrIncompatible, err)
+	}
+	layout := memory.Layout(st.MemSize)
+	if len(layout) != len(st.Regions) {
+		return fmt.Errorf("%w: %d memory regions, this VMM lays out %d", ErrIncompatible, len(st.Regions), len(layout))
+	}
+	for i, r := range layout {
+		s := st.Regions[i]
+		if s.GuestAddr != r.GuestAddr || s.Size != r.Size || s.Offset != r.Offset {
+			return fmt.Errorf("%w: memory region %d is %+v, this VMM lays out %+v", ErrIncompatible, i, s, r)
+		}
+	}
+	if len(st.VCPUs) > boot.MaxVCPUs {
+		return fmt.Errorf("%w: %d vCPUs, at most %d", ErrIncompatible, len(st.VCPUs), boot.MaxVCPUs)
+	}
+	for i, c := range st.VCPUs {
+		if c.ID != uint32(i) {
+			return fmt.Errorf("%w: vCPU %d has id %d", ErrIncompatible, i, c.ID)
+		}
+	}
+	return nil
+}
+
+// restoreState applies the VM-wide state in the order measured to work on
+// the development hosts — after the vCPUs exist: irqchips, clock; the PIT
+// state follows on the PIT's own goroutine as soon as the PIT exists —
+// attaches the built-in devices with their saved state and prepares each
+// vCPU's state for its thread.
+func (vm *VM) restoreState(st *snapshot.State) error {
+	for i := range st.VM.IRQChips {
+		if err := vm.kvm.SetIRQChip(&st.VM.IRQChips[i]); err != nil {
+			return err
+		}
+	}
+	pit := st.VM.PIT
+	vm.sendPITInit(func() error { return vm.kvm.SetPIT2(&pit) })
+	// Only the clock value: with KVM_CLOCK_REALTIME the kernel would jump
+	// the guest clock forward by the time since the snapshot; the guest
+	// gets its new identity (clock included) after restore instead.
+	if err := vm.kvm.SetClock(&kvm.ClockData{Clock: st.VM.Clock.Clock}); err != nil {
+		return err
+	}
+	vm.mu.Lock()
+	vm.restored = make(map[string][]byte, len(st.Devices))
+	for _, d := range st.Devices {
+		vm.restored[d.Name] = d.Data
+	}
+	vm.mu.Unlock()
+	if err := vm.attachBuiltins(); err != nil {
+		return err
+	}
+	xsaveSize := vm.kvm.XSaveSize()
+	for i, r := range vm.runners {
+		r.setup = restoreSetup(&st.VCPUs[i], xsaveSize)
+	}
+	vm.mu.Lock()
+	vm.bootReady = true
+	vm.mu.Unlock()
+	return nil
+}
+
+// restoreSetup returns the first-run setup of a restored vCPU. The order
+// is the one measured to work: CPUID (only once, before the first run),
+// SREGS, REGS, FPU, XSAVE, XCRS, LAPIC, MSRS, VCPU_EVENTS, MP_STATE,
+// DEBUGREGS. The TSC frequency is set first if it differs from the host's.
+func restoreSetup(s *snapshot.VCPUState, xsaveSize int) func(*kvm.VCPU) error {
+	return func(c *kvm.VCPU) error {
+		if err := c.SetCPUID2(s.CPUID); err != nil {
+			return err
+		}
+		if s.TSCKHz != 0 {
+			cur, err := c.GetTSCKHz()
+			if err != nil {
+				return err
+			}
+			if cur != s.TSCKHz {
+				if err := c.SetTSCKHz(s.TSCKHz); err != nil {
+					return fmt.Errorf("%w: guest TSC runs at %d kHz, host at %d kHz: %w", ErrIncompatible, s.TSCKHz, cur, err)
+				}
+			}
+		}
+		sregs, regs, fpu := s.Sregs, s.Regs, s.FPU
+		if err := c.SetSregs(&sregs); err != nil {
+			return err
+		}
+		if err := c.SetRegs(&regs); err != nil {
+			return err
+		}
+		if err := c.SetFPU(&fpu); err != nil {
+			return err
+		}
+		xsave := s.XSave
+		if len(xsave) < xsaveSize {
+			// The kernel reads KVM_CAP_XSAVE2 bytes; the tail stays in
+			// its init state.
+			xsave = append(slices.Clip(xsave), make([]byte, xsaveSize-len(xsave))...)
+		}
+		if err := c.SetXSave(xsave); err != nil {
+			return err
+		}
+		xcrs, lapic := s.XCRs, s.LAPIC
+		if err := c.SetXCRs(&xcrs); err != nil {
+			return err
+		}
+		if err := c.SetLAPIC(&lapic); err != nil {
+			return err
+		}
+		if err := c.SetMSRs(kvmOrderMSRs(s.MSRs)); err != nil {
+			return err
+		}
+		ev, dr := s.Events, s.DebugRegs
+		if err := c.SetVCPUEvents(&ev); err != nil {
+			return err
+		}
+		if err := c.SetMPState(s.MPState); err != nil {
+			return err
+		}
+		return c.SetDebugRegs(&dr)
+	}
+}
+
+// kvmOrderMSRs returns entries with IA32_TSC_DEADLINE last (see
+// kvm.OrderMSRsForRestore); snapshots written by this VMM already have
+// that order, this keeps a hand-edited one correct.
+func kvmOrderMSRs(entries []kvm.MSREntry) []kvm.MSREntry {
+	if len(entries) == 0 || entries[len(entries)-1].Index == kvm.MSRIA32TSCDeadline {
+		return entries
+	}
+	out := make([]kvm.MSREntry, 0, len(entries))
+	var deadline []kvm.MSREntry
+	for _, e := range entries {
+		if e.Index == kvm.MSRIA32TSCDeadline {
+			deadline = append(deadline, e)
+			continue
+		}
+		out = append(out, e)
+	}
+	return append(out, deadline...)
+}
