@@ -1,0 +1,175 @@
+// Command probe stands in for envd in the gvisor runtime's tests: a static
+// binary that serves HTTP on the envd port and exposes small probes that let
+// a test observe, from the host, what a sandbox can see and do.
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"log"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ballast holds memory allocated by /alloc so that it stays resident.
+var ballast [][]byte
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "-exit" {
+		return // a /bin/true, for timing a bare `runsc run`
+	}
+	var ticks atomic.Int64
+	go func() {
+		// A counter that advances only while the sandbox runs: a frozen
+		// sandbox shows no progress however long it is frozen.
+		for {
+			time.Sleep(10 * time.Millisecond)
+			ticks.Add(1)
+		}
+	}()
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("/health", func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("/counter", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, ticks.Load())
+	})
+	mux.HandleFunc("/write", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		path := q.Get("path")
+		size, _ := strconv.Atoi(q.Get("size"))
+		data := []byte(q.Get("data"))
+		if size > 0 {
+			data = make([]byte, size)
+			for i := range data {
+				data[i] = byte(i)
+			}
+		}
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		if err := os.WriteFile(path, data, 0o644); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		if name := q.Get("xattr"); name != "" {
+			if err := unix.Setxattr(path, name, []byte(q.Get("value")), 0); err != nil {
+				http.Error(w, "setxattr: "+err.Error(), http.StatusInternalServerError)
+				return
+			}
+		}
+		fmt.Fprint(w, "ok")
+	})
+	mux.HandleFunc("/read", func(w http.ResponseWriter, r *http.Request) {
+		data, err := os.ReadFile(r.URL.Query().Get("path"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		w.Write(data)
+	})
+	mux.HandleFunc("/getxattr", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		buf := make([]byte, 4096)
+		n, err := unix.Getxattr(q.Get("path"), q.Get("name"), buf)
+		if err != nil {
+			http.Error(w, "getxattr: "+err.Error(), http.StatusNotFound)
+			return
+		}
+		w.Write(buf[:n])
+	})
+	mux.HandleFunc("/info", func(w http.ResponseWriter, r *http.Request) {
+		host, _ := os.Hostname()
+		wd, _ := os.Getwd()
+		var pids []int
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			if pid, err := strconv.Atoi(e.Name()); err == nil {
+				pids = append(pids, pid)
+			}
+		}
+		json.NewEncoder(w).Encode(map[string]any{
+			"hostname": host, "pid": os.Getpid(), "uid": os.Getuid(),
+			"cwd": wd, "args": os.Args, "pids": pids,
+		})
+	})
+	mux.HandleFunc("/alloc", func(w http.ResponseWriter, r *http.Request) {
+		mb, _ := strconv.Atoi(r.URL.Query().Get("mb"))
+		for i := 0; i < mb; i++ {
+			b := make([]byte, 1<<20)
+			for j := 0; j < len(b); j += 4096 {
+				b[j] = 1
+			}
+			ballast = append(ballast, b)
+		}
+		fmt.Fprint(w, len(ballast))
+	})
+	mux.HandleFunc("/print", func(w http.ResponseWriter, r *http.Request) {
+		// Lines to stdout and stderr, to check that envd's output is kept.
+		msg := r.URL.Query().Get("msg")
+		fmt.Fprintln(os.Stdout, "stdout: "+msg)
+		fmt.Fprintln(os.Stderr, "stderr: "+msg)
+		fmt.Fprint(w, "ok")
+	})
+	mux.HandleFunc("/pty", func(w http.ResponseWriter, r *http.Request) {
+		// Allocate a pseudo-terminal as envd's process API does and pass
+		// a line through it.
+		name, err := ptyRoundTrip()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		fmt.Fprint(w, name)
+	})
+	mux.HandleFunc("/sleep", func(w http.ResponseWriter, r *http.Request) {
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		fmt.Fprint(w, "ok")
+	})
+	fmt.Println("probe listening")
+	log.Fatal(http.ListenAndServe(":49983", mux))
+}
+
+// ptyRoundTrip opens a new pseudo-terminal pair, writes a line into the
+// master and reads it from the slave; it returns the slave's name.
+func ptyRoundTrip() (string, error) {
+	master, err := os.OpenFile("/dev/ptmx", os.O_RDWR, 0)
+	if err != nil {
+		return "", err
+	}
+	defer master.Close()
+	fd := int(master.Fd())
+	if err := unix.IoctlSetPointerInt(fd, unix.TIOCSPTLCK, 0); err != nil {
+		return "", fmt.Errorf("unlockpt: %w", err)
+	}
+	n, err := unix.IoctlGetInt(fd, unix.TIOCGPTN)
+	if err != nil {
+		return "", fmt.Errorf("ptsname: %w", err)
+	}
+	name := fmt.Sprintf("/dev/pts/%d", n)
+	slave, err := os.OpenFile(name, os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		return "", err
+	}
+	defer slave.Close()
+	if _, err := master.WriteString("ping\n"); err != nil {
+		return "", err
+	}
+	buf := make([]byte, 16)
+	k, err := slave.Read(buf)
+	if err != nil {
+		return "", err
+	}
+	if string(buf[:k]) != "ping\n" {
+		return "", fmt.Errorf("read %q through the pty", buf[:k])
+	}
+	return name, nil
+}

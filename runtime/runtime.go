@@ -1,0 +1,94 @@
+// Package runtime defines the isolation boundary of a sandbox: the one
+// interface that the orchestrator drives and that each backend (gvisor today,
+// microvm next) implements. A runtime knows how to start, freeze, thaw,
+// measure and destroy one sandbox; it knows nothing of the HTTP API, timeouts
+// or pools.
+package runtime
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// EnvdPort is the TCP port envd listens on inside every sandbox.
+const EnvdPort = 49983
+
+// ErrNotFound is returned when a runtime has no sandbox with the given ID.
+var ErrNotFound = errors.New("runtime: sandbox not found")
+
+// Config describes one sandbox to start.
+type Config struct {
+	// ID is the sandbox ID: 20 characters of [a-z0-9]. Runtimes use it to name
+	// everything they create for the sandbox, so that it can be found again.
+	ID string
+	// TemplateID names the template the sandbox is made from.
+	TemplateID string
+	// RootFS is the template's root filesystem directory. It is never
+	// written: each sandbox writes into its own overlay above it.
+	RootFS string
+	// CPUCount, MemoryMB and DiskSizeMB are the sandbox's limits.
+	CPUCount   int
+	MemoryMB   int
+	DiskSizeMB int
+	// Envd is the host path of the binary that runs as the sandbox's first
+	// process, and EnvdArgs its arguments (argv[1:]).
+	Envd     string
+	EnvdArgs []string
+}
+
+// State is where a sandbox stands as the runtime sees it.
+type State string
+
+const (
+	StateRunning State = "running"
+	StatePaused  State = "paused"
+	StateStopped State = "stopped"
+)
+
+// Sandbox is what a runtime reports of a sandbox it holds.
+type Sandbox struct {
+	ID string
+	// Addr is the address at which the host reaches the sandbox's TCP ports.
+	Addr  netip.Addr
+	State State
+}
+
+// Stats are resource figures sampled on the host side (cgroups, disk).
+type Stats struct {
+	// CPUUsage is the cumulative CPU time the sandbox has used.
+	CPUUsage time.Duration
+	// MemUsed and MemLimit are in bytes; MemCache is page cache, in bytes.
+	MemUsed  uint64
+	MemLimit uint64
+	MemCache uint64
+	// DiskUsed is the bytes written into the sandbox's own layer; DiskTotal
+	// is its size limit in bytes.
+	DiskUsed  uint64
+	DiskTotal uint64
+}
+
+// Runtime is one isolation backend. All methods are safe for concurrent use
+// on different sandboxes; callers serialise calls for one sandbox.
+type Runtime interface {
+	// Name is the backend's name, e.g. "gvisor".
+	Name() string
+	// Create starts a sandbox whose first process is envd. It returns once the
+	// sandbox's processes run; envd may still be starting.
+	Create(ctx context.Context, cfg Config) (Sandbox, error)
+	// Pause freezes every process of the sandbox, keeping all its state.
+	Pause(ctx context.Context, id string) error
+	// Resume thaws a paused sandbox.
+	Resume(ctx context.Context, id string) error
+	// Kill destroys the sandbox and everything made for it (processes,
+	// network devices, namespaces, overlay, cgroups). Killing a sandbox that
+	// is already gone is not an error.
+	Kill(ctx context.Context, id string) error
+	// List reports every sandbox this runtime finds on the host, including
+	// ones started by an earlier run of the server, so that they can be
+	// reconciled at start.
+	List(ctx context.Context) ([]Sandbox, error)
+	// Stats samples the sandbox's resource use.
+	Stats(ctx context.Context, id string) (Stats, error)
+}
