@@ -1,0 +1,248 @@
+// Package e2e is the end-to-end suite: it starts a real `cubicle serve` (the
+// binary in $CUBICLE_BIN, or one it builds) and drives it with the real E2B
+// npm SDKs (e2e/sdk) and with raw HTTP for the bad-input cases.
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cubicle-dev/cubicle/client"
+)
+
+// server is one running `cubicle serve` under test.
+type server struct {
+	bin, dataDir string
+	apiURL       string
+	sandboxURL   string
+	apiKey       string
+	cmd          *exec.Cmd
+	exited       chan struct{} // closed when cmd has been waited for
+	log          *syncBuffer
+}
+
+var srv *server
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Println("e2e: skipped: cubicle serve needs root (run scripts/test.sh)")
+		os.Exit(0)
+	}
+	code, err := run(m)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		if srv != nil {
+			fmt.Fprintf(os.Stderr, "--- cubicle serve log ---\n%s\n", srv.log.String())
+		}
+		os.Exit(1)
+	}
+	os.Exit(code)
+}
+
+func run(m *testing.M) (int, error) {
+	bin := os.Getenv("CUBICLE_BIN")
+	if bin == "" {
+		dir, err := os.MkdirTemp("", "cubicle-e2e-bin-")
+		if err != nil {
+			return 0, err
+		}
+		defer os.RemoveAll(dir)
+		bin = filepath.Join(dir, "cubicle")
+		build := exec.Command("go", "build", "-o", bin, "../cmd/cubicle")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			return 0, fmt.Errorf("building cubicle: %v\n%s", err, out)
+		}
+	}
+	// The data dir holds a copy of the base template; /var/tmp is on disk,
+	// not a tmpfs.
+	dataDir, err := os.MkdirTemp("/var/tmp", "cubicle-e2e-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dataDir)
+	key, err := exec.Command(bin, "keys", "create", "--data-dir", dataDir, "--name", "e2e").Output()
+	if err != nil {
+		return 0, fmt.Errorf("cubicle keys create: %w", err)
+	}
+	srv = &server{bin: bin, dataDir: dataDir, apiKey: strings.TrimSpace(string(key))}
+	if err := srv.start(); err != nil {
+		return 0, err
+	}
+	code := m.Run()
+	srv.killAll()
+	if err := srv.stop(); err != nil {
+		return code, err
+	}
+	return code, nil
+}
+
+// start runs cubicle serve and waits for its ready file.
+func (s *server) start() error {
+	ready := filepath.Join(s.dataDir, "ready")
+	os.Remove(ready)
+	args := []string{"serve", "--data-dir", s.dataDir, "--api-addr", "127.0.0.1:0", "--proxy-addr", "127.0.0.1:0",
+		"--ready-file", ready, "--pool-size", "2", "--log-level", "debug"}
+	s.cmd = exec.Command(s.bin, args...)
+	if s.log == nil {
+		s.log = &syncBuffer{}
+	}
+	s.cmd.Stdout = s.log
+	s.cmd.Stderr = s.log
+	if os.Getenv("CUBICLE_E2E_VERBOSE") != "" {
+		s.cmd.Stdout = io.MultiWriter(s.log, os.Stderr)
+		s.cmd.Stderr = s.cmd.Stdout
+	}
+	if err := s.cmd.Start(); err != nil {
+		return err
+	}
+	s.exited = make(chan struct{})
+	var waitErr error
+	go func() { waitErr = s.cmd.Wait(); close(s.exited) }()
+	// The first start builds the base template (a debootstrap when the
+	// cache is cold), so this waits long.
+	deadline := time.After(15 * time.Minute)
+	for {
+		if b, err := os.ReadFile(ready); err == nil {
+			for _, line := range strings.Split(string(b), "\n") {
+				if k, v, ok := strings.Cut(line, "="); ok {
+					switch k {
+					case "api":
+						s.apiURL = "http://" + v
+					case "proxy":
+						s.sandboxURL = "http://" + v
+					}
+				}
+			}
+			return nil
+		}
+		select {
+		case <-s.exited:
+			return fmt.Errorf("cubicle serve exited before serving: %v", waitErr)
+		case <-deadline:
+			s.cmd.Process.Kill()
+			return fmt.Errorf("cubicle serve not ready after 15 minutes")
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// stop ends cubicle serve the way an operator does (SIGTERM).
+func (s *server) stop() error {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return nil
+	}
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.exited:
+		return nil
+	case <-time.After(60 * time.Second):
+		s.cmd.Process.Kill()
+		return fmt.Errorf("cubicle serve did not stop within 60s of SIGTERM")
+	}
+}
+
+func (s *server) client() *client.Client {
+	return client.New(s.apiURL, s.sandboxURL, s.apiKey)
+}
+
+// killAll removes every sandbox the tests left behind.
+func (s *server) killAll() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := s.client()
+	sbs, err := c.List(ctx)
+	if err != nil {
+		return
+	}
+	for _, sb := range sbs {
+		c.Kill(ctx, sb.SandboxID)
+	}
+}
+
+// env is the environment an E2B SDK user sets to reach this server.
+func (s *server) env() []string {
+	return append(os.Environ(),
+		"E2B_API_URL="+s.apiURL,
+		"E2B_SANDBOX_URL="+s.sandboxURL,
+		"E2B_DOMAIN=cubicle.localhost",
+		"E2B_API_KEY="+s.apiKey,
+	)
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// runNode runs node test files from e2e/sdk against the server.
+func runNode(t *testing.T, args ...string) {
+	t.Helper()
+	if _, err := os.Stat("sdk/node_modules/e2b"); err != nil {
+		t.Fatalf("the E2B SDK is not installed: run scripts/deps.sh --test (npm ci in e2e/sdk): %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "node", append([]string{"--test", "--test-reporter=spec", "--test-concurrency=2"}, args...)...)
+	cmd.Dir = "sdk"
+	cmd.Env = srv.env()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(out)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		t.Log(sc.Text())
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("node tests failed: %v", err)
+	}
+}
+
+func TestSDK(t *testing.T) {
+	runNode(t, "sandbox.test.mjs", "commands.test.mjs", "pty.test.mjs", "files.test.mjs", "lifecycle.test.mjs")
+}
+
+func TestSDKv1(t *testing.T) {
+	runNode(t, "v1.test.mjs")
+}
+
+// TestServerKeepsServing checks the server still answers after the suites.
+func TestServerKeepsServing(t *testing.T) {
+	resp, err := http.Get(srv.apiURL + "/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("health: %s", resp.Status)
+	}
+}

@@ -1,0 +1,422 @@
+// Package orchestrator owns the lifecycle of sandboxes: it creates them from
+// pooled, pre-started slots, initialises their envd, enforces timeouts
+// (kill or auto-pause), pauses and resumes them, samples their metrics, and
+// finds running sandboxes again when the server restarts. It knows nothing
+// of HTTP; the api and proxy packages drive it.
+//
+// Concurrency: Orchestrator.mu guards the sandboxes map and the pools map
+// only. Each Sandbox has its own mu that guards its record and serialises
+// its state transitions (a kill and a pause of one sandbox never interleave).
+// Lock order: never take Orchestrator.mu while holding a Sandbox.mu.
+package orchestrator
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/cubicle-dev/cubicle/runtime"
+	"github.com/cubicle-dev/cubicle/store"
+)
+
+// Errors a caller may branch on.
+var (
+	ErrNotFound         = errors.New("sandbox not found")
+	ErrTemplateNotFound = errors.New("template not found")
+	ErrAlreadyPaused    = errors.New("sandbox is already paused")
+	ErrNotPaused        = errors.New("sandbox is not paused")
+	ErrInvalid          = errors.New("invalid request")
+	ErrClosed           = errors.New("orchestrator is shutting down")
+)
+
+// States a sandbox can be in, as the E2B API names them.
+const (
+	StateRunning = "running"
+	StatePaused  = "paused"
+)
+
+// EnvdUser is the default user processes run as, as in E2B templates.
+const EnvdUser = "user"
+
+// Template is what the orchestrator needs to know of a template.
+type Template struct {
+	ID         string
+	Alias      string
+	RootFS     string
+	CPUCount   int
+	MemoryMB   int
+	DiskSizeMB int
+	// StartCmd runs in every sandbox before it is handed out; ReadyCmd
+	// tells when it serves (E2B's startCmd and readyCmd).
+	StartCmd string
+	ReadyCmd string
+}
+
+// Templates resolves a template ID or alias.
+type Templates interface {
+	Lookup(idOrAlias string) (Template, error)
+}
+
+// Options configure an Orchestrator.
+type Options struct {
+	Runtime   runtime.Runtime
+	Store     *store.Store
+	Templates Templates
+	// Envd and EnvdArgs are passed to the runtime for every sandbox.
+	Envd     string
+	EnvdArgs []string
+	// PoolSize is how many pre-started sandboxes each template keeps ready.
+	PoolSize int
+	// PoolTemplates are templates whose pools fill at start; other templates
+	// get a pool on first use.
+	PoolTemplates []string
+	// MaxTimeout caps every sandbox timeout.
+	MaxTimeout time.Duration
+	// OnEvict is called when a sandbox stops serving traffic (killed,
+	// paused, expired) so that the data plane can cut its connections.
+	OnEvict func(id string)
+	// MetricsInterval is how often running sandboxes are sampled.
+	MetricsInterval time.Duration
+	Logger          *slog.Logger
+}
+
+// Orchestrator is the sandbox lifecycle manager.
+type Orchestrator struct {
+	opts   Options
+	log    *slog.Logger
+	envd   *envdClient
+	ctx    context.Context // cancelled by Close; parent of background work
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu        sync.Mutex
+	sandboxes map[string]*Sandbox
+	pools     map[string]*pool
+	closed    bool
+}
+
+// Sandbox is one live sandbox. Read its fields through Info.
+type Sandbox struct {
+	mu      sync.Mutex
+	rec     store.Sandbox
+	addr    netip.Addr
+	gone    bool // killed; the record is being or has been removed
+	metrics metricsRing
+}
+
+// Info is a consistent copy of a sandbox's record and address.
+type Info struct {
+	store.Sandbox
+	Address netip.Addr
+}
+
+// Info returns a copy of the sandbox's state.
+func (s *Sandbox) Info() Info {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.infoLocked()
+}
+
+func (s *Sandbox) infoLocked() Info {
+	rec := s.rec
+	rec.Metadata = cloneMap(s.rec.Metadata)
+	return Info{Sandbox: rec, Address: s.addr}
+}
+
+func cloneMap(m map[string]string) map[string]string {
+	if m == nil {
+		return nil
+	}
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// New starts an orchestrator: it reconciles what the runtime holds with the
+// store, then starts the pools, the timeout reaper and the metrics sampler.
+func New(ctx context.Context, opts Options) (*Orchestrator, error) {
+	if opts.Runtime == nil || opts.Store == nil || opts.Templates == nil {
+		return nil, errors.New("orchestrator: Runtime, Store and Templates are required")
+	}
+	if opts.MaxTimeout <= 0 {
+		opts.MaxTimeout = 24 * time.Hour
+	}
+	if opts.MetricsInterval <= 0 {
+		opts.MetricsInterval = 5 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.OnEvict == nil {
+		opts.OnEvict = func(string) {}
+	}
+	bg, cancel := context.WithCancel(context.Background())
+	o := &Orchestrator{
+		opts:      opts,
+		log:       opts.Logger,
+		envd:      newEnvdClient(),
+		ctx:       bg,
+		cancel:    cancel,
+		sandboxes: map[string]*Sandbox{},
+		pools:     map[string]*pool{},
+	}
+	if err := o.reconcile(ctx); err != nil {
+		cancel()
+		return nil, err
+	}
+	for _, t := range opts.PoolTemplates {
+		if _, err := o.poolFor(t); err != nil {
+			o.log.Warn("no pool for template", "template", t, "err", err)
+		}
+	}
+	o.wg.Add(2)
+	go o.reapLoop()
+	go o.sampleLoop()
+	return o, nil
+}
+
+// Close stops background work and destroys pooled (never handed out)
+// sandboxes. Sandboxes that were handed out keep running: a restarted
+// server finds them again.
+func (o *Orchestrator) Close(ctx context.Context) error {
+	o.mu.Lock()
+	if o.closed {
+		o.mu.Unlock()
+		return nil
+	}
+	o.closed = true
+	pools := make([]*pool, 0, len(o.pools))
+	for _, p := range o.pools {
+		pools = append(pools, p)
+	}
+	o.mu.Unlock()
+	o.cancel()
+	o.wg.Wait()
+	var errs []error
+	for _, p := range pools {
+		errs = append(errs, p.drain(ctx))
+	}
+	return errors.Join(errs...)
+}
+
+// reconcile makes memory, store and runtime agree after a start: records
+// whose sandbox is still alive are adopted, records whose sandbox is gone are
+// dropped, and runtime sandboxes with no record (pool slots of an earlier
+// run, or half-created ones) are destroyed.
+func (o *Orchestrator) reconcile(ctx context.Context) error {
+	recs, err := o.opts.Store.ListSandboxes(ctx)
+	if err != nil {
+		return fmt.Errorf("orchestrator: reconcile: %w", err)
+	}
+	live, err := o.opts.Runtime.List(ctx)
+	if err != nil {
+		return fmt.Errorf("orchestrator: reconcile: list %s sandboxes: %w", o.opts.Runtime.Name(), err)
+	}
+	alive := map[string]runtime.Sandbox{}
+	for _, s := range live {
+		alive[s.ID] = s
+	}
+	for _, rec := range recs {
+		rs, ok := alive[rec.ID]
+		delete(alive, rec.ID)
+		if !ok || rs.State == runtime.StateStopped {
+			o.log.Info("dropping record of a sandbox that is gone", "sandbox", rec.ID)
+			if ok {
+				if err := o.opts.Runtime.Kill(ctx, rec.ID); err != nil {
+					o.log.Warn("cleaning up stopped sandbox", "sandbox", rec.ID, "err", err)
+				}
+			}
+			if err := o.opts.Store.DeleteSandbox(ctx, rec.ID); err != nil {
+				return err
+			}
+			continue
+		}
+		// The runtime's view of paused/running wins: it is what is true.
+		if rs.State == runtime.StatePaused {
+			rec.State = StatePaused
+		} else {
+			rec.State = StateRunning
+		}
+		sb := &Sandbox{rec: rec, addr: rs.Addr}
+		o.sandboxes[rec.ID] = sb
+		o.log.Info("adopted sandbox", "sandbox", rec.ID, "state", rec.State, "endAt", rec.EndAt)
+	}
+	for id := range alive {
+		o.log.Info("destroying unclaimed sandbox", "sandbox", id)
+		if err := o.opts.Runtime.Kill(ctx, id); err != nil {
+			o.log.Warn("destroying unclaimed sandbox", "sandbox", id, "err", err)
+		}
+	}
+	return nil
+}
+
+// NewID returns a fresh sandbox ID: 20 characters of [a-z0-9], never '-'
+// because proxy hosts are split on '-'.
+func NewID() string {
+	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, 20)
+	if _, err := rand.Read(b); err != nil {
+		panic("crypto/rand failed: " + err.Error())
+	}
+	for i := range b {
+		// 256 % 36 = 4: the first four letters are a hair more likely; an ID
+		// is a name, not a secret, so the bias does not matter.
+		b[i] = alphabet[int(b[i])%len(alphabet)]
+	}
+	return string(b)
+}
+
+func newToken() string {
+	b := make([]byte, 24)
+	if _, err := rand.Read(b); err != nil {
+		panic("crypto/rand failed: " + err.Error())
+	}
+	return hex.EncodeToString(b)
+}
+
+// CreateRequest is a validated request for a new sandbox.
+type CreateRequest struct {
+	Template      string
+	Timeout       time.Duration
+	AutoPause     bool
+	AutoResume    bool
+	AllowInternet bool
+	Network       []byte // the request's network object, kept as sent
+	// PublicTraffic false makes non-envd ports demand the traffic token.
+	PublicTraffic bool
+	Metadata      map[string]string
+	EnvVars       map[string]string
+	APIKeyID      string
+}
+
+// Create makes a sandbox ready to serve: from the template's pool when one is
+// ready, else started cold.
+func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, error) {
+	if req.Timeout <= 0 || req.Timeout > o.opts.MaxTimeout {
+		return Info{}, fmt.Errorf("%w: timeout must be between 1 and %d seconds", ErrInvalid, int(o.opts.MaxTimeout/time.Second))
+	}
+	p, err := o.poolFor(req.Template)
+	if err != nil {
+		return Info{}, err
+	}
+	now := time.Now().UTC()
+	token := newToken()
+	env := map[string]string{}
+	for k, v := range req.EnvVars {
+		env[k] = v
+	}
+	env["E2B_TEMPLATE_ID"] = p.tmpl.ID
+	// A pooled slot can have died while it waited; one that fails its
+	// initialisation is destroyed and a cold one takes its place.
+	var slot slot
+	for attempt := 0; ; attempt++ {
+		slot, err = p.take(ctx)
+		if err != nil {
+			return Info{}, err
+		}
+		env["E2B_SANDBOX_ID"] = slot.ID
+		err = o.envd.init(ctx, slot.Addr, initRequest{
+			EnvVars:     env,
+			AccessToken: token,
+			Timestamp:   time.Now().UTC(),
+			DefaultUser: EnvdUser,
+		})
+		if err == nil {
+			break
+		}
+		o.destroyAsync(slot.ID)
+		if !slot.pooled || attempt > 0 || ctx.Err() != nil {
+			return Info{}, fmt.Errorf("orchestrator: initialise envd of %s: %w", slot.ID, err)
+		}
+		o.log.Warn("pooled sandbox failed to initialise; starting another", "sandbox", slot.ID, "err", err)
+	}
+	rec := store.Sandbox{
+		ID:              slot.ID,
+		TemplateID:      p.tmpl.ID,
+		Alias:           p.tmpl.Alias,
+		State:           StateRunning,
+		StartedAt:       now,
+		EndAt:           now.Add(req.Timeout),
+		TimeoutSeconds:  int(req.Timeout / time.Second),
+		CPUCount:        p.tmpl.CPUCount,
+		MemoryMB:        p.tmpl.MemoryMB,
+		DiskSizeMB:      p.tmpl.DiskSizeMB,
+		Metadata:        cloneMap(req.Metadata),
+		EnvdAccessToken: token,
+		AutoPause:       req.AutoPause,
+		AutoResume:      req.AutoResume,
+		AllowInternet:   req.AllowInternet,
+		Network:         req.Network,
+		Addr:            slot.Addr.String(),
+		Runtime:         o.opts.Runtime.Name(),
+		APIKeyID:        req.APIKeyID,
+	}
+	if !req.PublicTraffic {
+		rec.TrafficToken = newToken()
+	}
+	// The record must be durable before the sandbox is announced: a crash
+	// after this point leaves a sandbox the next start adopts, not a leak.
+	if err := o.opts.Store.PutSandbox(ctx, rec); err != nil {
+		o.destroyAsync(slot.ID)
+		return Info{}, err
+	}
+	sb := &Sandbox{rec: rec, addr: slot.Addr}
+	o.mu.Lock()
+	if o.closed {
+		o.mu.Unlock()
+		return Info{}, ErrClosed
+	}
+	o.sandboxes[rec.ID] = sb
+	o.mu.Unlock()
+	o.log.Info("sandbox created", "sandbox", rec.ID, "template", rec.TemplateID, "pooled", slot.pooled,
+		"ms", float64(time.Since(now).Microseconds())/1000)
+	return sb.Info(), nil
+}
+
+// destroyAsync kills a runtime sandbox off the request path.
+func (o *Orchestrator) destroyAsync(id string) {
+	o.wg.Add(1)
+	go func() {
+		defer o.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := o.opts.Runtime.Kill(ctx, id); err != nil {
+			o.log.Warn("destroying sandbox", "sandbox", id, "err", err)
+		}
+	}()
+}
+
+// Get returns a live sandbox.
+func (o *Orchestrator) Get(id string) (*Sandbox, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	sb, ok := o.sandboxes[id]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	return sb, nil
+}
+
+// All returns every live sandbox, in no particular order.
+func (o *Orchestrator) All() []*Sandbox {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	out := make([]*Sandbox, 0, len(o.sandboxes))
+	for _, sb := range o.sandboxes {
+		out = append(out, sb)
+	}
+	return out
+}
+
+// HTTPClient is the client the orchestrator uses to talk to envd; exposed so
+// that tools (bench) reuse the tuned transport.
+func (o *Orchestrator) HTTPClient() *http.Client { return o.envd.http }

@@ -1,0 +1,187 @@
+package orchestrator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/cubicle-dev/cubicle/runtime"
+)
+
+// slot is a started sandbox whose envd answers but has not been initialised
+// for any user: the unit a pool holds.
+type slot struct {
+	ID     string
+	Addr   netip.Addr
+	pooled bool
+}
+
+// pool keeps up to size slots of one template ready. A slot is handed out by
+// a channel receive, so no slot can ever go to two callers.
+type pool struct {
+	o     *Orchestrator
+	tmpl  Template
+	size  int
+	ready chan slot
+	kick  chan struct{} // wakes the filler; capacity 1, never blocks a sender
+}
+
+// poolFor returns the pool of a template, making it (and starting its
+// filler) on first use.
+func (o *Orchestrator) poolFor(idOrAlias string) (*pool, error) {
+	t, err := o.opts.Templates.Lookup(idOrAlias)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %q: %v", ErrTemplateNotFound, idOrAlias, err)
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed {
+		return nil, ErrClosed
+	}
+	if p, ok := o.pools[t.ID]; ok {
+		return p, nil
+	}
+	p := &pool{
+		o:     o,
+		tmpl:  t,
+		size:  o.opts.PoolSize,
+		ready: make(chan slot, max(o.opts.PoolSize, 0)),
+		kick:  make(chan struct{}, 1),
+	}
+	o.pools[t.ID] = p
+	if p.size > 0 {
+		o.wg.Add(1)
+		go p.fill()
+	}
+	return p, nil
+}
+
+// take hands out a ready slot, or starts one cold when none is ready.
+func (p *pool) take(ctx context.Context) (slot, error) {
+	defer p.wake()
+	select {
+	case s := <-p.ready:
+		return s, nil
+	default:
+	}
+	return p.start(ctx, false)
+}
+
+func (p *pool) wake() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// fillParallel is how many pool sandboxes start at once: enough to refill
+// a drained pool quickly, few enough not to starve running sandboxes of CPU.
+const fillParallel = 2
+
+// fill keeps the pool full until the orchestrator closes. Failures back off
+// exponentially so that a broken template does not spin the CPU.
+func (p *pool) fill() {
+	defer p.o.wg.Done()
+	backoff := 100 * time.Millisecond
+	done := make(chan error, fillParallel)
+	running := 0
+	for {
+		// ready has room for size slots and at most size-len(ready) starts
+		// are in flight, so the sends below never block.
+		for running < fillParallel && len(p.ready)+running < p.size && p.o.ctx.Err() == nil {
+			running++
+			p.o.wg.Add(1)
+			go func() {
+				defer p.o.wg.Done()
+				s, err := p.start(p.o.ctx, true)
+				if err == nil {
+					select {
+					case p.ready <- s:
+					default:
+						p.o.destroyAsync(s.ID) // cannot happen; never leak a sandbox
+					}
+				}
+				done <- err
+			}()
+		}
+		select {
+		case <-p.o.ctx.Done():
+			return
+		case <-p.kick:
+		case err := <-done:
+			running--
+			if err == nil {
+				backoff = 100 * time.Millisecond
+				continue
+			}
+			if p.o.ctx.Err() != nil {
+				return
+			}
+			p.o.log.Error("filling sandbox pool", "template", p.tmpl.ID, "err", err, "retryIn", backoff)
+			select {
+			case <-p.o.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, 30*time.Second)
+		}
+	}
+}
+
+// start creates a sandbox and waits until its envd answers.
+func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
+	id := NewID()
+	rs, err := p.o.opts.Runtime.Create(ctx, runtime.Config{
+		ID:         id,
+		TemplateID: p.tmpl.ID,
+		RootFS:     p.tmpl.RootFS,
+		CPUCount:   p.tmpl.CPUCount,
+		MemoryMB:   p.tmpl.MemoryMB,
+		DiskSizeMB: p.tmpl.DiskSizeMB,
+		Envd:       p.o.opts.Envd,
+		EnvdArgs:   p.o.opts.EnvdArgs,
+	})
+	if err != nil {
+		return slot{}, fmt.Errorf("orchestrator: start %s sandbox: %w", p.tmpl.ID, err)
+	}
+	if err := p.prepare(ctx, rs.Addr); err != nil {
+		p.o.destroyAsync(id)
+		return slot{}, fmt.Errorf("orchestrator: new sandbox %s: %w", id, err)
+	}
+	return slot{ID: id, Addr: rs.Addr, pooled: pooled}, nil
+}
+
+// prepare waits for envd and brings up the template's start command, so
+// that a handed-out sandbox serves at once (a warm kernel, a running app).
+func (p *pool) prepare(ctx context.Context, addr netip.Addr) error {
+	if err := p.o.envd.waitHealthy(ctx, addr, 30*time.Second); err != nil {
+		return fmt.Errorf("envd: %w", err)
+	}
+	if p.tmpl.StartCmd == "" {
+		return nil
+	}
+	if err := p.o.envd.startCommand(ctx, addr, p.tmpl.StartCmd); err != nil {
+		return err
+	}
+	if p.tmpl.ReadyCmd == "" {
+		return nil
+	}
+	return p.o.envd.waitReady(ctx, addr, p.tmpl.ReadyCmd, 2*time.Minute)
+}
+
+// drain destroys every slot still waiting in the pool.
+func (p *pool) drain(ctx context.Context) error {
+	var errs []error
+	for {
+		select {
+		case s := <-p.ready:
+			if err := p.o.opts.Runtime.Kill(ctx, s.ID); err != nil {
+				errs = append(errs, err)
+			}
+		default:
+			return errors.Join(errs...)
+		}
+	}
+}

@@ -1,0 +1,306 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// table is a Resolver over a map: the control plane is outside this package.
+type table struct {
+	mu     sync.Mutex
+	routes map[string]Route
+	woken  []string
+}
+
+func (t *table) Route(id string) (Route, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	r, ok := t.routes[id]
+	return r, ok
+}
+
+func (t *table) Wake(ctx context.Context, id string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	r, ok := t.routes[id]
+	if !ok || r.AccessToken != "wakeable" {
+		return false
+	}
+	r.Paused = false
+	t.routes[id] = r
+	t.woken = append(t.woken, id)
+	return true
+}
+
+func (t *table) Each(fn func(string, Route) bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for id, r := range t.routes {
+		if !fn(id, r) {
+			return
+		}
+	}
+}
+
+// upstream is a real HTTP server on 127.0.0.1 standing in for a sandbox port.
+func upstream(t *testing.T, h http.Handler) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func startProxy(t *testing.T, tb *table) (*Proxy, string) {
+	t.Helper()
+	p := New(tb, "sb.test", nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := p.Server("")
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return p, "http://" + ln.Addr().String()
+}
+
+var loopback = netip.MustParseAddr("127.0.0.1")
+
+func TestRouting(t *testing.T) {
+	port := upstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello "+r.URL.Path+" token="+r.Header.Get("X-Access-Token"))
+	}))
+	closedPort := func() int { // a port nothing listens on
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		defer ln.Close()
+		return ln.Addr().(*net.TCPAddr).Port
+	}()
+	tb := &table{routes: map[string]Route{
+		"aaaaaaaaaaaaaaaaaaaa": {Addr: loopback},
+		"pppppppppppppppppppp": {Addr: loopback, Paused: true},
+		"wwwwwwwwwwwwwwwwwwww": {Addr: loopback, Paused: true, AccessToken: "wakeable"},
+		"tttttttttttttttttttt": {Addr: loopback, TrafficToken: "secret"},
+	}}
+	_, base := startProxy(t, tb)
+	ps := strconv.Itoa(port)
+
+	for _, tc := range []struct {
+		name     string
+		host     string
+		headers  map[string]string
+		path     string
+		wantCode int
+		wantBody string
+	}{
+		{"headers", "", map[string]string{"E2b-Sandbox-Id": "aaaaaaaaaaaaaaaaaaaa", "E2b-Sandbox-Port": ps, "X-Access-Token": "tok"}, "/x", 200, "hello /x token=tok"},
+		{"host", ps + "-aaaaaaaaaaaaaaaaaaaa.sb.test", nil, "/y", 200, "hello /y token="},
+		{"host with port suffix", ps + "-aaaaaaaaaaaaaaaaaaaa.sb.test:443", nil, "/z", 200, "hello /z token="},
+		{"unknown sandbox", "", map[string]string{"E2b-Sandbox-Id": "zzzzzzzzzzzzzzzzzzzz", "E2b-Sandbox-Port": ps}, "/", 502, `"message":"The sandbox was not found"`},
+		{"port closed", "", map[string]string{"E2b-Sandbox-Id": "aaaaaaaaaaaaaaaaaaaa", "E2b-Sandbox-Port": strconv.Itoa(closedPort)}, "/", 502, `"message":"The sandbox is running but port is not open"`},
+		{"paused", "", map[string]string{"E2b-Sandbox-Id": "pppppppppppppppppppp", "E2b-Sandbox-Port": ps}, "/", 502, `"message":"The sandbox is paused"`},
+		{"paused, woken by traffic", "", map[string]string{"E2b-Sandbox-Id": "wwwwwwwwwwwwwwwwwwww", "E2b-Sandbox-Port": ps}, "/w", 200, "hello /w"},
+		{"traffic token missing", "", map[string]string{"E2b-Sandbox-Id": "tttttttttttttttttttt", "E2b-Sandbox-Port": ps}, "/", 403, `"code":403`},
+		{"traffic token given", "", map[string]string{"E2b-Sandbox-Id": "tttttttttttttttttttt", "E2b-Sandbox-Port": ps, "E2B-Traffic-Access-Token": "secret"}, "/t", 200, "hello /t"},
+		{"bad port header", "", map[string]string{"E2b-Sandbox-Id": "aaaaaaaaaaaaaaaaaaaa", "E2b-Sandbox-Port": "70000"}, "/", 400, `"code":400`},
+		{"no sandbox named", "", nil, "/", 400, `"code":400`},
+		{"foreign domain", ps + "-aaaaaaaaaaaaaaaaaaaa.elsewhere.test", nil, "/", 400, `"code":400`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", base+tc.path, nil)
+			if tc.host != "" {
+				req.Host = tc.host
+			}
+			for k, v := range tc.headers {
+				req.Header.Set(k, v)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.wantCode || !strings.Contains(string(body), tc.wantBody) {
+				t.Fatalf("got %d %q, want %d containing %q", resp.StatusCode, body, tc.wantCode, tc.wantBody)
+			}
+			if tc.wantCode >= 400 {
+				var e errorBody
+				if err := json.Unmarshal(body, &e); err != nil || e.Code != tc.wantCode {
+					t.Fatalf("error body %q is not the E2B shape", body)
+				}
+			}
+		})
+	}
+}
+
+func TestSignedFilesURLFindsItsSandbox(t *testing.T) {
+	// Signed URLs carry no port: they go to envd's, so serve envd's port.
+	ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(EnvdPort))
+	if err != nil {
+		t.Skipf("port %d busy on this host: %v", EnvdPort, err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "file of "+r.URL.Query().Get("path"))
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+
+	tb := &table{routes: map[string]Route{
+		"aaaaaaaaaaaaaaaaaaaa": {Addr: loopback, AccessToken: "token-a"},
+		"bbbbbbbbbbbbbbbbbbbb": {Addr: netip.MustParseAddr("127.0.0.2"), AccessToken: "token-b"},
+	}}
+	_, base := startProxy(t, tb)
+	sig := FileSignature("/tmp/f", "read", "", "token-a", "")
+	resp, err := http.Get(base + "/files?path=/tmp/f&signature=" + sig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "file of /tmp/f" {
+		t.Fatalf("signed URL: %d %q", resp.StatusCode, body)
+	}
+	resp, err = http.Get(base + "/files?path=/tmp/f&signature=" + FileSignature("/tmp/f", "read", "", "not-a-token", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 400 {
+		t.Fatalf("forged signature routed: %d", resp.StatusCode)
+	}
+}
+
+func TestStreamingAndEvictResets(t *testing.T) {
+	started := make(chan struct{})
+	port := upstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		close(started)
+		for i := 0; i < 600; i++ { // bounded: at most a minute
+			if _, err := io.WriteString(w, "tick\n"); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}))
+	tb := &table{routes: map[string]Route{"aaaaaaaaaaaaaaaaaaaa": {Addr: loopback}}}
+	p, base := startProxy(t, tb)
+	req, _ := http.NewRequest("GET", base+"/stream", nil)
+	req.Header.Set("E2b-Sandbox-Id", "aaaaaaaaaaaaaaaaaaaa")
+	req.Header.Set("E2b-Sandbox-Port", strconv.Itoa(port))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	<-started
+	br := bufio.NewReader(resp.Body)
+	if line, err := br.ReadString('\n'); err != nil || line != "tick\n" {
+		t.Fatalf("first streamed line: %q, %v", line, err)
+	}
+	if n := p.Connections("aaaaaaaaaaaaaaaaaaaa"); n != 1 {
+		t.Fatalf("tracked connections = %d, want 1", n)
+	}
+	p.Evict("aaaaaaaaaaaaaaaaaaaa")
+	_, err = io.Copy(io.Discard, br)
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("after Evict the stream ended with %v, want a connection reset", err)
+	}
+	if n := p.Connections("aaaaaaaaaaaaaaaaaaaa"); n != 0 {
+		t.Fatalf("connections still tracked after evict: %d", n)
+	}
+}
+
+func TestWebSocketUpgrade(t *testing.T) {
+	port := upstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "websocket" {
+			http.Error(w, "want upgrade", 400)
+			return
+		}
+		conn, brw, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		brw.Flush()
+		line, _ := brw.ReadString('\n')
+		brw.WriteString("echo: " + line)
+		brw.Flush()
+	}))
+	tb := &table{routes: map[string]Route{"aaaaaaaaaaaaaaaaaaaa": {Addr: loopback}}}
+	_, base := startProxy(t, tb)
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "GET /ws HTTP/1.1\r\nHost: "+strconv.Itoa(port)+"-aaaaaaaaaaaaaaaaaaaa.sb.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	io.WriteString(conn, "ping\n")
+	line, err := br.ReadString('\n')
+	if err != nil || line != "echo: ping\n" {
+		t.Fatalf("after upgrade got %q, %v", line, err)
+	}
+}
+
+func TestParseHost(t *testing.T) {
+	for _, tc := range []struct {
+		host, domain string
+		id           string
+		port         int
+		ok           bool
+	}{
+		{"49983-abc.example.com", "example.com", "abc", 49983, true},
+		{"49983-abc.EXAMPLE.com:8080", "example.com", "abc", 49983, true},
+		{"abc.example.com", "example.com", "", 0, false},
+		{"0-abc.example.com", "example.com", "", 0, false},
+		{"99999-abc.example.com", "example.com", "", 0, false},
+		{"x-abc.example.com", "example.com", "", 0, false},
+		{"49983-.example.com", "example.com", "", 0, false},
+		{"49983-abc.other.com", "example.com", "", 0, false},
+		{"localhost", "example.com", "", 0, false},
+	} {
+		id, port, ok := parseHost(tc.host, tc.domain)
+		if id != tc.id || port != tc.port || ok != tc.ok {
+			t.Errorf("parseHost(%q) = %q, %d, %v; want %q, %d, %v", tc.host, id, port, ok, tc.id, tc.port, tc.ok)
+		}
+	}
+}
+
+func FuzzParseHost(f *testing.F) {
+	for _, s := range []string{"49983-abc.example.com", "1-.x", "-", ":", "65535-a.example.com:1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, host string) {
+		id, port, ok := parseHost(host, "example.com")
+		if ok && (id == "" || port <= 0 || port > 65535 || strings.Contains(id, ".")) {
+			t.Fatalf("parseHost(%q) accepted %q:%d", host, id, port)
+		}
+	})
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, as CI does: static checks, the Go tests of
+# every package (with -race), and the end-to-end suite, which starts a real
+# `cubicle serve` and drives it with the real E2B npm SDKs.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+as_root "$@"
+cd "$REPO"
+bash scripts/deps.sh --test
+bash scripts/build.sh
+
+say "gofmt, go vet, staticcheck"
+unformatted=$(gofmt -l $(git ls-files '*.go'))
+[ -z "$unformatted" ] || { say "not gofmt'ed: $unformatted"; exit 1; }
+go vet ./...
+"$(go env GOPATH)/bin/staticcheck" ./...
+
+export CUBICLE_RUNSC=$(runsc_path)
+export CUBICLE_BIN=$REPO/bin/cubicle
+say "go test (unit and integration, -race)"
+go test -race -count=1 -timeout 20m $(go list ./... | grep -v /e2e)
+say "end-to-end: cubicle serve + the E2B npm SDKs"
+go test -count=1 -timeout 30m -v ./e2e/ 2>&1 | tee /tmp/cubicle-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|#|not ok|  )' || true
+grep -q '^ok' /tmp/cubicle-e2e.log || { say "end-to-end suite failed; full log in /tmp/cubicle-e2e.log"; tail -80 /tmp/cubicle-e2e.log; exit 1; }
+say "all tests passed"
