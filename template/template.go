@@ -67,6 +67,11 @@ type Template struct {
 	EnvdVersion string    `json:"envdVersion"`
 	CreatedAt   time.Time `json:"createdAt"`
 	Public      bool      `json:"public"`
+	// StartCmd, when set, is started in every sandbox of the template
+	// before the sandbox is handed out (E2B's startCmd); ReadyCmd is run
+	// until it exits 0 to tell that the start command is serving.
+	StartCmd string `json:"startCmd,omitempty"`
+	ReadyCmd string `json:"readyCmd,omitempty"`
 }
 
 var (
