@@ -154,6 +154,13 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.track(id, tc)
 		defer p.untrack(id, tc)
 	}
+	// Full duplex: the upstream may answer (Connect streams do) before the
+	// transport has read the request body to its EOF. Without this the
+	// server, on the first write of the response, discards and closes the
+	// unread request body under the transport's feet; the request write
+	// then fails, the upstream connection is torn down mid-stream and the
+	// client sees its stream "terminated".
+	_ = http.NewResponseController(w).EnableFullDuplex()
 	ctx := context.WithValue(r.Context(), targetKey{}, routeTarget{id: id, addr: route.Addr, port: port})
 	p.rp.ServeHTTP(w, r.WithContext(ctx))
 }

@@ -304,3 +304,54 @@ func FuzzParseHost(f *testing.F) {
 		}
 	})
 }
+
+// TestFullDuplex: an upstream that answers before it has read the whole
+// request body (as Connect streams do) must still get the rest of the body
+// through the proxy, and the client its whole response.
+func TestFullDuplex(t *testing.T) {
+	port := upstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.NewResponseController(w).EnableFullDuplex()
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		buf := make([]byte, 5)
+		for {
+			n, err := io.ReadFull(r.Body, buf)
+			if n > 0 {
+				w.Write([]byte("echo:" + string(buf[:n]) + "\n"))
+				w.(http.Flusher).Flush()
+			}
+			if err != nil {
+				return
+			}
+		}
+	}))
+	tb := &table{routes: map[string]Route{"aaaaaaaaaaaaaaaaaaaa": {Addr: loopback}}}
+	_, base := startProxy(t, tb)
+	pr, pw := io.Pipe()
+	req, _ := http.NewRequest("POST", base+"/duplex", pr)
+	req.ContentLength = 10
+	req.Header.Set("E2b-Sandbox-Id", "aaaaaaaaaaaaaaaaaaaa")
+	req.Header.Set("E2b-Sandbox-Port", strconv.Itoa(port))
+	go pw.Write([]byte("first"))
+	client := &http.Client{Timeout: 10 * time.Second} // bounded: a broken proxy stalls the second echo
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	if line, err := br.ReadString('\n'); err != nil || line != "echo:first\n" {
+		t.Fatalf("first echo: %q, %v", line, err)
+	}
+	// The response has started; the rest of the body must still arrive.
+	go func() {
+		pw.Write([]byte("other"))
+		pw.Close()
+	}()
+	if line, err := br.ReadString('\n'); err != nil || line != "echo:other\n" {
+		t.Fatalf("second echo after the response started: %q, %v", line, err)
+	}
+	if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
+		t.Fatalf("end of response: %q, %v", rest, err)
+	}
+}
