@@ -1,0 +1,328 @@
+package orchestrator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cubicle-dev/cubicle/network"
+	"github.com/cubicle-dev/cubicle/runtime"
+	"github.com/cubicle-dev/cubicle/runtime/gvisor"
+	"github.com/cubicle-dev/cubicle/store"
+)
+
+// These tests drive the orchestrator over the real gVisor runtime and the
+// real envd (this repository's cubicle binary, built by TestMain) in a
+// minimal root filesystem: nothing of the sandbox is faked.
+
+var envdBin string
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Println("orchestrator: skipped: the tests start gVisor sandboxes and need root")
+		os.Exit(0)
+	}
+	dir, err := os.MkdirTemp("", "cubicle-orch-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	envdBin = filepath.Join(dir, "cubicle")
+	build := exec.Command("go", "build", "-o", envdBin, "../cmd/cubicle")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building cubicle: %v\n%s", err, out)
+		os.Exit(2)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// minimalRootFS is enough for envd: the dirs it mounts over and a passwd
+// with the default user.
+func minimalRootFS(t *testing.T) string {
+	root := t.TempDir()
+	for _, d := range []string{"proc", "dev", "tmp", "sys", "etc", "home/user", "root", "run"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.Chmod(filepath.Join(root, "tmp"), 0o777|os.ModeSticky)
+	os.Chown(filepath.Join(root, "home/user"), 1000, 1000)
+	files := map[string]string{
+		"etc/passwd": "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+		"etc/group":  "root:x:0:\nuser:x:1000:\n",
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(root, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return root
+}
+
+type templates map[string]Template
+
+func (ts templates) Lookup(id string) (Template, error) {
+	t, ok := ts[id]
+	if !ok {
+		return Template{}, errors.New("no such template")
+	}
+	return t, nil
+}
+
+// world is one test's host: store, network pool, runtime, templates.
+type world struct {
+	dataDir string
+	st      *store.Store
+	rt      *gvisor.Runtime
+	tmpls   templates
+	evicted chan string
+}
+
+func newWorld(t *testing.T, subnet string) *world {
+	t.Helper()
+	dataDir := t.TempDir()
+	st, err := store.Open(dataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	w := &world{dataDir: dataDir, st: st, evicted: make(chan string, 64)}
+	w.rt = w.runtime(t, subnet)
+	w.tmpls = templates{"tiny": {ID: "tiny", Alias: "tiny", RootFS: minimalRootFS(t), CPUCount: 1, MemoryMB: 256, DiskSizeMB: 512}}
+	return w
+}
+
+func (w *world) runtime(t *testing.T, subnet string) *gvisor.Runtime {
+	t.Helper()
+	pool, err := network.NewPool(network.Options{Prefix: netip.MustParsePrefix(subnet), LinkPrefix: "cbo", NetnsDir: filepath.Join("/run/netns")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stateDir := filepath.Join(w.dataDir, "gvisor")
+	rt, err := gvisor.New(gvisor.Options{StateDir: stateDir, Network: pool, CgroupParent: "/cubicle-orchestrator-test",
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		list, _ := rt.List(context.Background())
+		for _, s := range list {
+			rt.Kill(context.Background(), s.ID)
+		}
+		// runsc keeps an empty network namespace per state root mounted
+		// here for its gofers (concurrent creates may stack several); it is
+		// runsc's, not a sandbox's.
+		for i := 0; i < 16 && unix.Unmount(filepath.Join(stateDir, "runsc", "null-netns"), unix.MNT_DETACH) == nil; i++ {
+		}
+	})
+	return rt
+}
+
+func (w *world) orchestrator(t *testing.T, poolSize int) *Orchestrator {
+	t.Helper()
+	o, err := New(context.Background(), Options{
+		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
+		Envd: envdBin, EnvdArgs: []string{"envd"},
+		PoolSize: poolSize, PoolTemplates: []string{"tiny"},
+		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
+		OnEvict: func(id string) { w.evicted <- id },
+		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return o
+}
+
+func health(t *testing.T, in Info) error {
+	t.Helper()
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get(envdURL(in.Address, "/envs"))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		return fmt.Errorf("/envs without the token answered %s, want 401: the token is not set", resp.Status)
+	}
+	return nil
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 300; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+func TestCreateFromPoolNeverTwiceAndKill(t *testing.T) {
+	w := newWorld(t, "100.89.0.0/24")
+	o := w.orchestrator(t, 2)
+	defer o.Close(context.Background())
+
+	p, err := o.poolFor("tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the pool to fill", func() bool { return len(p.ready) == 2 })
+
+	const n = 5 // more than the pool holds: some are started cold
+	var wg sync.WaitGroup
+	infos := make([]Info, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			infos[i], errs[i] = o.Create(context.Background(), CreateRequest{Template: "tiny", Timeout: time.Minute, Metadata: map[string]string{"i": fmt.Sprint(i)}})
+		}()
+	}
+	wg.Wait()
+	seen := map[string]bool{}
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatalf("create %d: %v", i, errs[i])
+		}
+		if seen[infos[i].ID] || seen[infos[i].Address.String()] {
+			t.Fatalf("sandbox %s / %s handed out twice", infos[i].ID, infos[i].Address)
+		}
+		seen[infos[i].ID], seen[infos[i].Address.String()] = true, true
+		if err := health(t, infos[i]); err != nil {
+			t.Fatalf("sandbox %s: %v", infos[i].ID, err)
+		}
+	}
+	recs, _ := w.st.ListSandboxes(context.Background())
+	if len(recs) != n {
+		t.Fatalf("store holds %d records, want %d", len(recs), n)
+	}
+
+	victim := infos[0]
+	if err := o.Kill(context.Background(), victim.ID); err != nil {
+		t.Fatal(err)
+	}
+	if got := <-w.evicted; got != victim.ID {
+		t.Fatalf("evicted %s, want %s", got, victim.ID)
+	}
+	if _, err := o.Get(victim.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("killed sandbox still there: %v", err)
+	}
+	if err := o.Kill(context.Background(), victim.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("second kill: %v, want ErrNotFound", err)
+	}
+	waitFor(t, "the runtime to destroy the killed sandbox", func() bool {
+		list, _ := w.rt.List(context.Background())
+		for _, s := range list {
+			if s.ID == victim.ID {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func TestTimeoutsPauseResumeAndRestart(t *testing.T) {
+	w := newWorld(t, "100.89.1.0/24")
+	o := w.orchestrator(t, 0)
+
+	expiring, err := o.Create(context.Background(), CreateRequest{Template: "tiny", Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	napping, err := o.Create(context.Background(), CreateRequest{Template: "tiny", Timeout: time.Second, AutoPause: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keeper, err := o.Create(context.Background(), CreateRequest{Template: "tiny", Timeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "expiry", func() bool {
+		_, gone := o.Get(expiring.ID)
+		sb, err := o.Get(napping.ID)
+		return gone != nil && err == nil && sb.Info().State == StatePaused
+	})
+	if err := o.Pause(context.Background(), napping.ID); !errors.Is(err, ErrAlreadyPaused) {
+		t.Fatalf("pausing a paused sandbox: %v", err)
+	}
+	if _, err := o.Resume(context.Background(), keeper.ID, time.Minute); !errors.Is(err, ErrNotPaused) {
+		t.Fatalf("resuming a running sandbox: %v", err)
+	}
+	if err := o.SetTimeout(context.Background(), keeper.ID, 2*time.Hour); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("timeout past the maximum: %v", err)
+	}
+
+	// A restart: the orchestrator goes away, a new one over the same store
+	// and a new runtime instance finds the sandboxes again.
+	if err := o.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	w.rt = w.runtime(t, "100.89.1.0/24")
+	o = w.orchestrator(t, 0)
+	defer o.Close(context.Background())
+	sb, err := o.Get(napping.ID)
+	if err != nil || sb.Info().State != StatePaused {
+		t.Fatalf("paused sandbox after restart: %v %+v", err, sb)
+	}
+	if _, err := o.Get(expiring.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("expired sandbox came back: %v", err)
+	}
+	info, resumed, err := o.Connect(context.Background(), napping.ID, time.Minute)
+	if err != nil || !resumed {
+		t.Fatalf("connect to the paused sandbox: resumed=%v, %v", resumed, err)
+	}
+	if err := health(t, info); err != nil {
+		t.Fatal(err)
+	}
+	kept, err := o.Get(keeper.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := health(t, kept.Info()); err != nil {
+		t.Fatal(err)
+	}
+	ms, err := o.Metrics(context.Background(), keeper.ID, time.Time{}, time.Time{})
+	if err != nil || len(ms) == 0 || ms[0].MemTotal == 0 {
+		t.Fatalf("metrics: %+v, %v", ms, err)
+	}
+}
+
+func TestCreateRejects(t *testing.T) {
+	w := newWorld(t, "100.89.2.0/24")
+	o := w.orchestrator(t, 0)
+	defer o.Close(context.Background())
+	for _, tc := range []struct {
+		req  CreateRequest
+		want error
+	}{
+		{CreateRequest{Template: "nope", Timeout: time.Minute}, ErrTemplateNotFound},
+		{CreateRequest{Template: "tiny", Timeout: 0}, ErrInvalid},
+		{CreateRequest{Template: "tiny", Timeout: 2 * time.Hour}, ErrInvalid},
+	} {
+		if _, err := o.Create(context.Background(), tc.req); !errors.Is(err, tc.want) {
+			t.Errorf("Create(%+v) = %v, want %v", tc.req, err, tc.want)
+		}
+	}
+	if got := NewID(); len(got) != 20 {
+		t.Fatalf("NewID() = %q", got)
+	}
+	var _ runtime.Runtime = w.rt
+}
