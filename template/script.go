@@ -35,6 +35,12 @@ printf 'user ALL=(ALL:ALL) NOPASSWD: ALL\n' > /etc/sudoers.d/user
 chmod 0440 /etc/sudoers.d/user
 visudo --check --quiet --file=/etc/sudoers.d/user
 
+# Every commands.run is "bash -l -c …", and /etc/profile's "$(id -u)" costs
+# a fork and an exec per command (about 10 ms under gVisor). Bash already
+# knows its effective uid; other shells still ask id.
+sed -i 's/"$(id -u)"/"${EUID:-$(id -u)}"/g' /etc/profile
+grep -q 'EUID:-' /etc/profile
+
 # Identity and name resolution; the runtime may overwrite them per sandbox.
 echo cubicle > /etc/hostname
 cat > /etc/hosts <<'EOF'
