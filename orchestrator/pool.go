@@ -159,6 +159,13 @@ func (p *pool) prepare(ctx context.Context, addr netip.Addr) error {
 	if err := p.o.envd.waitHealthy(ctx, addr, 30*time.Second); err != nil {
 		return fmt.Errorf("envd: %w", err)
 	}
+	// The first process a fresh sandbox runs pays for loading bash and the
+	// login profile through the runtime's file system (about 30 ms under
+	// gVisor); the SDK's first commands.run would pay it on the request
+	// path. A template without bash only loses the warm-up.
+	if code, err := p.o.envd.runCommand(ctx, addr, "true"); err != nil || code != 0 {
+		p.o.log.Debug("warm-up command failed", "template", p.tmpl.ID, "exit", code, "err", err)
+	}
 	if p.tmpl.StartCmd == "" {
 		return nil
 	}
