@@ -41,6 +41,7 @@ func percentiles(ds []time.Duration) (p50, p90, p99 float64) {
 type benchFigures struct {
 	N              int     `json:"n"`
 	Concurrency    int     `json:"concurrency"`
+	SettleMS       int64   `json:"settle_ms,omitempty"`
 	Errors         int     `json:"errors"`
 	CreateP50      float64 `json:"create_p50_ms"`
 	CreateP90      float64 `json:"create_p90_ms"`
@@ -55,6 +56,7 @@ type benchFigures struct {
 func benchCreateCmd() *cobra.Command {
 	var cf clientFlags
 	var n, conc, coldN int
+	var settle time.Duration
 	var tmpl, dataDir, cacheDir, runsc string
 	var asJSON bool
 	cmd := &cobra.Command{
@@ -70,7 +72,7 @@ template's root filesystem, in the same invocation, as the baseline.`,
 			if err != nil {
 				return err
 			}
-			f, err := benchCreate(cmd.Context(), c, tmpl, n, conc, cmd.ErrOrStderr())
+			f, err := benchCreate(cmd.Context(), c, tmpl, n, conc, settle, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
@@ -96,7 +98,7 @@ template's root filesystem, in the same invocation, as the baseline.`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(f)
 			}
-			fmt.Fprintf(out, "create p50=%.1f p90=%.1f p99=%.1f ms (n=%d c=%d errors=%d)\n", f.CreateP50, f.CreateP90, f.CreateP99, f.N, f.Concurrency, f.Errors)
+			fmt.Fprintf(out, "create p50=%.1f p90=%.1f p99=%.1f ms (n=%d c=%d settle=%s errors=%d)\n", f.CreateP50, f.CreateP90, f.CreateP99, f.N, f.Concurrency, settle, f.Errors)
 			fmt.Fprintf(out, "run-true p50=%.1f p99=%.1f ms\n", f.RunTrueP50, f.RunTrueP99)
 			if f.ColdRunscP50 > 0 {
 				fmt.Fprintf(out, "cold-runsc p50=%.1f ms\n", f.ColdRunscP50)
@@ -113,6 +115,7 @@ template's root filesystem, in the same invocation, as the baseline.`,
 	fl.IntVarP(&n, "n", "n", 200, "sandboxes to create")
 	fl.IntVarP(&conc, "concurrency", "c", 1, "creates in flight at once")
 	fl.IntVar(&coldN, "cold-n", 20, "cold runsc runs for the baseline (0 to skip)")
+	fl.DurationVar(&settle, "settle", 0, "pause after each sandbox, so the server's pool refills: measures pooled creates rather than throughput")
 	fl.StringVar(&tmpl, "template", "base", "template to create from")
 	dataDirFlag(fl, &dataDir)
 	fl.StringVar(&cacheDir, "cache-dir", envOr("CUBICLE_CACHE_DIR", "/var/cache/cubicle"), "cache dir (to find runsc)")
@@ -121,11 +124,11 @@ template's root filesystem, in the same invocation, as the baseline.`,
 	return cmd
 }
 
-func benchCreate(ctx context.Context, c *client.Client, tmpl string, n, conc int, progress io.Writer) (benchFigures, error) {
+func benchCreate(ctx context.Context, c *client.Client, tmpl string, n, conc int, settle time.Duration, progress io.Writer) (benchFigures, error) {
 	if n < 1 || conc < 1 {
 		return benchFigures{}, fmt.Errorf("-n and -c must be at least 1")
 	}
-	f := benchFigures{N: n, Concurrency: conc}
+	f := benchFigures{N: n, Concurrency: conc, SettleMS: settle.Milliseconds()}
 	var mu sync.Mutex
 	var creates, runs []time.Duration
 	jobs := make(chan int)
@@ -162,6 +165,12 @@ func benchCreate(ctx context.Context, c *client.Client, tmpl string, n, conc int
 				}
 				if kerr := c.Kill(ctx, sb.SandboxID); kerr != nil && err == nil {
 					err = kerr
+				}
+				if settle > 0 {
+					select {
+					case <-ctx.Done():
+					case <-time.After(settle):
+					}
 				}
 				if err != nil {
 					record(err)
