@@ -20,6 +20,5 @@ export CUBICLE_BIN=$REPO/bin/cubicle
 say "go test (unit and integration, -race)"
 go test -race -count=1 -timeout 20m $(go list ./... | grep -v /e2e)
 say "end-to-end: cubicle serve + the E2B npm SDKs"
-go test -count=1 -timeout 30m -v ./e2e/ 2>&1 | tee /tmp/cubicle-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|#|not ok|  )' || true
-grep -q '^ok' /tmp/cubicle-e2e.log || { say "end-to-end suite failed; full log in /tmp/cubicle-e2e.log"; tail -80 /tmp/cubicle-e2e.log; exit 1; }
+go test -count=1 -timeout 30m -v ./e2e/
 say "all tests passed"
