@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"net/netip"
 	"sync"
 	"time"
@@ -416,7 +415,3 @@ func (o *Orchestrator) All() []*Sandbox {
 	}
 	return out
 }
-
-// HTTPClient is the client the orchestrator uses to talk to envd; exposed so
-// that tools (bench) reuse the tuned transport.
-func (o *Orchestrator) HTTPClient() *http.Client { return o.envd.http }
