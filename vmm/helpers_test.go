@@ -104,6 +104,8 @@ type guestOpts struct {
 	protocol boot.Protocol
 	kernel   string // path; default the ELF
 	sys      *kvm.System
+	// devices adds devices (virtio ones) before the kernel is loaded.
+	devices func(t testing.TB, vm *VM)
 }
 
 func (o guestOpts) cmdline() string {
@@ -140,6 +142,9 @@ func bootGuest(t testing.TB, o guestOpts) (*VM, *console) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { vm.Close() })
+	if o.devices != nil {
+		o.devices(t, vm)
+	}
 	if err := vm.LoadKernelFile(o.kernel, o.cmdline(), o.protocol); err != nil {
 		t.Fatal(err)
 	}

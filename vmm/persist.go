@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 
 	"github.com/cubicle-dev/cubicle/vmm/boot"
 	"github.com/cubicle-dev/cubicle/vmm/kvm"
@@ -152,8 +153,9 @@ func saveVCPU(sys *kvm.System, c *kvm.VCPU, xsaveSize int, s *snapshot.VCPUState
 // VMs restored from it share its pages copy-on-write and never modify it.
 // cfg.MemoryBytes and cfg.VCPUs are ignored: the snapshot decides. Devices
 // beyond the built-in serial port and i8042 must be added (under the
-// names they were saved with) before Start, which fails if the snapshot
-// holds state for a device that was not added.
+// names they were saved with; virtio devices with AddVirtio, which puts
+// them where they were) before Start, which fails if the snapshot holds
+// state for a device that was not added.
 func Restore(cfg Config, statePath, memPath string) (*VM, error) {
 	st, err := snapshot.ReadFile(statePath)
 	if err != nil {
@@ -167,20 +169,101 @@ func RestoreState(cfg Config, st *snapshot.State, memPath string) (*VM, error) {
 	if err := checkRestorable(st); err != nil {
 		return nil, err
 	}
-	mem, err := memory.MapFile(memPath, st.MemSize)
+	p, err := Prepare(cfg, memPath, st.MemSize, len(st.VCPUs))
 	if err != nil {
 		return nil, err
 	}
-	vm, err := build(cfg, mem, len(st.VCPUs))
+	vm, err := p.Restore(st)
+	if err != nil {
+		p.Close()
+		return nil, err
+	}
+	return vm, nil
+}
+
+// Prepared is the part of a restore that does not depend on the
+// snapshot's state, done ahead of time: the memory file mapped
+// copy-on-write, the KVM VM with its memory slots (the expensive first
+// slot included), irqchip, PIT and vCPUs. A pool of idle VMM processes
+// keeps one each, so that a restore pays only for applying state.
+// A Prepared is used once.
+type Prepared struct {
+	mu   sync.Mutex
+	vm   *VM
+	used bool
+}
+
+// Prepare builds a VM shell for snapshots of memSize bytes of RAM and
+// vcpus vCPUs whose memory file is memPath (MAP_PRIVATE: the file is
+// never modified). Restore then turns it into a restored VM.
+func Prepare(cfg Config, memPath string, memSize uint64, vcpus int) (*Prepared, error) {
+	if err := memory.CheckSize(memSize); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
+	}
+	if vcpus < 1 || vcpus > boot.MaxVCPUs {
+		return nil, fmt.Errorf("%w: %d vCPUs, want 1..%d", ErrIncompatible, vcpus, boot.MaxVCPUs)
+	}
+	mem, err := memory.MapFile(memPath, memSize)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := build(cfg, mem, vcpus)
 	if err != nil {
 		mem.Close()
 		return nil, err
 	}
-	if err := vm.restoreState(st); err != nil {
-		vm.release()
+	return &Prepared{vm: vm}, nil
+}
+
+// Fits reports whether st can be restored into p: same RAM size and vCPU
+// count. The memory file must be the one st was saved with; p cannot
+// check that.
+func (p *Prepared) Fits(st *snapshot.State) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.vm != nil && p.fits(st)
+}
+
+func (p *Prepared) fits(st *snapshot.State) bool {
+	return st.MemSize == p.vm.mem.Size() && len(st.VCPUs) == len(p.vm.runners)
+}
+
+// Restore applies st to the prepared VM and returns it, ready for its
+// devices (AddVirtio) and Start. On error the prepared VM is spent: Close
+// it.
+func (p *Prepared) Restore(st *snapshot.State) (*VM, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.used {
+		return nil, fmt.Errorf("%w: prepared VM already used or closed", ErrState)
+	}
+	p.used = true
+	if err := checkRestorable(st); err != nil {
 		return nil, err
 	}
+	if !p.fits(st) {
+		return nil, fmt.Errorf("%w: snapshot has %d bytes of RAM and %d vCPUs, the prepared VM %d and %d",
+			ErrIncompatible, st.MemSize, len(st.VCPUs), p.vm.mem.Size(), len(p.vm.runners))
+	}
+	if err := p.vm.restoreState(st); err != nil {
+		return nil, err
+	}
+	vm := p.vm
+	p.vm = nil
 	return vm, nil
+}
+
+// Close releases a prepared VM that Restore did not hand out.
+func (p *Prepared) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.vm == nil {
+		return nil
+	}
+	vm := p.vm
+	p.vm = nil
+	p.used = true
+	return vm.Close()
 }
 
 // checkRestorable rejects snapshots this VMM cannot rebuild.
@@ -212,8 +295,8 @@ func checkRestorable(st *snapshot.State) error {
 // restoreState applies the VM-wide state in the order measured to work on
 // the development hosts — after the vCPUs exist: irqchips, clock; the PIT
 // state follows on the PIT's own goroutine as soon as the PIT exists —
-// attaches the built-in devices with their saved state and prepares each
-// vCPU's state for its thread.
+// attaches the built-in devices with their saved state and has each
+// vCPU's thread apply its state.
 func (vm *VM) restoreState(st *snapshot.State) error {
 	for i := range st.VM.IRQChips {
 		if err := vm.kvm.SetIRQChip(&st.VM.IRQChips[i]); err != nil {
@@ -229,6 +312,7 @@ func (vm *VM) restoreState(st *snapshot.State) error {
 		return err
 	}
 	vm.mu.Lock()
+	vm.fromSnapshot = true
 	vm.restored = make(map[string][]byte, len(st.Devices))
 	for _, d := range st.Devices {
 		vm.restored[d.Name] = d.Data
@@ -244,7 +328,10 @@ func (vm *VM) restoreState(st *snapshot.State) error {
 	vm.mu.Lock()
 	vm.bootReady = true
 	vm.mu.Unlock()
-	return nil
+	// The vCPUs take their state now, before devices are added: see
+	// launch.
+	vm.launch()
+	return vm.setupResult()
 }
 
 // restoreSetup returns the first-run setup of a restored vCPU. The order

@@ -35,8 +35,9 @@ func snapshotGuest(t testing.TB, vm *VM) (statePath, memPath string) {
 	return statePath, memPath
 }
 
-// restoreGuest restores a snapshot into a new VM and starts it.
-func restoreGuest(t testing.TB, statePath, memPath string, sys *kvm.System) (*VM, *console) {
+// restoreGuest restores a snapshot into a new VM, adds the devices and
+// starts it.
+func restoreGuest(t testing.TB, statePath, memPath string, sys *kvm.System, devices ...func(testing.TB, *VM)) (*VM, *console) {
 	t.Helper()
 	con := newConsole()
 	vm, err := Restore(Config{Console: con, KVM: sys}, statePath, memPath)
@@ -44,6 +45,9 @@ func restoreGuest(t testing.TB, statePath, memPath string, sys *kvm.System) (*VM
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { vm.Close() })
+	for _, add := range devices {
+		add(t, vm)
+	}
 	if err := vm.Start(); err != nil {
 		t.Fatal(err)
 	}

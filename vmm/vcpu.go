@@ -96,6 +96,7 @@ func (r *vcpuRunner) loop() {
 		case err != nil:
 			r.stop(&ExitError{VCPU: r.index, Reason: r.cpu.ExitReason(), Detail: err.Error(), Err: ErrUnexpectedExit})
 		default:
+			vm.firstExitOnce.Do(func() { close(vm.firstExit) })
 			var stop bool
 			var why error
 			completed, stop, why = r.handleExit()

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cubicle-dev/cubicle/vmm/boot"
 	"github.com/cubicle-dev/cubicle/vmm/devices"
@@ -89,6 +90,12 @@ type VM struct {
 	i8042   *i8042.Device
 	runners []*vcpuRunner
 	done    chan struct{} // closed when every vCPU thread has exited
+	console *consoleWriter
+
+	// firstExit is closed when a vCPU's KVM_RUN first returns with an exit
+	// of the guest's own (see FirstExit).
+	firstExit     chan struct{}
+	firstExitOnce sync.Once
 
 	// The PIT is created on its own goroutine (see build): it takes one
 	// follow-up through pitInit (restored state, or nil) and reports on
@@ -100,6 +107,12 @@ type VM struct {
 	pitWait sync.Once
 	pitErr  error
 
+	// setupDone carries each vCPU thread's initial-state result (set by
+	// launch under mu); setupOnce and setupErr collect them once.
+	setupDone chan error
+	setupOnce sync.Once
+	setupErr  error
+
 	// mu guards the fields below and the runners' parked, exited and
 	// jobs; cond (on mu) is broadcast on every change of them.
 	mu   sync.Mutex
@@ -107,18 +120,25 @@ type VM struct {
 	st   state
 	// stopErr is why the VM stopped (valid once stopSet): nil for a guest
 	// reset, ErrStopped for the host, or an *ExitError.
-	stopErr   error
-	stopSet   bool
-	stateful  map[string]devices.Stateful
-	pausable  []devices.Pausable
-	restored  map[string][]byte // device state from a snapshot, not yet claimed
-	lines     map[uint32]*irqLine
-	nextMMIO  uint64
-	nextIRQ   uint32
-	bootReady bool // a kernel is loaded or state restored
-	preparing bool // LoadKernel is filling in the VM
-	launched  bool // Start has started the vCPU threads
-	closed    bool
+	stopErr  error
+	stopSet  bool
+	stateful map[string]devices.Stateful
+	pausable []devices.Pausable
+	restored map[string][]byte // device state from a snapshot, not yet claimed
+	lines    map[uint32]*irqLine
+	nextMMIO uint64
+	nextIRQ  uint32
+	virtio   []*VirtioDevice
+	// cmdlineExtra holds the virtio devices' command-line fragments,
+	// which LoadKernel appends to the kernel command line.
+	cmdlineExtra []string
+	initrd       []byte // for LoadKernel (LoadInitrdFile)
+	bootReady    bool   // a kernel is loaded or state restored
+	fromSnapshot bool   // state was restored from a snapshot
+	preparing    bool   // LoadKernel is filling in the VM
+	launched     bool   // launch has started the vCPU threads
+	starting     bool   // Start was called
+	closed       bool
 }
 
 // New creates a VM with cfg.MemoryBytes of RAM, cfg.VCPUs vCPUs, the
@@ -150,17 +170,19 @@ func New(cfg Config) (*VM, error) {
 // then irqchip, PIT and vCPUs.
 func build(cfg Config, mem *memory.Memory, vcpus int) (_ *VM, err error) {
 	vm := &VM{
-		log:      cfg.Logger,
-		sys:      cfg.KVM,
-		mem:      mem,
-		pid:      unix.Getpid(),
-		pio:      devices.NewBus(),
-		mmio:     devices.NewBus(),
-		done:     make(chan struct{}),
-		stateful: map[string]devices.Stateful{},
-		lines:    map[uint32]*irqLine{},
-		nextMMIO: MMIOBase,
-		nextIRQ:  FirstDeviceIRQ,
+		log:       cfg.Logger,
+		sys:       cfg.KVM,
+		mem:       mem,
+		pid:       unix.Getpid(),
+		pio:       devices.NewBus(),
+		mmio:      devices.NewBus(),
+		done:      make(chan struct{}),
+		console:   &consoleWriter{},
+		firstExit: make(chan struct{}),
+		stateful:  map[string]devices.Stateful{},
+		lines:     map[uint32]*irqLine{},
+		nextMMIO:  MMIOBase,
+		nextIRQ:   FirstDeviceIRQ,
 	}
 	vm.cond = sync.NewCond(&vm.mu)
 	if vm.log == nil {
@@ -217,11 +239,8 @@ func build(cfg Config, mem *memory.Memory, vcpus int) (_ *VM, err error) {
 		}
 		vm.runners = append(vm.runners, &vcpuRunner{vm: vm, cpu: cpu, index: i})
 	}
-	console := cfg.Console
-	if console == nil {
-		console = io.Discard
-	}
-	vm.serial = serial.New(console, vm.line(serial.COM1IRQ), vm.log)
+	vm.SetConsole(cfg.Console)
+	vm.serial = serial.New(vm.console, vm.line(serial.COM1IRQ), vm.log)
 	vm.i8042 = i8042.New(vm.guestReset)
 	return vm, nil
 }
@@ -265,12 +284,15 @@ func (vm *VM) LoadKernelFile(path, cmdline string, proto boot.Protocol) error {
 }
 
 // LoadKernel copies a vmlinux or bzImage into guest memory, writes the
-// boot structures for proto and prepares the vCPUs' initial state.
+// boot structures for proto and prepares the vCPUs' initial state. The
+// command-line fragments of the virtio devices added so far are appended
+// to cmdline.
 func (vm *VM) LoadKernel(r io.ReaderAt, size int64, cmdline string, proto boot.Protocol) error {
 	vm.mu.Lock()
 	ok := vm.st == stateCreated && !vm.bootReady && !vm.preparing
 	vm.preparing = ok
 	st := vm.st
+	cmdline = fullCmdline(cmdline, vm.cmdlineExtra)
 	vm.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("%w: LoadKernel on a %v VM (kernel loaded: %v)", ErrState, st, vm.bootReady)
@@ -283,12 +305,32 @@ func (vm *VM) LoadKernel(r io.ReaderAt, size int64, cmdline string, proto boot.P
 	return err
 }
 
+// LoadInitrdFile reads an initial ramdisk that LoadKernel then places in
+// guest memory and announces to the kernel. Call it before LoadKernel.
+func (vm *VM) LoadInitrdFile(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("vmm: initrd: %w", err)
+	}
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vm.st != stateCreated || vm.bootReady || vm.preparing {
+		return fmt.Errorf("%w: LoadInitrdFile after LoadKernel or on a %v VM", ErrState, vm.st)
+	}
+	vm.initrd = b
+	return nil
+}
+
 func (vm *VM) loadKernel(r io.ReaderAt, size int64, cmdline string, proto boot.Protocol) error {
 	k, err := boot.LoadKernel(vm.mem, r, size)
 	if err != nil {
 		return err
 	}
-	bs, err := boot.Setup(vm.mem, k, boot.Config{Cmdline: cmdline, VCPUs: len(vm.runners), Protocol: proto})
+	vm.mu.Lock()
+	initrd := vm.initrd
+	vm.initrd = nil
+	vm.mu.Unlock()
+	bs, err := boot.Setup(vm.mem, k, boot.Config{Cmdline: cmdline, VCPUs: len(vm.runners), Protocol: proto, Initrd: initrd})
 	if err != nil {
 		return err
 	}
@@ -423,6 +465,10 @@ func (vm *VM) addDevice(bus *devices.Bus, name string, base, size uint64, dev de
 func (vm *VM) AllocateMMIO(size uint64) (uint64, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
+	return vm.allocateMMIOLocked(size)
+}
+
+func (vm *VM) allocateMMIOLocked(size uint64) (uint64, error) {
 	size = (size + memory.PageSize - 1) &^ (memory.PageSize - 1)
 	if size == 0 || size > MMIOLimit-vm.nextMMIO {
 		return 0, fmt.Errorf("%w: %#x bytes of MMIO", ErrNoResources, size)
@@ -437,6 +483,10 @@ func (vm *VM) AllocateMMIO(size uint64) (uint64, error) {
 func (vm *VM) AllocateIRQ() (uint32, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
+	return vm.allocateIRQLocked()
+}
+
+func (vm *VM) allocateIRQLocked() (uint32, error) {
 	if vm.nextIRQ > LastDeviceIRQ {
 		return 0, fmt.Errorf("%w: all IRQs %d..%d taken", ErrNoResources, FirstDeviceIRQ, LastDeviceIRQ)
 	}
@@ -466,38 +516,69 @@ func (vm *VM) line(gsi uint32) *irqLine {
 	return l
 }
 
-// Start runs the vCPUs. Each vCPU's thread first applies its initial state
-// (boot registers or restored state); Start returns once all have done so,
-// with the first error if any failed (the VM is then stopped).
-func (vm *VM) Start() error {
+// launch starts the vCPU threads (once): each applies its initial state
+// and reports to setupResult, then waits for Start. A restored VM launches
+// them during the restore, so that its vCPUs (local APICs included) hold
+// their restored state before any device can raise an interrupt: one
+// delivered earlier would be overwritten by KVM_SET_LAPIC and lost.
+func (vm *VM) launch() {
 	vm.mu.Lock()
-	if vm.st != stateCreated || !vm.bootReady || vm.preparing {
-		defer vm.mu.Unlock()
-		return fmt.Errorf("%w: Start on a %v VM (kernel or snapshot loaded: %v)", ErrState, vm.st, vm.bootReady)
-	}
-	for name := range vm.restored {
-		vm.mu.Unlock()
-		return fmt.Errorf("%w: snapshot has state for device %q, which this VM does not have", ErrIncompatible, name)
+	defer vm.mu.Unlock()
+	if vm.launched || vm.st != stateCreated {
+		return
 	}
 	vm.launched = true
-	vm.mu.Unlock()
-
-	results := make(chan error, len(vm.runners))
+	vm.setupDone = make(chan error, len(vm.runners))
 	var wg sync.WaitGroup
 	for _, r := range vm.runners {
 		wg.Add(1)
-		go r.run(results, &wg)
+		go r.run(vm.setupDone, &wg)
 	}
 	go func() {
 		wg.Wait()
 		close(vm.done)
 	}()
-	var first error
-	for range vm.runners {
-		if err := <-results; err != nil && first == nil {
-			first = err
+}
+
+// setupResult waits for every launched vCPU to apply its initial state
+// and returns the first error.
+func (vm *VM) setupResult() error {
+	vm.setupOnce.Do(func() {
+		vm.mu.Lock()
+		ch := vm.setupDone
+		vm.mu.Unlock()
+		if ch == nil {
+			vm.setupErr = fmt.Errorf("%w: vCPU threads not started", ErrState)
+			return
 		}
+		for range vm.runners {
+			if err := <-ch; err != nil && vm.setupErr == nil {
+				vm.setupErr = err
+			}
+		}
+	})
+	return vm.setupErr
+}
+
+// Start runs the vCPUs. Each vCPU's thread first applies its initial state
+// (boot registers or restored state, the latter already during the
+// restore); Start returns once all have done so, with the first error if
+// any failed (the VM is then stopped).
+func (vm *VM) Start() error {
+	vm.mu.Lock()
+	if vm.st != stateCreated || !vm.bootReady || vm.preparing || vm.starting {
+		defer vm.mu.Unlock()
+		return fmt.Errorf("%w: Start on a %v VM (kernel or snapshot loaded: %v, starting: %v)", ErrState, vm.st, vm.bootReady, vm.starting)
 	}
+	for name := range vm.restored {
+		vm.mu.Unlock()
+		return fmt.Errorf("%w: snapshot has state for device %q, which this VM does not have", ErrIncompatible, name)
+	}
+	vm.starting = true
+	vm.mu.Unlock()
+
+	vm.launch()
+	first := vm.setupResult()
 	if err := vm.waitPIT(); err != nil && first == nil {
 		first = err
 	}
@@ -630,6 +711,24 @@ func (vm *VM) kickAllLocked() {
 	}
 }
 
+// FirstExit is closed once a vCPU has run guest code: when KVM_RUN first
+// returns with an exit the guest caused (a port or MMIO access, a halt,
+// ...), as opposed to a kick. For a restored VM it marks the point where
+// the restored vCPU is running again.
+func (vm *VM) FirstExit() <-chan struct{} { return vm.firstExit }
+
+// SetConsole redirects the guest's serial output to w (nil discards it);
+// a VM prepared before its sandbox was known gets its console this way.
+func (vm *VM) SetConsole(w io.Writer) { vm.console.set(w) }
+
+// State returns the VM's lifecycle state: "created", "running", "paused"
+// or "stopped".
+func (vm *VM) State() string {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	return vm.st.String()
+}
+
 // Done is closed when all vCPU threads have exited.
 func (vm *VM) Done() <-chan struct{} { return vm.done }
 
@@ -659,9 +758,16 @@ func (vm *VM) Close() error {
 	}
 	vm.closed = true
 	vm.stopLocked(ErrStopped)
+	virtio := vm.virtio
+	vm.virtio = nil
 	vm.mu.Unlock()
 	<-vm.done
-	return vm.release()
+	// Device workers use guest memory: stop them before it goes.
+	var errs []error
+	for _, d := range virtio {
+		errs = append(errs, d.close())
+	}
+	return errors.Join(append(errs, vm.release())...)
 }
 
 // release frees the KVM and memory resources of a VM whose vCPU threads
@@ -683,3 +789,18 @@ func (vm *VM) release() error {
 	errs = append(errs, vm.mem.Close())
 	return errors.Join(errs...)
 }
+
+// consoleWriter is the serial port's output: an io.Writer that can be
+// pointed elsewhere at any time (SetConsole).
+type consoleWriter struct {
+	w atomic.Pointer[io.Writer]
+}
+
+func (c *consoleWriter) set(w io.Writer) {
+	if w == nil {
+		w = io.Discard
+	}
+	c.w.Store(&w)
+}
+
+func (c *consoleWriter) Write(p []byte) (int, error) { return (*c.w.Load()).Write(p) }

@@ -62,6 +62,7 @@ func main() {
 		keysCmd(),
 		benchCmd(),
 		envdCmd(),
+		vmmCmd(),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version",

@@ -262,3 +262,51 @@ func TestMemoryMap(t *testing.T) {
 		}
 	}
 }
+
+// TestInitrd: the initrd lands page-aligned at the top of low RAM, above
+// the kernel, and both boot paths announce it; one that does not fit is
+// refused.
+func TestInitrd(t *testing.T) {
+	imgs, err := testguest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rd := bytes.Repeat([]byte("070701cpio"), 1000)
+	for _, proto := range []Protocol{ProtocolLinux64, ProtocolPVH} {
+		t.Run(proto.String(), func(t *testing.T) {
+			m := newMem(t, 64<<20)
+			k, err := loadFile(t, m, imgs.ELF)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := Setup(m, k, Config{VCPUs: 1, Protocol: proto, Initrd: rd}); err != nil {
+				t.Fatal(err)
+			}
+			var addr, size uint64
+			if proto == ProtocolLinux64 {
+				addr = uint64(u32(m, ZeroPageAddr+hdrRamdiskImage)) | uint64(u32(m, ZeroPageAddr+bpExtRamdiskImg))<<32
+				size = uint64(u32(m, ZeroPageAddr+hdrRamdiskSize)) | uint64(u32(m, ZeroPageAddr+bpExtRamdiskSz))<<32
+			} else {
+				if u32(m, StartInfoAddr+siNrModules) != 1 || u64(m, StartInfoAddr+siModlistPaddr) != PVHModlistAddr {
+					t.Fatalf("start info lists no module")
+				}
+				addr, size = u64(m, PVHModlistAddr), u64(m, PVHModlistAddr+8)
+			}
+			if size != uint64(len(rd)) || addr%memory.PageSize != 0 || addr < k.End || addr+size > 64<<20 || 64<<20-addr-size >= memory.PageSize {
+				t.Fatalf("initrd at %#x size %d (kernel ends %#x)", addr, size, k.End)
+			}
+			got, _ := m.Slice(addr, size)
+			if !bytes.Equal(got, rd) {
+				t.Fatal("initrd content differs")
+			}
+		})
+	}
+	m := newMem(t, 8<<20)
+	k, err := loadFile(t, m, imgs.ELF)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Setup(m, k, Config{VCPUs: 1, Initrd: make([]byte, 7<<20)}); !errors.Is(err, ErrInitrdPlacement) {
+		t.Fatalf("7 MiB initrd in 8 MiB = %v, want ErrInitrdPlacement", err)
+	}
+}

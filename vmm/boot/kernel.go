@@ -24,6 +24,9 @@ var (
 	// ErrNoPVH is returned when PVH entry is requested for a kernel
 	// without a XEN_ELFNOTE_PHYS32_ENTRY note.
 	ErrNoPVH = errors.New("boot: kernel has no PVH entry note")
+	// ErrInitrdPlacement is returned when the initrd does not fit between
+	// the kernel and the highest address the kernel accepts.
+	ErrInitrdPlacement = errors.New("boot: initrd does not fit in guest memory")
 	// ErrVCPUs is returned for a vCPU count outside 1..MaxVCPUs.
 	ErrVCPUs = errors.New("boot: unsupported number of vCPUs")
 )
@@ -53,7 +56,10 @@ const (
 	hdrTypeOfLoader   = 0x210
 	hdrLoadFlags      = 0x211
 	hdrCode32Start    = 0x214
+	hdrRamdiskImage   = 0x218
+	hdrRamdiskSize    = 0x21c
 	hdrCmdLinePtr     = 0x228
+	hdrInitrdAddrMax  = 0x22c
 	hdrKernelAlign    = 0x230
 	hdrXLoadFlags     = 0x236
 	hdrCmdlineSize    = 0x238

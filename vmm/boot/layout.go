@@ -12,8 +12,8 @@
 //     command line and memory map, and the BSP entering in 32-bit protected
 //     mode with paging off and EBX pointing at the start info.
 //
-// For more than one vCPU it also writes an Intel MultiProcessor
-// Specification 1.4 table so the kernel finds the APs and the IOAPIC.
+// It also writes an Intel MultiProcessor Specification 1.4 table so the
+// kernel finds the APs and the IOAPIC, and places an initrd if given.
 //
 // Nothing here touches KVM: the result is guest memory contents plus
 // register values for package vmm to apply.
@@ -26,6 +26,7 @@ import "github.com/cubicle-dev/cubicle/vmm/memory"
 const (
 	GDTAddr        = 0x500   // boot GDT (5 descriptors)
 	IDTAddr        = 0x520   // empty boot IDT
+	PVHModlistAddr = 0x5000  // PVH struct hvm_modlist_entry of the initrd
 	StartInfoAddr  = 0x6000  // PVH struct hvm_start_info
 	PVHMemmapAddr  = 0x6040  // PVH memory map entries
 	ZeroPageAddr   = 0x7000  // struct boot_params

@@ -30,15 +30,19 @@ func (p Protocol) String() string {
 type Config struct {
 	// Cmdline is the kernel command line.
 	Cmdline string
-	// VCPUs is the number of vCPUs (1..MaxVCPUs); with more than one an
-	// MP table is written.
+	// VCPUs is the number of vCPUs (1..MaxVCPUs), listed in the MP table.
 	VCPUs int
 	// Protocol selects the entry path.
 	Protocol Protocol
+	// Initrd, if not empty, is an initial ramdisk (a cpio archive) placed
+	// at the top of low RAM and announced to the kernel.
+	Initrd []byte
 }
 
 // struct boot_params offsets (arch/x86/include/uapi/asm/bootparam.h).
 const (
+	bpExtRamdiskImg = 0x0c0
+	bpExtRamdiskSz  = 0x0c4
 	bpExtCmdLinePtr = 0x0c8
 	bpE820Entries   = 0x1e8
 	bpE820Table     = 0x2d0
@@ -83,21 +87,28 @@ func Setup(mem *memory.Memory, k *Kernel, cfg Config) (*BootState, error) {
 	if err := writeCmdline(mem, cfg.Cmdline); err != nil {
 		return nil, err
 	}
+	var rd initrd
+	if len(cfg.Initrd) > 0 {
+		var err error
+		if rd, err = placeInitrd(mem, k, cfg.Initrd); err != nil {
+			return nil, err
+		}
+	}
 	if err := writeGDT(mem); err != nil {
 		return nil, err
 	}
 	e820 := MemoryMap(mem.Regions())
-	if cfg.VCPUs > 1 {
-		if err := WriteMPTable(mem, cfg.VCPUs); err != nil {
-			return nil, err
-		}
+	// Always: without an MP table (and without ACPI) Linux does not use
+	// the IOAPIC, even with one vCPU.
+	if err := WriteMPTable(mem, cfg.VCPUs); err != nil {
+		return nil, err
 	}
 	switch cfg.Protocol {
 	case ProtocolLinux64:
 		if err := writePageTables(mem); err != nil {
 			return nil, err
 		}
-		if err := writeZeroPage(mem, k, len(cfg.Cmdline), e820); err != nil {
+		if err := writeZeroPage(mem, k, len(cfg.Cmdline), e820, rd); err != nil {
 			return nil, err
 		}
 		return linux64State(k), nil
@@ -105,7 +116,7 @@ func Setup(mem *memory.Memory, k *Kernel, cfg Config) (*BootState, error) {
 		if k.PVHEntry == 0 {
 			return nil, ErrNoPVH
 		}
-		if err := writeStartInfo(mem, e820); err != nil {
+		if err := writeStartInfo(mem, e820, rd); err != nil {
 			return nil, err
 		}
 		return pvhState(k), nil
@@ -122,7 +133,7 @@ func writeCmdline(mem *memory.Memory, cmdline string) error {
 }
 
 // writeZeroPage fills struct boot_params at ZeroPageAddr.
-func writeZeroPage(mem *memory.Memory, k *Kernel, cmdlineLen int, e820 []E820Entry) error {
+func writeZeroPage(mem *memory.Memory, k *Kernel, cmdlineLen int, e820 []E820Entry, rd initrd) error {
 	if len(e820) > bpE820Max {
 		return fmt.Errorf("boot: %d e820 entries, the zero page holds %d", len(e820), bpE820Max)
 	}
@@ -140,6 +151,10 @@ func writeZeroPage(mem *memory.Memory, k *Kernel, cmdlineLen int, e820 []E820Ent
 	le.PutUint32(zp[hdrCmdLinePtr:], CmdlineAddr)
 	le.PutUint32(zp[bpExtCmdLinePtr:], 0)
 	le.PutUint32(zp[hdrCmdlineSize:], uint32(cmdlineLen+1))
+	le.PutUint32(zp[hdrRamdiskImage:], uint32(rd.addr))
+	le.PutUint32(zp[hdrRamdiskSize:], uint32(rd.size))
+	le.PutUint32(zp[bpExtRamdiskImg:], uint32(rd.addr>>32))
+	le.PutUint32(zp[bpExtRamdiskSz:], uint32(rd.size>>32))
 	zp[bpE820Entries] = byte(len(e820))
 	for i, e := range e820 {
 		o := bpE820Table + i*e820EntrySize
@@ -151,4 +166,38 @@ func writeZeroPage(mem *memory.Memory, k *Kernel, cmdlineLen int, e820 []E820Ent
 		return fmt.Errorf("boot: zero page: %w", err)
 	}
 	return nil
+}
+
+// initrd is where the initial ramdisk was put (size 0: none).
+type initrd struct{ addr, size uint64 }
+
+// defaultInitrdAddrMax is the highest initrd byte for a kernel without a
+// setup header (a vmlinux): the initrd_addr_max every x86-64 kernel
+// declares (arch/x86/boot/header.S: 0x7fffffff).
+const defaultInitrdAddrMax = 0x7fffffff
+
+// placeInitrd copies data to the highest page-aligned address that keeps
+// it in the first RAM region, below the kernel's initrd_addr_max and above
+// the kernel (as boot loaders do: Documentation/arch/x86/boot.rst,
+// "initrd_addr_max").
+func placeInitrd(mem *memory.Memory, k *Kernel, data []byte) (initrd, error) {
+	size := uint64(len(data))
+	limit := uint64(defaultInitrdAddrMax) + 1
+	if len(k.setupHeader) > hdrInitrdAddrMax+4-hdrStart {
+		if m := binary.LittleEndian.Uint32(k.setupHeader[hdrInitrdAddrMax-hdrStart:]); m != 0 {
+			limit = uint64(m) + 1
+		}
+	}
+	limit = min(limit, mem.Regions()[0].End())
+	if size > limit {
+		return initrd{}, fmt.Errorf("%w: %d bytes, below %#x", ErrInitrdPlacement, size, limit)
+	}
+	addr := (limit - size) &^ (memory.PageSize - 1)
+	if addr < k.End {
+		return initrd{}, fmt.Errorf("%w: %d bytes between the kernel's end %#x and %#x", ErrInitrdPlacement, size, k.End, limit)
+	}
+	if _, err := mem.WriteAt(data, int64(addr)); err != nil {
+		return initrd{}, fmt.Errorf("boot: initrd: %w", err)
+	}
+	return initrd{addr: addr, size: size}, nil
 }

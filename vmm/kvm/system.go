@@ -78,6 +78,9 @@ type System struct {
 	msrErr  error
 
 	snapMSRs snapshotMSRCache
+
+	pvmOnce sync.Once
+	pvm     bool
 }
 
 // Open opens /dev/kvm, checks the API version and the capabilities the VMM
@@ -225,12 +228,19 @@ const pvmModulePath = "/sys/module/kvm_pvm"
 // the "PVM" signature in leaf 0x40000002 of KVM_GET_SUPPORTED_CPUID; some
 // kvm-pvm builds (the development hosts' among them) do not report that
 // leaf, so a loaded kvm_pvm module counts too.
+//
+// The answer is worked out once per System: a jailed VMM asks before it
+// loses sight of /sys.
 func (s *System) PVM() bool {
-	if c, err := s.SupportedCPUID(); err == nil && IsPVM(c) {
-		return true
-	}
-	_, err := os.Stat(pvmModulePath)
-	return err == nil
+	s.pvmOnce.Do(func() {
+		if c, err := s.SupportedCPUID(); err == nil && IsPVM(c) {
+			s.pvm = true
+			return
+		}
+		_, err := os.Stat(pvmModulePath)
+		s.pvm = err == nil
+	})
+	return s.pvm
 }
 
 // CreateVM creates a new, empty virtual machine (KVM_CREATE_VM, default

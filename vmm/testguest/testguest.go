@@ -130,8 +130,11 @@ func cacheKey(gcc string) (string, error) {
 	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
+// sourceFiles are the guest's sources, all in guest/.
+var sourceFiles = []string{"guest.h", "guest.c", "virtio.c", "entry.S", "guest.ld"}
+
 func build(dir, gcc, objcopy string) error {
-	for _, n := range []string{"guest.c", "entry.S", "guest.ld"} {
+	for _, n := range sourceFiles {
 		b, err := sources.ReadFile("guest/" + n)
 		if err != nil {
 			return fmt.Errorf("testguest: %w", err)
@@ -141,7 +144,7 @@ func build(dir, gcc, objcopy string) error {
 		}
 	}
 	elfPath := filepath.Join(dir, "guest.elf")
-	args := append(cflags(), "-T", "guest.ld", "-o", "guest.elf", "entry.S", "guest.c")
+	args := append(cflags(), "-T", "guest.ld", "-o", "guest.elf", "entry.S", "guest.c", "virtio.c")
 	cmd := exec.Command(gcc, args...)
 	cmd.Dir = dir
 	if out, err := cmd.CombinedOutput(); err != nil {

@@ -20,20 +20,16 @@
  *   r  "irqs line10=N": interrupts taken on IOAPIC pin 10
  *   e  execute popcnt, "popcnt 8" (the PVM emulator cannot)
  *   x  triple fault on purpose   q  "bye N", then reset through the i8042
+ * Virtio devices named on the command line (virtio_mmio.device=...) are set
+ * up before "ready"; virtio.c lists their commands. A decimal argument may
+ * precede a command letter ("3R" reads from sector 3).
  *
  * Built with -mgeneral-regs-only -mno-red-zone: the PVM emulator that runs
  * CPL0 code on the development hosts rejects SSE, popcnt, cmpxchg16b, int N.
  */
-#include <stdint.h>
-
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
+#include "guest.h"
 
 #define COM1 0x3f8
-#define LAPIC 0xfee00000ull
-#define IOAPIC 0xfec00000ull
 #define SERIAL_VECTOR 0x24
 #define LINE10_VECTOR 0x2a
 #define SPURIOUS_VECTOR 0xff
@@ -54,17 +50,6 @@ void *memcpy(void *d, const void *s, unsigned long n)
 	return r;
 }
 
-static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(p)); }
-static inline u8 inb(u16 p) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u16 inw(u16 p) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u32 inl(u16 p) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
-static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
-static inline u32 rd32(u64 a) { return *(volatile u32 *)a; }
-static inline u64 rd64(u64 a) { return *(volatile u64 *)a; }
-static inline void wr32(u64 a, u32 v) { *(volatile u32 *)a = v; }
-static inline void wr64(u64 a, u64 v) { *(volatile u64 *)a = v; }
-
 static void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
 {
 	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
@@ -72,20 +57,20 @@ static void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
 
 /* ---- serial output (polled) ---- */
 
-static void putc(char c)
+void putc(char c)
 {
 	while (!(inb(COM1 + 5) & 0x20))
 		;
 	outb(COM1, (u8)c);
 }
 
-static void puts(const char *s)
+void puts(const char *s)
 {
 	while (*s)
 		putc(*s++);
 }
 
-static void putu(u64 v)
+void putu(u64 v)
 {
 	char b[21];
 	int i = 20;
@@ -97,7 +82,7 @@ static void putu(u64 v)
 	puts(&b[i]);
 }
 
-static void puthex(u64 v)
+void puthex(u64 v)
 {
 	static const char d[] = "0123456789abcdef";
 	char b[19];
@@ -114,7 +99,7 @@ static void puthex(u64 v)
 
 /* ---- command line ---- */
 
-static const char *cmdline = "";
+const char *cmdline = "";
 
 /* opt returns the value of "key=" in the command line, or 0. */
 static const char *opt(const char *key)
@@ -320,10 +305,6 @@ static void report_cpuid(void)
 
 /* ---- interrupts ---- */
 
-struct iframe {
-	u64 rip, cs, rflags, rsp, ss;
-};
-
 struct gate {
 	u16 off0, sel;
 	u8 ist, attr;
@@ -336,7 +317,7 @@ static volatile u8 rx[256];
 static volatile u32 rx_head, rx_tail;
 static volatile u64 irqs, irqs10;
 
-static void set_gate(int v, void *h)
+void set_gate(int v, void *h)
 {
 	u64 a = (u64)h;
 	idt[v] = (struct gate){(u16)a, 0x10, 0, 0x8e, (u16)(a >> 16), (u32)(a >> 32), 0};
@@ -385,14 +366,14 @@ __attribute__((interrupt)) static void serial_irq(struct iframe *f)
 			rx[rx_head++ % sizeof rx] = c;
 	}
 	irqs++;
-	wr32(LAPIC + 0xb0, 0); /* EOI */
+	eoi();
 }
 
 __attribute__((interrupt)) static void line10_irq(struct iframe *f)
 {
 	(void)f;
 	irqs10++;
-	wr32(LAPIC + 0xb0, 0); /* EOI */
+	eoi();
 }
 
 static void ioapic_write(u32 reg, u32 v)
@@ -400,6 +381,16 @@ static void ioapic_write(u32 reg, u32 v)
 	wr32(IOAPIC, reg);
 	wr32(IOAPIC + 0x10, v);
 }
+
+/* ioapic_route sends IOAPIC pin to vector: fixed, physical, edge, active
+ * high, to APIC 0. */
+void ioapic_route(u32 pin, u8 vector)
+{
+	ioapic_write(0x10 + 2 * pin + 1, 0);
+	ioapic_write(0x10 + 2 * pin, vector);
+}
+
+void eoi(void) { wr32(LAPIC + 0xb0, 0); }
 
 static void setup_interrupts(void)
 {
@@ -420,12 +411,9 @@ static void setup_interrupts(void)
 	/* Enable the local APIC (spurious vector register), TPR 0. */
 	wr32(LAPIC + 0x80, 0);
 	wr32(LAPIC + 0xf0, 0x100 | SPURIOUS_VECTOR);
-	/* IOAPIC pin 4 (COM1): fixed, physical, edge, active high, to APIC 0. */
-	ioapic_write(0x10 + 2 * 4 + 1, 0);
-	ioapic_write(0x10 + 2 * 4, SERIAL_VECTOR);
-	/* IOAPIC pin 10 (a device line the host pulses): same settings. */
-	ioapic_write(0x10 + 2 * 10 + 1, 0);
-	ioapic_write(0x10 + 2 * 10, LINE10_VECTOR);
+	/* IOAPIC pin 4 (COM1) and pin 10 (a device line the host pulses). */
+	ioapic_route(4, SERIAL_VECTOR);
+	ioapic_route(10, LINE10_VECTOR);
 	/* COM1: 8N1, FIFO, OUT2, receive interrupt on. */
 	outb(COM1 + 3, 0x03);
 	outb(COM1 + 2, 0x07);
@@ -480,8 +468,20 @@ static void reset(void)
 
 enum { MODE_IDLE, MODE_TICK, MODE_SPIN };
 
+static u64 arg;
+
 static int handle(u8 c, int mode)
 {
+	if (c >= '0' && c <= '9') {
+		arg = arg * 10 + (u64)(c - '0');
+		return mode;
+	}
+	u64 a = arg;
+	arg = 0;
+	if (virtio_cmd(c, a)) {
+		cmds++;
+		return mode;
+	}
 	switch (c) {
 	case 'p':
 		cmds++;
@@ -560,6 +560,7 @@ void guest_main(u64 info, u64 pvh)
 	check_mptable();
 	report_cpuid();
 	setup_interrupts();
+	virtio_init();
 	if (optis("cubicle.mode", "exit")) {
 		puts("bye 0\n");
 		reset();
@@ -589,8 +590,9 @@ void guest_main(u64 info, u64 pvh)
 			outb(0x80, (u8)++counter);
 			break;
 		default:
+			virtio_poll();
 			__asm__ volatile("cli");
-			if (rx_tail == rx_head)
+			if (rx_tail == rx_head && !virtio_pending())
 				__asm__ volatile("sti; hlt");
 			else
 				__asm__ volatile("sti");

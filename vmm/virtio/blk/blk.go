@@ -96,7 +96,11 @@ var (
 
 // Config configures a block device.
 type Config struct {
-	Path     string // raw disk image (regular file or block device)
+	Path string // raw disk image (regular file or block device)
+	// File, if set, is the already open disk image (opened read-write
+	// unless ReadOnly): the device takes it over, and Path only names it
+	// in messages. A jailed VMM gets its disks this way.
+	File     *os.File
 	ReadOnly bool
 	Serial   string // GET_ID answer, at most IDBytes bytes
 	Logger   *slog.Logger
@@ -143,15 +147,21 @@ type Device struct {
 // New opens the disk image and returns a block device over it.
 func New(cfg Config) (*Device, error) {
 	if len(cfg.Serial) > IDBytes {
+		if cfg.File != nil {
+			cfg.File.Close()
+		}
 		return nil, ErrSerialTooLong
 	}
-	flags := os.O_RDWR
-	if cfg.ReadOnly {
-		flags = os.O_RDONLY
-	}
-	f, err := os.OpenFile(cfg.Path, flags|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("blk: open disk: %w", err)
+	f := cfg.File
+	if f == nil {
+		flags := os.O_RDWR
+		if cfg.ReadOnly {
+			flags = os.O_RDONLY
+		}
+		var err error
+		if f, err = os.OpenFile(cfg.Path, flags|unix.O_CLOEXEC, 0); err != nil {
+			return nil, fmt.Errorf("blk: open disk: %w", err)
+		}
 	}
 	size, err := f.Seek(0, io.SeekEnd)
 	if err != nil {

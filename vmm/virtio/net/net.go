@@ -76,6 +76,9 @@ var (
 	ErrNoTap         = errors.New("net: a tap file or name is required")
 	ErrQueuesMissing = errors.New("net: rx and tx queues must both be enabled")
 	ErrOffload       = errors.New("net: TUNSETOFFLOAD refused the negotiated offloads")
+	// ErrSnapshotMismatch is returned for device state that cannot be
+	// decoded.
+	ErrSnapshotMismatch = errors.New("net: snapshot does not match the device")
 	// Per-frame errors, counted in Metrics.
 	ErrShortFrame  = errors.New("net: tx chain shorter than the virtio-net header")
 	ErrLongFrame   = errors.New("net: tx chain longer than a frame can be")

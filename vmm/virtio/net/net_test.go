@@ -4,14 +4,12 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
-	"os"
-	"runtime"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/vmm/internal/testnet"
 	"github.com/cubicle-dev/cubicle/vmm/virtio"
 	"github.com/cubicle-dev/cubicle/vmm/virtio/internal/testdriver"
 	"github.com/cubicle-dev/cubicle/vmm/virtio/mmio"
@@ -19,9 +17,8 @@ import (
 )
 
 const (
-	waitFor   = 5 * time.Second
-	etherType = 0x88b5 // IEEE 802 local experimental: nothing else uses it
-	ethPAll   = 0x0003 // ETH_P_ALL
+	etherType = testnet.EtherType
+	waitFor   = testnet.WaitFor
 )
 
 var (
@@ -29,157 +26,8 @@ var (
 	hostMAC  = [6]byte{0x02, 0, 0, 0, 0, 0x02}
 )
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
-// netns is a throwaway network namespace holding one tap, a packet socket
-// bound to it and a control socket for ioctls. Nothing in it routes
-// anywhere; it disappears when its descriptors are closed.
-type netns struct {
-	tap     *os.File
-	tapName string
-	pkt     int
-	ctl     int
-	ifindex int
-}
-
-func newNetns(t *testing.T, mtu int) *netns {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("net tests need root: they create a network namespace and a tap device")
-	}
-	type result struct {
-		ns  *netns
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		// This thread enters the new namespace and is never unlocked, so
-		// the runtime discards it when the goroutine ends.
-		runtime.LockOSThread()
-		ns, err := setupNetns(mtu)
-		ch <- result{ns, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		t.Skipf("cannot set up a network namespace with a tap here: %v", r.err)
-	}
-	t.Cleanup(func() {
-		unix.Close(r.ns.pkt)
-		unix.Close(r.ns.ctl)
-	})
-	return r.ns
-}
-
-func setupNetns(mtu int) (*netns, error) {
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		return nil, fmt.Errorf("unshare: %w", err)
-	}
-	tap, name, err := vnet.OpenTap("ctap%d")
-	if err != nil {
-		return nil, err
-	}
-	ns := &netns{tap: tap, tapName: name}
-	fail := func(err error) (*netns, error) {
-		tap.Close()
-		if ns.ctl > 0 {
-			unix.Close(ns.ctl)
-		}
-		return nil, err
-	}
-	// Keep IPv6 from sending router solicitations on the link.
-	_ = os.WriteFile("/proc/sys/net/ipv6/conf/"+name+"/disable_ipv6", []byte("1"), 0)
-	if ns.ctl, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-		return fail(err)
-	}
-	ifr, _ := unix.NewIfreq(name)
-	ifr.SetUint32(uint32(mtu))
-	if err := unix.IoctlIfreq(ns.ctl, unix.SIOCSIFMTU, ifr); err != nil {
-		return fail(fmt.Errorf("set mtu: %w", err))
-	}
-	ifr, _ = unix.NewIfreq(name)
-	if err := unix.IoctlIfreq(ns.ctl, unix.SIOCGIFFLAGS, ifr); err != nil {
-		return fail(err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(ns.ctl, unix.SIOCSIFFLAGS, ifr); err != nil {
-		return fail(fmt.Errorf("link up: %w", err))
-	}
-	ifr, _ = unix.NewIfreq(name)
-	if err := unix.IoctlIfreq(ns.ctl, unix.SIOCGIFINDEX, ifr); err != nil {
-		return fail(err)
-	}
-	ns.ifindex = int(ifr.Uint32())
-	if ns.pkt, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(ethPAll))); err != nil {
-		return fail(err)
-	}
-	if err := unix.Bind(ns.pkt, &unix.SockaddrLinklayer{Protocol: htons(ethPAll), Ifindex: ns.ifindex}); err != nil {
-		unix.Close(ns.pkt)
-		return fail(err)
-	}
-	tv := unix.NsecToTimeval(int64(100 * time.Millisecond))
-	_ = unix.SetsockoptTimeval(ns.pkt, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-	return ns, nil
-}
-
-// frame builds an Ethernet frame of our test EtherType.
-func frame(dst, src [6]byte, payload []byte) []byte {
-	f := append(append(append([]byte{}, dst[:]...), src[:]...), byte(etherType>>8), byte(etherType&0xff))
-	return append(f, payload...)
-}
-
-// send puts a frame on the tap's link from the namespace side.
-func (ns *netns) send(t *testing.T, f []byte) {
-	t.Helper()
-	sa := &unix.SockaddrLinklayer{Protocol: htons(etherType), Ifindex: ns.ifindex, Halen: 6}
-	copy(sa.Addr[:], f[:6])
-	if err := unix.Sendto(ns.pkt, f, 0, sa); err != nil {
-		t.Fatalf("packet socket send: %v", err)
-	}
-}
-
-// recv waits for a frame of our EtherType on the link.
-func (ns *netns) recv(t *testing.T) []byte {
-	t.Helper()
-	buf := make([]byte, 70000)
-	deadline := time.Now().Add(waitFor)
-	for time.Now().Before(deadline) {
-		n, from, err := unix.Recvfrom(ns.pkt, buf, 0)
-		if err != nil {
-			continue // timeout: poll again until the deadline
-		}
-		if ll, ok := from.(*unix.SockaddrLinklayer); ok && ll.Pkttype == unix.PACKET_OUTGOING {
-			continue
-		}
-		if n >= 14 && binary.BigEndian.Uint16(buf[12:]) == etherType {
-			return append([]byte(nil), buf[:n]...)
-		}
-	}
-	t.Fatal("no frame arrived on the tap's link")
-	return nil
-}
-
-// ethtool asks the tap's kernel device for one ethtool value
-// (ETHTOOL_GTSO, ETHTOOL_GTXCSUM).
-func (ns *netns) ethtool(t *testing.T, cmd uint32) uint32 {
-	t.Helper()
-	val := &struct{ cmd, data uint32 }{cmd: cmd}
-	var ifr struct {
-		name [unix.IFNAMSIZ]byte
-		data uintptr
-		_    [16]byte
-	}
-	copy(ifr.name[:], ns.tapName)
-	ifr.data = uintptr(unsafe.Pointer(val))
-	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(ns.ctl), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr)))
-	runtime.KeepAlive(val)
-	if errno != 0 {
-		t.Fatalf("ethtool %#x: %v", cmd, errno)
-	}
-	return val.data
-}
-
 type env struct {
-	ns  *netns
+	ns  *testnet.Netns
 	dev *vnet.Device
 	tr  *mmio.Transport
 	mem *testdriver.Mem
@@ -190,8 +38,8 @@ type env struct {
 
 func newEnv(t *testing.T, want uint64, mtu int) *env {
 	t.Helper()
-	e := &env{ns: newNetns(t, mtu), mem: testdriver.NewMem(t, 8<<20), irq: testdriver.NewIRQ(), rx: map[uint32]uint64{}}
-	dev, err := vnet.New(vnet.Config{Tap: e.ns.tap, MAC: guestMAC})
+	e := &env{ns: testnet.New(t, mtu), mem: testdriver.NewMem(t, 8<<20), irq: testdriver.NewIRQ(), rx: map[uint32]uint64{}}
+	dev, err := vnet.New(vnet.Config{Tap: e.ns.Tap, MAC: guestMAC})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -285,9 +133,9 @@ func TestConfigAndFeatures(t *testing.T) {
 func TestGuestToTap(t *testing.T) {
 	e := newEnv(t, ^uint64(0), 1500)
 	for i, layout := range []string{"one", "split", "indirect"} {
-		f := frame([6]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, guestMAC, []byte(fmt.Sprintf("guest to tap %d %s", i, bytes.Repeat([]byte{'.'}, 50))))
+		f := testnet.Frame([6]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, guestMAC, []byte(fmt.Sprintf("guest to tap %d %s", i, bytes.Repeat([]byte{'.'}, 50))))
 		e.tx(t, make([]byte, vnet.NetHdrSize), f, layout)
-		if got := e.ns.recv(t); !bytes.Equal(got, f) {
+		if got := e.ns.Recv(t); !bytes.Equal(got, f) {
 			t.Fatalf("%s: link got %x, want %x", layout, got, f)
 		}
 	}
@@ -308,8 +156,8 @@ func TestTapToGuest(t *testing.T) {
 			e := newEnv(t, tc.want, 1500)
 			e.postRx(t, 8, 2048)
 			for i := range 3 {
-				f := frame(guestMAC, hostMAC, []byte(fmt.Sprintf("tap to guest %d, padded to a minimum frame....", i)))
-				e.ns.send(t, f)
+				f := testnet.Frame(guestMAC, hostMAC, []byte(fmt.Sprintf("tap to guest %d, padded to a minimum frame....", i)))
+				e.ns.Send(t, f)
 				hdr, got, nb := e.recvFrame(t)
 				if !bytes.Equal(got, f) || nb != 1 || hdr[0] != 0 || hdr[1] != 0 {
 					t.Fatalf("guest got hdr %x frame %x (%d buffers), want %x", hdr, got, nb, f)
@@ -330,9 +178,9 @@ func TestMergeableRx(t *testing.T) {
 	for i := range payload {
 		payload[i] = byte(i)
 	}
-	f := frame(guestMAC, hostMAC, payload)
+	f := testnet.Frame(guestMAC, hostMAC, payload)
 	e.postRx(t, 1, 1526)
-	e.ns.send(t, f)
+	e.ns.Send(t, f)
 	if _, ok := e.drv.TryWaitUsed(vnet.RxQueue, 300*time.Millisecond); ok {
 		t.Fatal("part of a frame was published before it fit")
 	}
@@ -346,9 +194,9 @@ func TestMergeableRx(t *testing.T) {
 func TestRxOversizeDropped(t *testing.T) {
 	e := newEnv(t, ^uint64(0)&^(1<<vnet.FeatureMrgRxbuf), 1500)
 	e.postRx(t, 2, 256)
-	e.ns.send(t, frame(guestMAC, hostMAC, make([]byte, 1000))) // cannot fit 256 bytes
-	small := frame(guestMAC, hostMAC, []byte("fits in 256 bytes, padded to the minimum.."))
-	e.ns.send(t, small)
+	e.ns.Send(t, testnet.Frame(guestMAC, hostMAC, make([]byte, 1000))) // cannot fit 256 bytes
+	small := testnet.Frame(guestMAC, hostMAC, []byte("fits in 256 bytes, padded to the minimum.."))
+	e.ns.Send(t, small)
 	if _, got, _ := e.recvFrame(t); !bytes.Equal(got, small) {
 		t.Fatalf("got %x", got)
 	}
@@ -371,14 +219,14 @@ func TestOffloads(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, tc.want, 1500)
-			if got := e.ns.ethtool(t, unix.ETHTOOL_GTSO) != 0; got != tc.tso {
+			if got := e.ns.Ethtool(t, unix.ETHTOOL_GTSO) != 0; got != tc.tso {
 				t.Errorf("tap TSO = %v, want %v", got, tc.tso)
 			}
-			if got := e.ns.ethtool(t, unix.ETHTOOL_GTXCSUM) != 0; got != tc.txcsum {
+			if got := e.ns.Ethtool(t, unix.ETHTOOL_GTXCSUM) != 0; got != tc.txcsum {
 				t.Errorf("tap checksum offload = %v, want %v", got, tc.txcsum)
 			}
 			e.drv.W32(testdriver.RegStatus, 0) // reset clears them
-			if e.ns.ethtool(t, unix.ETHTOOL_GTSO) != 0 || e.ns.ethtool(t, unix.ETHTOOL_GTXCSUM) != 0 {
+			if e.ns.Ethtool(t, unix.ETHTOOL_GTSO) != 0 || e.ns.Ethtool(t, unix.ETHTOOL_GTXCSUM) != 0 {
 				t.Error("offloads survived a reset")
 			}
 		})
@@ -398,7 +246,7 @@ func TestOffloads(t *testing.T) {
 
 func TestHostileTx(t *testing.T) {
 	e := newEnv(t, ^uint64(0), 1500)
-	good := frame(hostMAC, guestMAC, []byte("still working after hostile input........."))
+	good := testnet.Frame(hostMAC, guestMAC, []byte("still working after hostile input........."))
 	badGSO := make([]byte, vnet.NetHdrSize)
 	badGSO[1] = 0x7f // gso_type no kernel knows
 	top := uint64(len(e.mem.Raw))
@@ -437,7 +285,7 @@ func TestHostileTx(t *testing.T) {
 				t.Fatalf("not counted: %d → %d", before, tc.metric())
 			}
 			e.tx(t, make([]byte, vnet.NetHdrSize), good, "one")
-			if got := e.ns.recv(t); !bytes.Equal(got, good) {
+			if got := e.ns.Recv(t); !bytes.Equal(got, good) {
 				t.Fatal("device broken after hostile frame")
 			}
 		})
@@ -447,8 +295,8 @@ func TestHostileTx(t *testing.T) {
 	h, _ := e.drv.Queues[vnet.RxQueue].AddChain(testdriver.Buf{Addr: small, Len: 8, Write: true})
 	e.rx[uint32(h)] = small
 	e.postRx(t, 1, 2048)
-	f := frame(guestMAC, hostMAC, []byte("after a tiny rx buffer, padded to a minimum"))
-	e.ns.send(t, f)
+	f := testnet.Frame(guestMAC, hostMAC, []byte("after a tiny rx buffer, padded to a minimum"))
+	e.ns.Send(t, f)
 	u := e.drv.WaitUsed(t, vnet.RxQueue, waitFor)
 	if u.ID != uint32(h) || u.Len != 0 {
 		t.Fatalf("tiny buffer: used %+v", u)
@@ -469,8 +317,8 @@ func TestSnapshotRestore(t *testing.T) {
 	if devState.MAC != guestMAC {
 		t.Fatalf("state %+v", devState)
 	}
-	f := frame(guestMAC, hostMAC, []byte("sent while paused, delivered after resume"))
-	e.ns.send(t, f)
+	f := testnet.Frame(guestMAC, hostMAC, []byte("sent while paused, delivered after resume"))
+	e.ns.Send(t, f)
 	if _, ok := e.drv.TryWaitUsed(vnet.RxQueue, 200*time.Millisecond); ok {
 		t.Fatal("paused device delivered a frame")
 	}
@@ -499,8 +347,8 @@ func TestSnapshotRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.drv.Dev = tr2
-	f2 := frame(guestMAC, hostMAC, []byte("after restore............................."))
-	e.ns.send(t, f2)
+	f2 := testnet.Frame(guestMAC, hostMAC, []byte("after restore............................."))
+	e.ns.Send(t, f2)
 	if _, got, _ := e.recvFrame(t); !bytes.Equal(got, f2) {
 		t.Fatal("frame lost after restore")
 	}
