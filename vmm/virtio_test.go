@@ -347,7 +347,9 @@ func cloneDevices(vm *VM, disk, uds string, cid uint64) error {
 	if _, err := vm.AddRNG("rng0", rng.Config{}); err != nil {
 		return err
 	}
-	_, err := vm.AddVsock("vsock0", vsock.Config{GuestCID: cid, UDSPath: uds})
+	// 100 clones share two cores (and the race detector): a guest may take
+	// longer than the production 2 s to answer a CONNECT.
+	_, err := vm.AddVsock("vsock0", vsock.Config{GuestCID: cid, UDSPath: uds, ConnectTimeout: 30 * time.Second})
 	return err
 }
 

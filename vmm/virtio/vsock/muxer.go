@@ -330,7 +330,7 @@ func (m *muxer) guestConnect(h *header, key connKey) {
 	d.bg.Add(1)
 	go func() {
 		defer d.bg.Done()
-		nc, err := net.DialTimeout("unix", path, ConnectTimeout)
+		nc, err := net.DialTimeout("unix", path, m.d.connectTimeout)
 		var uds *net.UnixConn
 		if err == nil {
 			uds = nc.(*net.UnixConn)
@@ -372,7 +372,7 @@ func (m *muxer) hostConnect(uds *net.UnixConn, port uint32) {
 	c.uds = uds
 	m.conns[key] = c
 	m.queueCtrl(c, OpRequest, 0)
-	m.startTimer(c, ConnectTimeout)
+	m.startTimer(c, m.d.connectTimeout)
 }
 
 // hostConnected handles the guest's RESPONSE to a host-initiated connection:

@@ -64,9 +64,10 @@ const (
 	MaxConns = 1024
 	// HostPortBase is the first local port for host-initiated connections.
 	HostPortBase = 1 << 30
-	// ConnectTimeout bounds how long a host-initiated connection waits for
-	// the guest's RESPONSE, and a guest-initiated one for the dial.
-	ConnectTimeout = 2 * time.Second
+	// DefaultConnectTimeout bounds how long a host-initiated connection
+	// waits for the guest's RESPONSE, and a guest-initiated one for the
+	// dial, unless Config.ConnectTimeout says otherwise (Firecracker: 2 s).
+	DefaultConnectTimeout = 2 * time.Second
 	// HandshakeTimeout bounds how long a host program may take to send its
 	// CONNECT line.
 	HandshakeTimeout = 2 * time.Second
@@ -101,7 +102,12 @@ type Config struct {
 	// device creates it and removes it in Close. Guest-initiated connections
 	// to port P go to UDSPath + "_" + P.
 	UDSPath string
-	Logger  *slog.Logger
+	// ConnectTimeout overrides DefaultConnectTimeout: how long a
+	// host-initiated connection waits for the guest's RESPONSE, and a
+	// guest-initiated one for its dial. A guest whose vCPUs are starved
+	// (hundreds of clones on a few cores) needs longer.
+	ConnectTimeout time.Duration
+	Logger         *slog.Logger
 }
 
 // Metrics counts what the device did. Fields are updated atomically and may
@@ -121,16 +127,17 @@ type Metrics struct {
 
 // Device is a virtio-vsock device.
 type Device struct {
-	cid     uint64
-	udsPath string
-	log     *slog.Logger
-	ln      *net.UnixListener
-	kicks   *virtio.Kicks
-	events  chan event
-	closed  chan struct{} // closed by Close
-	bg      sync.WaitGroup
-	live    atomic.Bool // a driver is active: host connections are accepted
-	metrics Metrics
+	cid            uint64
+	udsPath        string
+	connectTimeout time.Duration
+	log            *slog.Logger
+	ln             *net.UnixListener
+	kicks          *virtio.Kicks
+	events         chan event
+	closed         chan struct{} // closed by Close
+	bg             sync.WaitGroup
+	live           atomic.Bool // a driver is active: host connections are accepted
+	metrics        Metrics
 
 	mu           sync.Mutex // guards the fields below
 	worker       virtio.Worker
@@ -151,16 +158,20 @@ func New(cfg Config) (*Device, error) {
 		return nil, fmt.Errorf("vsock: listen on %s: %w", cfg.UDSPath, err)
 	}
 	d := &Device{
-		cid:     cfg.GuestCID,
-		udsPath: cfg.UDSPath,
-		log:     cfg.Logger,
-		ln:      ln,
-		kicks:   virtio.NewKicks(),
-		events:  make(chan event, 64),
-		closed:  make(chan struct{}),
+		cid:            cfg.GuestCID,
+		udsPath:        cfg.UDSPath,
+		connectTimeout: cfg.ConnectTimeout,
+		log:            cfg.Logger,
+		ln:             ln,
+		kicks:          virtio.NewKicks(),
+		events:         make(chan event, 64),
+		closed:         make(chan struct{}),
 	}
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
+	}
+	if d.connectTimeout <= 0 {
+		d.connectTimeout = DefaultConnectTimeout
 	}
 	d.log = d.log.With("device", "vsock", "cid", cfg.GuestCID)
 	d.mux = newMuxer(d)
