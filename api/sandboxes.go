@@ -271,7 +271,12 @@ func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "timeout is required")
 		return
 	}
-	d, err := seconds(*body.Timeout)
+	s.endIn(w, r, *body.Timeout)
+}
+
+// endIn sets the sandbox's end time to now + n seconds and answers 204.
+func (s *Server) endIn(w http.ResponseWriter, r *http.Request, n int64) {
+	d, err := seconds(n)
 	if err == nil {
 		err = s.opts.Orchestrator.SetTimeout(r.Context(), r.PathValue("id"), d)
 	}
@@ -294,15 +299,7 @@ func (s *Server) refresh(w http.ResponseWriter, r *http.Request) {
 	if body.Duration != nil {
 		n = *body.Duration
 	}
-	d, err := seconds(n)
-	if err == nil {
-		err = s.opts.Orchestrator.SetTimeout(r.Context(), r.PathValue("id"), d)
-	}
-	if err != nil {
-		s.fail(w, err)
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
+	s.endIn(w, r, n)
 }
 
 func (s *Server) pause(w http.ResponseWriter, r *http.Request) {

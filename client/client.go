@@ -231,8 +231,14 @@ var ErrNoEnd = errors.New("process stream ended without an end event")
 // Run runs cmd with `/bin/bash -l -c` in the sandbox, as the SDK's
 // commands.run does, and waits for it to finish.
 func (c *Client) Run(ctx context.Context, sb Sandbox, cmd string, stdout, stderr io.Writer) (int, error) {
+	return RunWith(ctx, c.Process(sb), cmd, stdout, stderr)
+}
+
+// RunWith is Run over any envd Process client, such as one that talks to
+// envd directly rather than through the proxy.
+func RunWith(ctx context.Context, pc processconnect.ProcessClient, cmd string, stdout, stderr io.Writer) (int, error) {
 	stdin := false
-	stream, err := c.Process(sb).Start(ctx, connect.NewRequest(&process.StartRequest{
+	stream, err := pc.Start(ctx, connect.NewRequest(&process.StartRequest{
 		Process: &process.ProcessConfig{Cmd: "/bin/bash", Args: []string{"-l", "-c", cmd}},
 		Stdin:   &stdin,
 	}))

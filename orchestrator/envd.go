@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +14,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/cubicle-dev/cubicle/client"
 	"github.com/cubicle-dev/cubicle/guest/envd/gen/process"
 	"github.com/cubicle-dev/cubicle/guest/envd/gen/process/processconnect"
 	"github.com/cubicle-dev/cubicle/runtime"
@@ -160,26 +160,10 @@ func (c *envdClient) startCommand(ctx context.Context, addr netip.Addr, cmd stri
 	return nil
 }
 
-// runCommand runs cmd to completion and returns its exit code.
+// runCommand runs cmd to completion as the SDK does and returns its exit
+// code.
 func (c *envdClient) runCommand(ctx context.Context, addr netip.Addr, cmd string) (int, error) {
-	stdin := false
-	stream, err := c.process(addr).Start(ctx, connect.NewRequest(&process.StartRequest{
-		Process: &process.ProcessConfig{Cmd: "/bin/bash", Args: []string{"-l", "-c", cmd}},
-		Stdin:   &stdin,
-	}))
-	if err != nil {
-		return -1, err
-	}
-	defer stream.Close()
-	for stream.Receive() {
-		if end := stream.Msg().GetEvent().GetEnd(); end != nil {
-			return int(end.GetExitCode()), nil
-		}
-	}
-	if err := stream.Err(); err != nil {
-		return -1, err
-	}
-	return -1, errors.New("process stream ended without an end event")
+	return client.RunWith(ctx, c.process(addr), cmd, nil, nil)
 }
 
 // waitReady runs a template's ready command until it exits 0 or limit passes.
