@@ -81,6 +81,9 @@ func run(m *testing.M) (int, error) {
 		return 0, err
 	}
 	code := m.Run()
+	if code != 0 {
+		fmt.Fprintf(os.Stderr, "--- cubicle serve log (last 150 lines) ---\n%s\n", srv.log.tail(150))
+	}
 	srv.killAll()
 	if err := srv.stop(); err != nil {
 		return code, err
@@ -93,7 +96,10 @@ func (s *server) start() error {
 	ready := filepath.Join(s.dataDir, "ready")
 	os.Remove(ready)
 	args := []string{"serve", "--data-dir", s.dataDir, "--api-addr", "127.0.0.1:0", "--proxy-addr", "127.0.0.1:0",
-		"--ready-file", ready, "--pool-size", "2", "--log-level", "debug"}
+		"--ready-file", ready, "--pool-size", "2", "--log-level", "debug",
+		// Its own addresses and device names: a developer's server may be
+		// running on the same host.
+		"--network-prefix", "100.90.0.0/16", "--link-prefix", "cbe2e"}
 	s.cmd = exec.Command(s.bin, args...)
 	if s.log == nil {
 		s.log = &syncBuffer{}
@@ -129,7 +135,7 @@ func (s *server) start() error {
 		}
 		select {
 		case <-s.exited:
-			return fmt.Errorf("cubicle serve exited before serving: %v", waitErr)
+			return fmt.Errorf("cubicle serve exited before serving: %v; its log ends:\n%s", waitErr, s.log.tail(40))
 		case <-deadline:
 			s.cmd.Process.Kill()
 			return fmt.Errorf("cubicle serve not ready after 15 minutes")
@@ -190,6 +196,12 @@ func (b *syncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
+}
+
+// tail returns the last n lines written.
+func (b *syncBuffer) tail(n int) string {
+	lines := strings.Split(strings.TrimRight(b.String(), "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
 func (b *syncBuffer) String() string {

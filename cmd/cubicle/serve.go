@@ -37,6 +37,7 @@ type serveConfig struct {
 	runsc      string
 	platform   string
 	netPrefix  string
+	linkPrefix string
 	noBuild    bool
 	maxTimeout time.Duration
 	logLevel   string
@@ -64,6 +65,7 @@ creates an API key, and prints the environment an E2B SDK needs.`,
 	f.StringVar(&c.runsc, "runsc", envOr("CUBICLE_RUNSC", ""), "path of runsc (env CUBICLE_RUNSC; default: PATH, then <cache-dir>/bin/runsc)")
 	f.StringVar(&c.platform, "platform", envOr("CUBICLE_GVISOR_PLATFORM", "systrap"), "gVisor platform (env CUBICLE_GVISOR_PLATFORM)")
 	f.StringVar(&c.netPrefix, "network-prefix", envOr("CUBICLE_NETWORK_PREFIX", network.DefaultPrefix.String()), "address range for sandbox networks (env CUBICLE_NETWORK_PREFIX)")
+	f.StringVar(&c.linkPrefix, "link-prefix", envOr("CUBICLE_LINK_PREFIX", network.DefaultLinkPrefix), "names the host's sandbox devices and namespaces; servers sharing a host need distinct ones (env CUBICLE_LINK_PREFIX)")
 	f.BoolVar(&c.noBuild, "no-build", false, "fail instead of building a missing default template")
 	f.DurationVar(&c.maxTimeout, "max-timeout", 24*time.Hour, "longest sandbox timeout a client may ask for")
 	f.StringVar(&c.logLevel, "log-level", envOr("CUBICLE_LOG_LEVEL", "info"), "debug, info, warn or error (env CUBICLE_LOG_LEVEL)")
@@ -131,7 +133,7 @@ func serve(ctx context.Context, c serveConfig) error {
 	if err != nil {
 		return fmt.Errorf("--network-prefix: %w", err)
 	}
-	netPool, err := network.NewPool(network.Options{Prefix: prefix, Logger: log.With("component", "network")})
+	netPool, err := network.NewPool(network.Options{Prefix: prefix, LinkPrefix: c.linkPrefix, Logger: log.With("component", "network")})
 	if err != nil {
 		return err
 	}
