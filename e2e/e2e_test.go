@@ -99,7 +99,7 @@ func (s *server) start() error {
 		"--ready-file", ready, "--pool-size", "2", "--log-level", "debug",
 		// Its own addresses and device names: a developer's server may be
 		// running on the same host.
-		"--network-prefix", "100.90.0.0/16", "--link-prefix", "cbe2e"}
+		"--network-prefix", "100.90.0.0/16", "--link-prefix", "cbe"}
 	s.cmd = exec.Command(s.bin, args...)
 	if s.log == nil {
 		s.log = &syncBuffer{}
