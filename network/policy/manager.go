@@ -1,0 +1,624 @@
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/cubicle-dev/cubicle/network"
+)
+
+const (
+	// DefaultPinRoot is where a Manager pins its maps, under Options.Name.
+	DefaultPinRoot = "/sys/fs/bpf/cubicle"
+	// DefaultName names the default Manager's pin directory.
+	DefaultName = "default"
+	// DefaultMaxSandboxes is the default size of the per-sandbox maps.
+	DefaultMaxSandboxes = 16384
+	// DefaultMaxRules is the default size of each shared rule trie.
+	DefaultMaxRules = 65536
+
+	// filterPriority and filterHandle identify our cls_bpf filter at clsact
+	// ingress, so that attaching again replaces it.
+	filterPriority = 1
+	filterHandle   = 1
+)
+
+// builtinHard are destinations no policy opens, besides the pool prefix and
+// the host addresses.
+var builtinHard = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),      // "this network", RFC 791 / RFC 1122 §3.2.1.3
+	netip.MustParsePrefix("127.0.0.0/8"),    // loopback, RFC 1122 §3.2.1.3
+	netip.MustParsePrefix("169.254.0.0/16"), // link-local incl. cloud metadata 169.254.169.254, RFC 3927
+	netip.MustParsePrefix("224.0.0.0/4"),    // multicast, RFC 5771
+	netip.MustParsePrefix("240.0.0.0/4"),    // reserved and limited broadcast, RFC 1112 §4 / RFC 919
+}
+
+// privateRanges are dropped by default; only an allowOut entry opens them.
+var privateRanges = []netip.Prefix{
+	netip.MustParsePrefix("10.0.0.0/8"),     // RFC 1918
+	netip.MustParsePrefix("172.16.0.0/12"),  // RFC 1918
+	netip.MustParsePrefix("192.168.0.0/16"), // RFC 1918
+	netip.MustParsePrefix("100.64.0.0/10"),  // shared address space (CGNAT), RFC 6598
+}
+
+var (
+	// ErrNotAttached is returned for an ifindex with no policy.
+	ErrNotAttached = errors.New("policy: interface has no policy attached")
+	// ErrAttached is returned by Attach for an ifindex that has one.
+	ErrAttached = errors.New("policy: interface already has a policy")
+	// ErrLinkAddress is returned by Attach when the host-end link does not
+	// carry exactly one IPv4 /30 or /31 from which the gateway and the
+	// sandbox address follow.
+	ErrLinkAddress = errors.New("policy: host-end link has no usable IPv4 /30 or /31")
+	// ErrBadOptions is returned by New for unusable options.
+	ErrBadOptions = errors.New("policy: invalid options")
+)
+
+// Options configures a Manager. Zero fields take defaults.
+type Options struct {
+	// Name is the pin directory under PinRoot (DefaultName); distinct
+	// Managers on one host need distinct names.
+	Name string
+	// PinRoot is a directory on a bpf file system (DefaultPinRoot).
+	PinRoot string
+	// PoolPrefix is the sandbox address pool (network.DefaultPrefix):
+	// hard-denied, so sandboxes never reach each other.
+	PoolPrefix netip.Prefix
+	// HostAddrs are the host's own addresses and networks, hard-denied.
+	// SetHostAddrs replaces them later.
+	HostAddrs []netip.Prefix
+	// MaxSandboxes and MaxRules size the maps (DefaultMaxSandboxes,
+	// DefaultMaxRules). They are fixed once the maps are pinned.
+	MaxSandboxes, MaxRules uint32
+	// NetNS, if valid, is the network namespace the host-end links live in
+	// (tests); by default the caller's.
+	NetNS netns.NsHandle
+	// Logger receives reconcile events (slog.Default()).
+	Logger *slog.Logger
+}
+
+// Counters are one sandbox's egress counters, summed over CPUs, since
+// Attach. Dropped counts include DroppedIPv6.
+type Counters struct {
+	PassedPackets, PassedBytes   uint64
+	DroppedPackets, DroppedBytes uint64
+	DroppedIPv6Packets           uint64
+}
+
+// sandbox is the Go side of one attached interface.
+type sandbox struct {
+	cfg   configValue
+	allow []netip.Prefix
+	deny  []netip.Prefix
+}
+
+// Manager owns the egress program and its maps. All methods are safe for
+// concurrent use: mu serialises every map change (so Update's
+// write-new/swap/delete-old sequence never interleaves with another), while
+// the kernel program reads the maps without locks; each of its decisions
+// sees one policy ID, old or new, never a mix.
+type Manager struct {
+	log  *slog.Logger
+	nl   *netlink.Handle
+	dir  string
+	pool netip.Prefix
+
+	mu     sync.Mutex // guards everything below
+	maps   map[string]*ebpf.Map
+	prog   *ebpf.Program
+	byIf   map[int]*sandbox
+	nextID uint32
+	hard   map[netip.Prefix]bool
+}
+
+var validName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// New loads the maps (reusing pinned ones, so policies and counters survive
+// a server restart), loads the program, and reconciles: every interface in
+// the pinned config map that still exists gets the new program attached,
+// and map entries of interfaces that are gone are deleted.
+func New(opts Options) (*Manager, error) {
+	if opts.Name == "" {
+		opts.Name = DefaultName
+	}
+	if opts.PinRoot == "" {
+		opts.PinRoot = DefaultPinRoot
+	}
+	if !opts.PoolPrefix.IsValid() {
+		opts.PoolPrefix = network.DefaultPrefix
+	}
+	if opts.MaxSandboxes == 0 {
+		opts.MaxSandboxes = DefaultMaxSandboxes
+	}
+	if opts.MaxRules == 0 {
+		opts.MaxRules = DefaultMaxRules
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if !validName.MatchString(opts.Name) {
+		return nil, fmt.Errorf("%w: name %q", ErrBadOptions, opts.Name)
+	}
+	if !opts.PoolPrefix.Addr().Is4() {
+		return nil, fmt.Errorf("%w: pool prefix %v is not IPv4", ErrBadOptions, opts.PoolPrefix)
+	}
+	m := &Manager{
+		log:  opts.Logger.With("component", "network/policy"),
+		dir:  filepath.Join(opts.PinRoot, opts.Name),
+		pool: opts.PoolPrefix.Masked(),
+		maps: make(map[string]*ebpf.Map),
+		byIf: make(map[int]*sandbox),
+		hard: make(map[netip.Prefix]bool),
+	}
+	var err error
+	if opts.NetNS.IsOpen() {
+		m.nl, err = netlink.NewHandleAt(opts.NetNS)
+	} else {
+		m.nl, err = netlink.NewHandle(unix.NETLINK_ROUTE)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("policy: netlink: %w", err)
+	}
+	if err := m.load(opts); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+func (m *Manager) load(opts Options) error {
+	if err := os.MkdirAll(m.dir, 0o700); err != nil {
+		return fmt.Errorf("policy: pin dir: %w", err)
+	}
+	for name, spec := range mapSpecs(opts.MaxSandboxes, opts.MaxRules) {
+		mp, err := ebpf.NewMapWithOptions(spec, ebpf.MapOptions{PinPath: m.dir})
+		if err != nil {
+			return fmt.Errorf("policy: map %s: %w", name, err)
+		}
+		m.maps[name] = mp
+	}
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         progName,
+		Type:         ebpf.SchedCLS,
+		Instructions: program(m.maps),
+		// GPL for the socket-lookup helpers' sake; the program is
+		// generated here, not distributed as an object.
+		License: "GPL",
+	})
+	if err != nil {
+		return fmt.Errorf("policy: load program: %w", err)
+	}
+	m.prog = prog
+	pin := filepath.Join(m.dir, progName)
+	_ = os.Remove(pin) // the old program stays loaded while filters use it
+	if err := prog.Pin(pin); err != nil {
+		return fmt.Errorf("policy: pin program: %w", err)
+	}
+	if err := m.syncTrie(mapPrivate, nil, privateRanges); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.setHardLocked(opts.HostAddrs); err != nil {
+		return err
+	}
+	return m.reconcileLocked()
+}
+
+// reconcileLocked rebuilds byIf from the pinned maps, re-attaches the new
+// program to every interface that still exists and deletes everything else.
+func (m *Manager) reconcileLocked() error {
+	ids := map[uint32]int{}
+	var ifindex uint32
+	var cv configValue
+	var gone []uint32
+	it := m.maps[mapConfig].Iterate()
+	for it.Next(&ifindex, &cv) {
+		link, err := m.nl.LinkByIndex(int(ifindex))
+		if err != nil {
+			gone = append(gone, ifindex)
+			continue
+		}
+		if err := m.attachFilter(link); err != nil {
+			return err
+		}
+		m.byIf[int(ifindex)] = &sandbox{cfg: cv}
+		ids[cv.PolicyID] = int(ifindex)
+		m.nextID = max(m.nextID, cv.PolicyID)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("policy: reconcile: %w", err)
+	}
+	for _, i := range gone {
+		m.log.Info("removing policy of vanished interface", "ifindex", i)
+		_ = m.maps[mapConfig].Delete(i)
+	}
+	// Counters of interfaces without config are leftovers too.
+	var stale []uint32
+	var per []counterValue
+	it = m.maps[mapCounters].Iterate()
+	for it.Next(&ifindex, &per) {
+		if _, ok := m.byIf[int(ifindex)]; !ok {
+			stale = append(stale, ifindex)
+		}
+	}
+	for _, i := range stale {
+		_ = m.maps[mapCounters].Delete(i)
+	}
+	// Rule entries: adopt those of live policy IDs, delete the rest (left
+	// by a crash in Update or by vanished interfaces).
+	for _, name := range []string{mapAllow, mapDeny} {
+		var k ruleKey
+		var v uint32
+		var orphans []ruleKey
+		it := m.maps[name].Iterate()
+		for it.Next(&k, &v) {
+			idx, ok := ids[k.PolicyID]
+			if !ok {
+				orphans = append(orphans, k)
+				continue
+			}
+			pfx := netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)-32)
+			sb := m.byIf[idx]
+			if name == mapAllow {
+				sb.allow = append(sb.allow, pfx)
+			} else {
+				sb.deny = append(sb.deny, pfx)
+			}
+		}
+		if err := it.Err(); err != nil {
+			return fmt.Errorf("policy: reconcile %s: %w", name, err)
+		}
+		for _, k := range orphans {
+			_ = m.maps[name].Delete(k)
+		}
+	}
+	if len(m.byIf) > 0 || len(gone) > 0 {
+		m.log.Info("reconciled egress policies", "attached", len(m.byIf), "removed", len(gone))
+	}
+	return nil
+}
+
+// SetHostAddrs replaces the host's own addresses in the hard-deny set; the
+// next packet sees the new set.
+func (m *Manager) SetHostAddrs(addrs []netip.Prefix) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.setHardLocked(addrs)
+}
+
+func (m *Manager) setHardLocked(hostAddrs []netip.Prefix) error {
+	want := append([]netip.Prefix{m.pool}, builtinHard...)
+	for _, a := range hostAddrs {
+		if !a.Addr().Unmap().Is4() {
+			continue // IPv6 is dropped wholesale
+		}
+		want = append(want, netip.PrefixFrom(a.Addr().Unmap(), min(a.Bits(), 32)).Masked())
+	}
+	var old []netip.Prefix
+	var k addrKey
+	var v uint32
+	it := m.maps[mapHard].Iterate()
+	for it.Next(&k, &v) {
+		old = append(old, netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)))
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("policy: read hard denies: %w", err)
+	}
+	return m.syncTrie(mapHard, old, want)
+}
+
+// syncTrie makes an addrKey trie hold exactly want: adds first, then
+// deletes, so no moment has fewer denies than both old and new sets.
+func (m *Manager) syncTrie(name string, old, want []netip.Prefix) error {
+	keep := map[netip.Prefix]bool{}
+	for _, p := range want {
+		keep[p] = true
+		k := addrKey{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()}
+		if err := m.maps[name].Put(k, uint32(1)); err != nil {
+			return fmt.Errorf("policy: %s %v: %w", name, p, err)
+		}
+	}
+	for _, p := range old {
+		if !keep[p] {
+			k := addrKey{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()}
+			if err := m.maps[name].Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("policy: %s delete %v: %w", name, p, err)
+			}
+		}
+	}
+	return nil
+}
+
+// Attach gives the sandbox behind host-end link ifindex policy p and
+// attaches the program at the link's clsact ingress. The link must carry
+// its /30 (or /31): its own address is the sandbox's gateway and the other
+// host address the sandbox's, the only source the sandbox may use.
+func (m *Manager) Attach(ifindex int, p Policy) error {
+	if err := p.validate(); err != nil {
+		return err
+	}
+	link, err := m.nl.LinkByIndex(ifindex)
+	if err != nil {
+		return fmt.Errorf("policy: link %d: %w", ifindex, err)
+	}
+	gw, addr, err := m.linkAddrs(link)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.byIf[ifindex]; ok {
+		return fmt.Errorf("%w: ifindex %d", ErrAttached, ifindex)
+	}
+	sb := &sandbox{cfg: configValue{Gateway: gw.As4(), Addr: addr.As4()}}
+	// Counters first and zeroed, so a reused ifindex starts from nothing.
+	zero := make([]counterValue, ebpf.MustPossibleCPU())
+	if err := m.maps[mapCounters].Put(uint32(ifindex), zero); err != nil {
+		return fmt.Errorf("policy: counters: %w", err)
+	}
+	if err := m.applyLocked(ifindex, sb, p); err != nil {
+		m.removeLocked(ifindex, sb)
+		return err
+	}
+	m.byIf[ifindex] = sb
+	if err := m.attachFilter(link); err != nil {
+		m.removeLocked(ifindex, sb)
+		delete(m.byIf, ifindex)
+		return err
+	}
+	return nil
+}
+
+// Update replaces the policy of an attached interface. The change is
+// atomic for the program: the new rules are written under a fresh policy
+// ID, the config entry is switched to it in one map update, and only then
+// are the old rules deleted. It takes effect on the next packet;
+// established connections that the new policy denies stop mid-stream.
+func (m *Manager) Update(ifindex int, p Policy) error {
+	if err := p.validate(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	sb, ok := m.byIf[ifindex]
+	if !ok {
+		return fmt.Errorf("%w: ifindex %d", ErrNotAttached, ifindex)
+	}
+	return m.applyLocked(ifindex, sb, p)
+}
+
+// applyLocked writes p under a new policy ID, switches ifindex's config to
+// it, and deletes the rules of the old ID.
+func (m *Manager) applyLocked(ifindex int, sb *sandbox, p Policy) error {
+	oldID, oldAllow, oldDeny := sb.cfg.PolicyID, sb.allow, sb.deny
+	id := m.newIDLocked()
+	if err := m.putRules(mapAllow, id, p.AllowOut); err != nil {
+		m.delRules(mapAllow, id, p.AllowOut)
+		return err
+	}
+	if err := m.putRules(mapDeny, id, p.DenyOut); err != nil {
+		m.delRules(mapAllow, id, p.AllowOut)
+		m.delRules(mapDeny, id, p.DenyOut)
+		return err
+	}
+	cfg := sb.cfg
+	cfg.PolicyID = id
+	cfg.Flags = 0
+	if p.AllowInternet {
+		cfg.Flags |= flagInternet
+	}
+	if err := m.maps[mapConfig].Put(uint32(ifindex), cfg); err != nil {
+		m.delRules(mapAllow, id, p.AllowOut)
+		m.delRules(mapDeny, id, p.DenyOut)
+		return fmt.Errorf("policy: config: %w", err)
+	}
+	sb.cfg, sb.allow, sb.deny = cfg, p.AllowOut, p.DenyOut
+	if oldID != 0 {
+		m.delRules(mapAllow, oldID, oldAllow)
+		m.delRules(mapDeny, oldID, oldDeny)
+	}
+	return nil
+}
+
+func (m *Manager) newIDLocked() uint32 {
+	used := map[uint32]bool{}
+	for _, sb := range m.byIf {
+		used[sb.cfg.PolicyID] = true
+	}
+	for {
+		m.nextID++
+		if m.nextID != 0 && !used[m.nextID] {
+			return m.nextID
+		}
+	}
+}
+
+func ruleKeyOf(id uint32, p netip.Prefix) ruleKey {
+	return ruleKey{Prefixlen: 32 + uint32(p.Bits()), PolicyID: id, Addr: p.Addr().As4()}
+}
+
+func (m *Manager) putRules(name string, id uint32, ps []netip.Prefix) error {
+	for _, p := range ps {
+		if err := m.maps[name].Put(ruleKeyOf(id, p.Masked()), uint32(1)); err != nil {
+			return fmt.Errorf("policy: %s %v: %w", name, p, err)
+		}
+	}
+	return nil
+}
+
+func (m *Manager) delRules(name string, id uint32, ps []netip.Prefix) {
+	for _, p := range ps {
+		err := m.maps[name].Delete(ruleKeyOf(id, p.Masked()))
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			m.log.Warn("delete rule", "map", name, "prefix", p, "err", err)
+		}
+	}
+}
+
+// Detach removes the interface's policy and counters and its filter (when
+// the link still exists; deleting the veth removes the filter anyway).
+// Until the link is gone, a detached interface drops everything: the
+// program fails closed without a config entry.
+func (m *Manager) Detach(ifindex int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	sb, ok := m.byIf[ifindex]
+	if !ok {
+		return fmt.Errorf("%w: ifindex %d", ErrNotAttached, ifindex)
+	}
+	if link, err := m.nl.LinkByIndex(ifindex); err == nil {
+		_ = m.nl.FilterDel(m.filter(link))
+	}
+	m.removeLocked(ifindex, sb)
+	delete(m.byIf, ifindex)
+	return nil
+}
+
+func (m *Manager) removeLocked(ifindex int, sb *sandbox) {
+	_ = m.maps[mapConfig].Delete(uint32(ifindex))
+	_ = m.maps[mapCounters].Delete(uint32(ifindex))
+	if sb.cfg.PolicyID != 0 {
+		m.delRules(mapAllow, sb.cfg.PolicyID, sb.allow)
+		m.delRules(mapDeny, sb.cfg.PolicyID, sb.deny)
+	}
+}
+
+// Counters returns the interface's counters summed over all CPUs.
+func (m *Manager) Counters(ifindex int) (Counters, error) {
+	m.mu.Lock()
+	_, ok := m.byIf[ifindex]
+	m.mu.Unlock()
+	if !ok {
+		return Counters{}, fmt.Errorf("%w: ifindex %d", ErrNotAttached, ifindex)
+	}
+	var per []counterValue
+	if err := m.maps[mapCounters].Lookup(uint32(ifindex), &per); err != nil {
+		return Counters{}, fmt.Errorf("policy: counters: %w", err)
+	}
+	var c Counters
+	for _, v := range per {
+		c.PassedPackets += v.PassPackets
+		c.PassedBytes += v.PassBytes
+		c.DroppedPackets += v.DropPackets
+		c.DroppedBytes += v.DropBytes
+		c.DroppedIPv6Packets += v.DropIPv6Packets
+	}
+	return c, nil
+}
+
+// Close releases the Manager's file descriptors. Pins, map contents and
+// attached filters stay: the sandboxes keep their policies, and the next
+// New adopts them.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, mp := range m.maps {
+		mp.Close()
+	}
+	if m.prog != nil {
+		m.prog.Close()
+	}
+	m.nl.Close()
+	return nil
+}
+
+// Remove detaches every interface, unpins the program and maps and closes
+// the Manager: nothing of it is left in the kernel.
+func (m *Manager) Remove() error {
+	m.mu.Lock()
+	for idx := range m.byIf {
+		if link, err := m.nl.LinkByIndex(idx); err == nil {
+			_ = m.nl.FilterDel(m.filter(link))
+		}
+	}
+	m.byIf = map[int]*sandbox{}
+	for _, mp := range m.maps {
+		_ = mp.Unpin()
+	}
+	if m.prog != nil {
+		_ = m.prog.Unpin()
+	}
+	m.mu.Unlock()
+	err := os.Remove(m.dir)
+	m.Close()
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("policy: remove pin dir: %w", err)
+	}
+	return nil
+}
+
+func (m *Manager) filter(link netlink.Link) *netlink.BpfFilter {
+	return &netlink.BpfFilter{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: link.Attrs().Index,
+			Parent:    netlink.HANDLE_MIN_INGRESS,
+			Handle:    filterHandle,
+			Protocol:  unix.ETH_P_ALL,
+			Priority:  filterPriority,
+		},
+		Fd:           m.prog.FD(),
+		Name:         "cubicle-" + progName,
+		DirectAction: true,
+	}
+}
+
+// attachFilter adds the clsact qdisc if missing and adds or replaces our
+// filter, so it is idempotent and also how reconcile swaps programs.
+func (m *Manager) attachFilter(link netlink.Link) error {
+	q := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{
+			LinkIndex: link.Attrs().Index,
+			Handle:    netlink.MakeHandle(0xffff, 0),
+			Parent:    netlink.HANDLE_CLSACT,
+		},
+		QdiscType: "clsact",
+	}
+	if err := m.nl.QdiscReplace(q); err != nil {
+		return fmt.Errorf("policy: clsact on %s: %w", link.Attrs().Name, err)
+	}
+	if err := m.nl.FilterReplace(m.filter(link)); err != nil {
+		return fmt.Errorf("policy: attach filter on %s: %w", link.Attrs().Name, err)
+	}
+	return nil
+}
+
+// linkAddrs derives the gateway (the link's own address) and the
+// sandbox's address (the other host of the /30 or /31).
+func (m *Manager) linkAddrs(link netlink.Link) (gw, sandbox netip.Addr, err error) {
+	addrs, err := m.nl.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return gw, sandbox, fmt.Errorf("policy: addresses of %s: %w", link.Attrs().Name, err)
+	}
+	if len(addrs) != 1 {
+		return gw, sandbox, fmt.Errorf("%w: %s has %d IPv4 addresses", ErrLinkAddress, link.Attrs().Name, len(addrs))
+	}
+	ones, _ := addrs[0].Mask.Size()
+	a, ok := netip.AddrFromSlice(addrs[0].IP.To4())
+	if !ok {
+		return gw, sandbox, fmt.Errorf("%w: %s", ErrLinkAddress, link.Attrs().Name)
+	}
+	b := a.As4()
+	switch {
+	case ones == 31:
+		b[3] ^= 1
+	case ones == 30 && b[3]&3 == 1:
+		b[3]++
+	case ones == 30 && b[3]&3 == 2:
+		b[3]--
+	default:
+		return gw, sandbox, fmt.Errorf("%w: %s has %v/%d", ErrLinkAddress, link.Attrs().Name, a, ones)
+	}
+	return a, netip.AddrFrom4(b), nil
+}
