@@ -80,7 +80,7 @@ func (s *Server) routes() {
 			writeError(w, http.StatusNotImplemented, what+" is not implemented by this cubicle server yet")
 		}))
 	}
-	m.Handle("PUT /sandboxes/{id}/network", notYet("changing a sandbox's network policy"))
+	m.Handle("PUT /sandboxes/{id}/network", auth(http.HandlerFunc(s.updateNetwork)))
 	m.Handle("POST /sandboxes/{id}/snapshots", notYet("sandbox snapshots"))
 	m.Handle("GET /snapshots", notYet("sandbox snapshots"))
 	m.Handle("POST /sandboxes/{id}/fork", notYet("forking sandboxes"))

@@ -26,6 +26,12 @@ func TestParseNewSandbox(t *testing.T) {
 		{"autoResume bool", `{"templateID":"base","autoPause":true,"autoResume":true}`, 2, func(r orchestrator.CreateRequest) bool { return r.AutoResume }, false},
 		{"unknown fields ignored", `{"templateID":"base","mcp":{"x":1},"volumeMounts":[],"secure":true}`, 1, func(r orchestrator.CreateRequest) bool { return r.Template == "base" }, false},
 		{"metadata and envs", `{"templateID":"t","metadata":{"a":"b"},"envVars":{"X":"1"}}`, 2, func(r orchestrator.CreateRequest) bool { return r.Metadata["a"] == "b" && r.EnvVars["X"] == "1" }, false},
+		{"egress rules", `{"templateID":"base","network":{"allowOut":["10.0.0.1","192.168.0.0/16"],"denyOut":["0.0.0.0/0"]}}`, 2, func(r orchestrator.CreateRequest) bool {
+			return r.Egress != nil && r.Egress.AllowInternet && len(r.Egress.AllowOut) == 2 && r.Egress.AllowOut[0].Bits() == 32 && len(r.Egress.DenyOut) == 1
+		}, false},
+		{"egress without internet", `{"templateID":"base","allow_internet_access":false}`, 2, func(r orchestrator.CreateRequest) bool { return r.Egress != nil && !r.Egress.AllowInternet }, false},
+		{"domain rule not enforced yet", `{"templateID":"base","network":{"allowOut":["example.com"]}}`, 2, nil, true},
+		{"bad CIDR", `{"templateID":"base","network":{"denyOut":["10.0.0.0/33"]}}`, 2, nil, true},
 		{"empty", ``, 2, nil, true},
 		{"malformed", `{"templateID":`, 2, nil, true},
 		{"not an object", `[1,2]`, 2, nil, true},

@@ -3,6 +3,7 @@ package api
 import (
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -11,7 +12,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/orchestrator"
+	"github.com/cubicle-dev/cubicle/runtime"
 )
 
 // newSandbox is the body of POST /sandboxes and /v2/sandboxes. Unknown
@@ -167,13 +170,64 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 	if req.AutoResume && !req.AutoPause {
 		return orchestrator.CreateRequest{}, fmt.Errorf("%w: autoResume requires autoPause", orchestrator.ErrInvalid)
 	}
+	var allowOut, denyOut []string
 	if body.Network != nil {
 		if body.Network.AllowPublicTraffic != nil {
 			req.PublicTraffic = *body.Network.AllowPublicTraffic
 		}
 		req.Network, _ = json.Marshal(body.Network)
+		allowOut, denyOut = body.Network.AllowOut, body.Network.DenyOut
 	}
+	egress, err := parseEgress(req.AllowInternet, allowOut, denyOut)
+	if err != nil {
+		return orchestrator.CreateRequest{}, err
+	}
+	req.Egress = &egress
 	return req, nil
+}
+
+// parseEgress turns E2B's network fields into a runtime policy; bad entries
+// are the client's error.
+func parseEgress(allowInternet bool, allowOut, denyOut []string) (runtime.Egress, error) {
+	p, err := policy.ParseRules(allowOut, denyOut)
+	if err != nil {
+		if errors.Is(err, policy.ErrDomainNotYetSupported) {
+			return runtime.Egress{}, fmt.Errorf("%w: %v (domain entries in allowOut are not enforced by this server yet; use CIDRs or IPs)", orchestrator.ErrInvalid, err)
+		}
+		return runtime.Egress{}, fmt.Errorf("%w: network: %v", orchestrator.ErrInvalid, err)
+	}
+	return runtime.Egress{AllowInternet: allowInternet, AllowOut: p.AllowOut, DenyOut: p.DenyOut}, nil
+}
+
+// networkUpdate is the body of PUT /sandboxes/{id}/network. It replaces the
+// whole egress configuration: omitted fields are cleared.
+type networkUpdate struct {
+	AllowOut      []string `json:"allowOut"`
+	DenyOut       []string `json:"denyOut"`
+	AllowInternet *bool    `json:"allow_internet_access"`
+}
+
+func (s *Server) updateNetwork(w http.ResponseWriter, r *http.Request) {
+	raw, err := readBody(r)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	var body networkUpdate
+	if err := decodeBytes(raw, &body, true); err != nil {
+		s.fail(w, err)
+		return
+	}
+	egress, err := parseEgress(body.AllowInternet == nil || *body.AllowInternet, body.AllowOut, body.DenyOut)
+	if err != nil {
+		s.fail(w, err)
+		return
+	}
+	if err := s.opts.Orchestrator.SetNetwork(r.Context(), r.PathValue("id"), egress, raw); err != nil {
+		s.fail(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func (s *Server) create(version int) http.Handler {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,7 +19,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netns"
+
 	"github.com/cubicle-dev/cubicle/client"
+	"github.com/cubicle-dev/cubicle/network/nat"
+	"github.com/cubicle-dev/cubicle/network/policy"
 )
 
 // server is one running `cubicle serve` under test.
@@ -33,6 +38,13 @@ type server struct {
 }
 
 var srv *server
+
+// The e2e server's own address pool and device-name prefix, apart from a
+// developer's server on the same host.
+const (
+	e2ePool       = "100.90.0.0/16"
+	e2eLinkPrefix = "cbe"
+)
 
 func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
@@ -88,6 +100,14 @@ func run(m *testing.M) (int, error) {
 	if err := srv.stop(); err != nil {
 		return code, err
 	}
+	// serve leaves its egress maps pinned and its NAT table in place on
+	// purpose (a restart adopts them); the test's are removed here.
+	if err := os.RemoveAll(filepath.Join(policy.DefaultPinRoot, e2eLinkPrefix)); err != nil {
+		return code, err
+	}
+	if err := nat.Disable(nat.Options{Pool: netip.MustParsePrefix(e2ePool), Table: e2eLinkPrefix, NetNS: netns.None()}); err != nil {
+		return code, err
+	}
 	return code, nil
 }
 
@@ -99,7 +119,7 @@ func (s *server) start() error {
 		"--ready-file", ready, "--pool-size", "2", "--log-level", "debug",
 		// Its own addresses and device names: a developer's server may be
 		// running on the same host.
-		"--network-prefix", "100.90.0.0/16", "--link-prefix", "cbe"}
+		"--network-prefix", e2ePool, "--link-prefix", e2eLinkPrefix}
 	s.cmd = exec.Command(s.bin, args...)
 	if s.log == nil {
 		s.log = &syncBuffer{}
@@ -240,7 +260,7 @@ func runNode(t *testing.T, args ...string) {
 }
 
 func TestSDK(t *testing.T) {
-	runNode(t, "sandbox.test.mjs", "commands.test.mjs", "pty.test.mjs", "files.test.mjs", "lifecycle.test.mjs")
+	runNode(t, "sandbox.test.mjs", "commands.test.mjs", "pty.test.mjs", "files.test.mjs", "lifecycle.test.mjs", "network.test.mjs")
 }
 
 func TestSDKv1(t *testing.T) {

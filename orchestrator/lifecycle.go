@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/cubicle-dev/cubicle/runtime"
 )
 
 // Kill destroys a sandbox, running or paused. Its open connections are cut
@@ -235,4 +237,24 @@ func (o *Orchestrator) expire(sb *Sandbox) {
 	if err := o.killLocked(ctx, sb, "expired"); err != nil {
 		o.log.Error("killing expired sandbox", "sandbox", sb.rec.ID, "err", err)
 	}
+}
+
+// SetNetwork replaces a sandbox's egress policy live (PUT
+// /sandboxes/{id}/network) and records it with the request as sent.
+func (o *Orchestrator) SetNetwork(ctx context.Context, id string, e runtime.Egress, network []byte) error {
+	sb, err := o.Get(id)
+	if err != nil {
+		return err
+	}
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	if sb.gone {
+		return fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	if err := o.opts.Runtime.SetEgress(ctx, id, e); err != nil {
+		return fmt.Errorf("orchestrator: egress policy of %s: %w", id, err)
+	}
+	sb.rec.AllowInternet = e.AllowInternet
+	sb.rec.Network = network
+	return o.opts.Store.PutSandbox(ctx, sb.rec)
 }

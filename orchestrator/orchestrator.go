@@ -290,6 +290,9 @@ type CreateRequest struct {
 	AutoResume    bool
 	AllowInternet bool
 	Network       []byte // the request's network object, kept as sent
+	// Egress, when set, replaces the runtime's default egress policy before
+	// the sandbox is handed out.
+	Egress *runtime.Egress
 	// PublicTraffic false makes non-envd ports demand the traffic token.
 	PublicTraffic bool
 	Metadata      map[string]string
@@ -323,6 +326,12 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 			return Info{}, err
 		}
 		env["E2B_SANDBOX_ID"] = slot.ID
+		if req.Egress != nil {
+			if err := o.opts.Runtime.SetEgress(ctx, slot.ID, *req.Egress); err != nil {
+				o.destroyAsync(slot.ID)
+				return Info{}, fmt.Errorf("orchestrator: egress policy of %s: %w", slot.ID, err)
+			}
+		}
 		err = o.envd.init(ctx, slot.Addr, initRequest{
 			EnvVars:     env,
 			AccessToken: token,

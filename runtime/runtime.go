@@ -55,6 +55,19 @@ type Sandbox struct {
 	State State
 }
 
+// Egress is a sandbox's outbound network policy in E2B's terms: whether
+// it may reach the internet at all, and CIDRs it may (AllowOut, which wins)
+// or may not (DenyOut) reach. Hard rules no policy opens (other sandboxes,
+// the host, link-local and metadata addresses) are the runtime's own.
+type Egress struct {
+	AllowInternet bool
+	AllowOut      []netip.Prefix
+	DenyOut       []netip.Prefix
+}
+
+// DefaultEgress is the policy of a sandbox nobody asked anything of.
+var DefaultEgress = Egress{AllowInternet: true}
+
 // Stats are resource figures sampled on the host side (cgroups, disk).
 type Stats struct {
 	// CPUUsage is the cumulative CPU time the sandbox has used.
@@ -91,4 +104,7 @@ type Runtime interface {
 	List(ctx context.Context) ([]Sandbox, error)
 	// Stats samples the sandbox's resource use.
 	Stats(ctx context.Context, id string) (Stats, error)
+	// SetEgress replaces the sandbox's outbound policy; it takes effect on
+	// the next packet. A new sandbox starts with DefaultEgress.
+	SetEgress(ctx context.Context, id string, e Egress) error
 }

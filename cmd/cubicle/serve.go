@@ -5,6 +5,7 @@ import (
 	"debug/elf"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -15,11 +16,15 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/cubicle-dev/cubicle/api"
 	"github.com/cubicle-dev/cubicle/guest/envd"
 	"github.com/cubicle-dev/cubicle/network"
+	"github.com/cubicle-dev/cubicle/network/nat"
+	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/orchestrator"
 	"github.com/cubicle-dev/cubicle/proxy"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
@@ -137,10 +142,18 @@ func serve(ctx context.Context, c serveConfig) error {
 	if err != nil {
 		return err
 	}
+	egress, err := startEgress(prefix, c.linkPrefix, log.With("component", "egress"))
+	if err != nil {
+		return err
+	}
+	// Close keeps the pinned maps and attached programs: sandboxes stay
+	// confined while the server is down, and the next start adopts them.
+	defer egress.Close()
 	rt, err := gvisor.New(gvisor.Options{
 		Runsc:    runsc,
 		StateDir: filepath.Join(c.dataDir, "gvisor"),
 		Network:  netPool,
+		Policy:   egress,
 		Platform: c.platform,
 		Logger:   log.With("component", "gvisor"),
 	})
@@ -210,6 +223,49 @@ func serve(ctx context.Context, c serveConfig) error {
 	apiSrv.Shutdown(sctx)
 	proxySrv.Shutdown(sctx)
 	return errors.Join(err, orch.Close(sctx))
+}
+
+// startEgress loads the eBPF egress policy (pinned under
+// /sys/fs/bpf/cubicle/<linkPrefix>, adopted again after a restart) and sets
+// up masquerading of the sandbox pool out of the default route. Without a
+// default route sandboxes still run, with no way out.
+func startEgress(pool netip.Prefix, linkPrefix string, log *slog.Logger) (*policy.Manager, error) {
+	hostAddrs, err := hostAddresses(pool)
+	if err != nil {
+		return nil, err
+	}
+	pm, err := policy.New(policy.Options{
+		Name: linkPrefix, PoolPrefix: pool, HostAddrs: hostAddrs, NetNS: netns.None(), Logger: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("egress policy: %w", err)
+	}
+	uplink, err := nat.Enable(nat.Options{Pool: pool, Table: linkPrefix, NetNS: netns.None()})
+	if err != nil {
+		log.Warn("no egress NAT: sandboxes cannot reach beyond this host", "err", err)
+	} else {
+		log.Info("egress NAT", "pool", pool, "uplink", uplink)
+	}
+	return pm, nil
+}
+
+// hostAddresses lists the host's own IPv4 addresses (outside the sandbox
+// pool, whose gateways the policy denies already), which no sandbox may
+// reach.
+func hostAddresses(pool netip.Prefix) ([]netip.Prefix, error) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, fmt.Errorf("listing host addresses: %w", err)
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP.To4())
+		if !ok || pool.Contains(ip) {
+			continue
+		}
+		out = append(out, netip.PrefixFrom(ip, 32))
+	}
+	return out, nil
 }
 
 // lockDataDir makes sure one server at a time owns a data directory: two

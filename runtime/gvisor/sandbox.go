@@ -16,6 +16,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
+	"github.com/cubicle-dev/cubicle/network"
+	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -66,6 +70,10 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	att, err := r.net.Setup(ctx, cfg.ID)
 	if err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("gvisor: %w", err)
+	}
+	// The policy is in force before the sandbox's first instruction runs.
+	if err := r.attachPolicy(att); err != nil {
+		return runtime.Sandbox{}, err
 	}
 	rec.Addr = att.Addr
 	if err := writeJSON(filepath.Join(dir, recordFile), rec); err != nil {
@@ -271,6 +279,9 @@ func (r *Runtime) Kill(ctx context.Context, id string) error {
 	if err := unmount(filepath.Join(dir, "rootfs")); err != nil {
 		errs = append(errs, err)
 	}
+	if err := r.detachPolicy(id); err != nil {
+		errs = append(errs, err)
+	}
 	if err := r.net.Teardown(context.WithoutCancel(ctx), id); err != nil {
 		errs = append(errs, err)
 	}
@@ -405,4 +416,72 @@ func ensureTmpDir(dir string) error {
 		return err
 	}
 	return os.Chmod(dir, 0o777|os.ModeSticky)
+}
+
+// hostIfindex is the index of the sandbox's host-side device.
+func hostIfindex(att network.Attachment) (int, error) {
+	link, err := netlink.LinkByName(att.HostLink)
+	if err != nil {
+		return 0, fmt.Errorf("gvisor: device %s of %s: %w", att.HostLink, att.ID, err)
+	}
+	return link.Attrs().Index, nil
+}
+
+func (r *Runtime) attachPolicy(att network.Attachment) error {
+	if r.policy == nil {
+		return nil
+	}
+	idx, err := hostIfindex(att)
+	if err != nil {
+		return err
+	}
+	if err := r.policy.Attach(idx, toPolicy(runtime.DefaultEgress)); err != nil {
+		return fmt.Errorf("gvisor: egress policy of %s: %w", att.ID, err)
+	}
+	return nil
+}
+
+func (r *Runtime) detachPolicy(id string) error {
+	if r.policy == nil {
+		return nil
+	}
+	att, ok := r.net.Lookup(id)
+	if !ok {
+		return nil // no device, so nothing attached to it
+	}
+	idx, err := hostIfindex(att)
+	if err != nil {
+		return nil // the device is gone; policy reconciliation drops its entries
+	}
+	if err := r.policy.Detach(idx); err != nil && !errors.Is(err, policy.ErrNotAttached) {
+		return fmt.Errorf("gvisor: detach egress policy of %s: %w", id, err)
+	}
+	return nil
+}
+
+func toPolicy(e runtime.Egress) policy.Policy {
+	return policy.Policy{AllowInternet: e.AllowInternet, AllowOut: e.AllowOut, DenyOut: e.DenyOut}
+}
+
+// ErrNoPolicy is returned by SetEgress on a runtime made without a policy
+// manager.
+var ErrNoPolicy = errors.New("gvisor: no egress policy manager")
+
+// SetEgress replaces the sandbox's egress policy; the next packet sees it.
+func (r *Runtime) SetEgress(ctx context.Context, id string, e runtime.Egress) error {
+	if r.policy == nil {
+		return ErrNoPolicy
+	}
+	att, ok := r.net.Lookup(id)
+	if !ok {
+		return fmt.Errorf("%w: %s", runtime.ErrNotFound, id)
+	}
+	idx, err := hostIfindex(att)
+	if err != nil {
+		return err
+	}
+	if err := r.policy.Update(idx, toPolicy(e)); err != nil {
+		return fmt.Errorf("gvisor: egress policy of %s: %w", id, err)
+	}
+	return nil
 }
