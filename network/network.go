@@ -7,12 +7,12 @@
 // and x.x.x.2 (sandbox end, named eth0 inside the namespace). The host reaches
 // the sandbox's ports at x.x.x.2 over the veth.
 //
-// Egress is NOT provided yet: there is no NAT, no forwarding from a sandbox
-// to the outside world, and no eBPF policy. Both are a later layer of this
-// package. Until then a sandbox reaches only its host end, x.x.x.1 — and so
-// every host service listening on all addresses — and, should the host have
-// IP forwarding on, whatever the host routes to, other sandboxes included.
-// The policy layer is what will close that.
+// Who a sandbox may talk to is not this package's job: network/policy
+// attaches an eBPF program to each host end (other sandboxes, the host's own
+// addresses and link-local ranges are always closed; the E2B egress policy
+// decides the rest), and network/nat masquerades the pool out of the host's
+// default route. Without them a sandbox reaches its host end, x.x.x.1, and
+// so every host service listening on all addresses.
 //
 // The kernel is the pool's persistent state: every host-end link carries its
 // slot index in its name (LinkPrefix + index) and the sandbox ID in its alias
