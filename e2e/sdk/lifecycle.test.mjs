@@ -29,8 +29,13 @@ test('kill while a command streams cuts the stream', async (t) => {
 test('getMetrics reports real figures', async (t) => {
   await withSandbox(t, {}, async (sbx) => {
     await sbx.commands.run('head -c 20000000 /dev/urandom > /tmp/ballast; python3 -c "sum(range(3_000_000))"')
-    const ms = await sbx.getMetrics()
-    assert.ok(ms.length >= 1)
+    // Metrics are samples (a fresh one at most a second old): the write may
+    // land just after the newest, so poll briefly for it to show.
+    let ms
+    await waitFor(async () => {
+      ms = await sbx.getMetrics()
+      return ms.length >= 1 && ms.at(-1).diskUsed >= 20_000_000
+    }, { timeoutMs: 10_000, stepMs: 500, what: 'a metrics sample with the written data' })
     const m = ms.at(-1)
     assert.ok(m.cpuCount > 0)
     assert.ok(m.memTotal > 0 && m.memUsed > 0 && m.memUsed <= m.memTotal, JSON.stringify(m))
