@@ -238,7 +238,7 @@ func runNode(t *testing.T, args ...string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "node", append([]string{"--test", "--test-reporter=spec", "--test-concurrency=2"}, args...)...)
+	cmd := exec.CommandContext(ctx, "node", append([]string{"--test", "--test-reporter=spec", "--test-concurrency=2", "--test-force-exit"}, args...)...)
 	cmd.Dir = "sdk"
 	cmd.Env = srv.env()
 	out, err := cmd.StdoutPipe()

@@ -18,6 +18,8 @@ esac
 
 pkgs=(debootstrap ca-certificates iproute2 e2fsprogs)
 $with_tests && pkgs+=(nodejs npm)
+# guest/codeinterp's tests drive real Jupyter kernels (Debian's python3, not a pyenv one).
+$with_tests && pkgs+=(python3-ipykernel python3-numpy python3-pandas python3-matplotlib python3-scipy)
 missing=()
 for p in "${pkgs[@]}"; do
 	# nodejs may come from another source than Debian; any working node will do.

@@ -133,8 +133,12 @@ func baseRecipe(o BuildOptions) (recipe, error) {
 // matches the host the sandboxes run on.
 var debianArch = map[string]string{"amd64": "amd64", "arm64": "arm64"}
 
-// key is the recipe's cache key: 32 hex digits of the SHA-256 of its JSON.
-func (r recipe) key() string {
+// key is the recipe's cache key.
+func (r recipe) key() string { return recipeKey(r) }
+
+// recipeKey is a recipe's cache key: 32 hex digits of the SHA-256 of its
+// JSON. Recipes hold only strings, ints and slices of them.
+func recipeKey(r any) string {
 	b, err := json.Marshal(r)
 	if err != nil {
 		panic(fmt.Sprintf("template: encode recipe: %v", err)) // only strings and ints: cannot fail
@@ -207,19 +211,9 @@ func buildBase(ctx context.Context, opts BuildOptions) (Template, buildOutcome, 
 	key := rec.key()
 	buildID := buildIDFor(key, DefaultEnvdVersion)
 
-	current, err := reg.Get(BaseID)
-	switch {
-	case err == nil:
-		if !opts.Force && current.BuildID == buildID && isDir(reg.RootFS(current)) {
-			p.printf("up to date (build %s) in %s", buildID, reg.RootFS(current))
-			return current, outcomeUpToDate, nil
-		}
-	case errors.Is(err, ErrNotFound):
-		current = Template{}
-	default:
-		// A damaged template.json is what a rebuild repairs.
-		p.printf("replacing unreadable template: %v", err)
-		current = Template{}
+	current, upToDate := installedTemplate(reg, BaseID, buildID, opts.Force, p)
+	if upToDate {
+		return current, outcomeUpToDate, nil
 	}
 	if os.Geteuid() != 0 {
 		return Template{}, 0, fmt.Errorf("build template %s: %w", BaseID, ErrNotRoot)
@@ -227,15 +221,57 @@ func buildBase(ctx context.Context, opts BuildOptions) (Template, buildOutcome, 
 
 	p.printf("build %s: debian %s %s/%s, cache %s", buildID, rec.Suite, rec.Variant, rec.Arch, opts.CacheDir)
 	c := cache{dir: opts.CacheDir, p: p}
-	archive, outcome, err := c.rootfs(ctx, rec, key, opts.Force)
+	archive, outcome, err := c.rootfs(ctx, key, rec, opts.Force, c.debootstrap(rec))
 	if err != nil {
 		return Template{}, 0, fmt.Errorf("build template %s: %w", BaseID, err)
 	}
 	defer archive.Close()
 
-	staging, err := reg.stage(BaseID)
+	t, err := installArchive(ctx, reg, p, archive, current, Template{
+		TemplateID:  BaseID,
+		Aliases:     []string{BaseID},
+		BuildID:     buildID,
+		CPUCount:    DefaultCPUCount,
+		MemoryMB:    DefaultMemoryMB,
+		EnvdVersion: DefaultEnvdVersion,
+		Public:      true,
+	})
 	if err != nil {
 		return Template{}, 0, err
+	}
+	p.printf("ready in %s (%s): %s, diskSizeMB %d",
+		time.Since(start).Round(100*time.Millisecond), outcome, reg.RootFS(t), t.DiskSizeMB)
+	return t, outcome, nil
+}
+
+// installedTemplate looks up idOrAlias in reg and reports whether it is
+// current: built as buildID, with its rootfs in place, and no rebuild
+// forced. An unreadable template counts as absent, since a rebuild is what
+// repairs it.
+func installedTemplate(reg *Registry, idOrAlias, buildID string, force bool, p *progress) (current Template, upToDate bool) {
+	current, err := reg.Get(idOrAlias)
+	switch {
+	case err == nil:
+		if !force && current.BuildID == buildID && isDir(reg.RootFS(current)) {
+			p.printf("up to date (build %s) in %s", buildID, reg.RootFS(current))
+			return current, true
+		}
+		return current, false
+	case errors.Is(err, ErrNotFound):
+	default:
+		p.printf("replacing unreadable template: %v", err)
+	}
+	return Template{}, false
+}
+
+// installArchive extracts the rootfs tar read from archive into a staging
+// directory and installs it as template t, sizing its disk from what the
+// rootfs uses. A rebuild of current keeps its creation time: it is the same
+// template, newer.
+func installArchive(ctx context.Context, reg *Registry, p *progress, archive *os.File, current, t Template) (Template, error) {
+	staging, err := reg.stage(t.TemplateID)
+	if err != nil {
+		return Template{}, err
 	}
 	installed := false
 	defer func() {
@@ -245,38 +281,26 @@ func buildBase(ctx context.Context, opts BuildOptions) (Template, buildOutcome, 
 	}()
 	rootfs := filepath.Join(staging, rootfsDir)
 	if err := os.Mkdir(rootfs, 0o755); err != nil {
-		return Template{}, 0, fmt.Errorf("build template %s: %w", BaseID, err)
+		return Template{}, fmt.Errorf("build template %s: %w", t.TemplateID, err)
 	}
 	if err := p.stage("extract rootfs")(extractArchive(ctx, archive, rootfs, p)); err != nil {
-		return Template{}, 0, fmt.Errorf("build template %s: %w", BaseID, err)
+		return Template{}, fmt.Errorf("build template %s: %w", t.TemplateID, err)
 	}
 	used, err := diskUsage(rootfs)
 	if err != nil {
-		return Template{}, 0, fmt.Errorf("build template %s: %w", BaseID, err)
+		return Template{}, fmt.Errorf("build template %s: %w", t.TemplateID, err)
 	}
-
-	created := time.Now().UTC().Truncate(time.Second)
+	t.DiskSizeMB = diskSizeMB(used)
+	t.CreatedAt = time.Now().UTC().Truncate(time.Second)
 	if !current.CreatedAt.IsZero() {
-		created = current.CreatedAt // a rebuild is the same template, newer
-	}
-	t := Template{
-		TemplateID:  BaseID,
-		Aliases:     []string{BaseID},
-		BuildID:     buildID,
-		CPUCount:    DefaultCPUCount,
-		MemoryMB:    DefaultMemoryMB,
-		DiskSizeMB:  diskSizeMB(used),
-		EnvdVersion: DefaultEnvdVersion,
-		CreatedAt:   created,
-		Public:      true,
+		t.CreatedAt = current.CreatedAt
 	}
 	if err := p.stage("install template")(reg.install(t, staging)); err != nil {
-		return Template{}, 0, fmt.Errorf("build template %s: %w", BaseID, err)
+		return Template{}, fmt.Errorf("build template %s: %w", t.TemplateID, err)
 	}
 	installed = true
-	p.printf("ready in %s (%s): %s, %d MiB on disk, diskSizeMB %d",
-		time.Since(start).Round(100*time.Millisecond), outcome, reg.RootFS(t), used>>20, t.DiskSizeMB)
-	return t, outcome, nil
+	p.printf("installed %s: %d MiB on disk", reg.RootFS(t), used>>20)
+	return t, nil
 }
 
 // diskSizeMB sizes a sandbox's root disk for a rootfs using used bytes: the

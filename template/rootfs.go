@@ -41,9 +41,14 @@ type cache struct {
 	p   *progress
 }
 
-// rootfs returns an open rootfs tar for rec, building it first when the cache
-// lacks it or force is set.
-func (c cache) rootfs(ctx context.Context, rec recipe, key string, force bool) (*os.File, buildOutcome, error) {
+// populateFunc fills target, an empty directory, with a root filesystem.
+// It runs with the cache lock held.
+type populateFunc func(ctx context.Context, target string) error
+
+// rootfs returns an open rootfs tar for key, making it with populate when the
+// cache lacks it or force is set. meta, the recipe, is stored beside the tar
+// for people wondering what it holds.
+func (c cache) rootfs(ctx context.Context, key string, meta any, force bool, populate populateFunc) (*os.File, buildOutcome, error) {
 	store := filepath.Join(c.dir, "rootfs")
 	if err := os.MkdirAll(store, 0o755); err != nil {
 		return nil, 0, fmt.Errorf("rootfs cache: %w", err)
@@ -66,11 +71,11 @@ func (c cache) rootfs(ctx context.Context, rec recipe, key string, force bool) (
 		if !errNotExist(err) {
 			return nil, 0, fmt.Errorf("rootfs cache: %w", err)
 		}
-		c.p.printf("cache miss: %s; running debootstrap (the first build on a machine takes a minute or two)", path)
+		c.p.printf("cache miss: %s; building it (the first build on a machine takes a few minutes)", path)
 	} else {
 		c.p.printf("forced rebuild of %s", path)
 	}
-	if err := c.build(ctx, rec, key, path); err != nil {
+	if err := c.build(ctx, key, path, meta, populate); err != nil {
 		return nil, 0, err
 	}
 	c.prune(store, key)
@@ -116,17 +121,12 @@ func (c cache) lock(ctx context.Context) (unlock func(), err error) {
 	}
 }
 
-// build makes the rootfs tar for rec at path. Called with the lock held.
-func (c cache) build(ctx context.Context, rec recipe, key, path string) error {
-	if _, err := exec.LookPath("debootstrap"); err != nil {
-		return fmt.Errorf("debootstrap is needed to build the rootfs (apt-get install debootstrap): %w", err)
-	}
+// build makes the rootfs tar for key at path: populate fills a fresh
+// directory, which is then archived. Called with the lock held.
+func (c cache) build(ctx context.Context, key, path string, meta any, populate populateFunc) error {
 	buildDir := filepath.Join(c.dir, "build")
-	debs := filepath.Join(c.dir, "debs")
-	for _, d := range []string{buildDir, debs} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			return fmt.Errorf("rootfs cache: %w", err)
-		}
+	if err := os.MkdirAll(buildDir, 0o755); err != nil {
+		return fmt.Errorf("rootfs cache: %w", err)
 	}
 	// With the lock held nobody else builds, so anything here is a crashed
 	// build's leftover.
@@ -147,38 +147,7 @@ func (c cache) build(ctx context.Context, rec recipe, key, path string) error {
 	if err := os.Chmod(target, 0o755); err != nil {
 		return fmt.Errorf("rootfs cache: %w", err)
 	}
-
-	args := []string{
-		"--variant=" + rec.Variant,
-		"--arch=" + rec.Arch,
-		"--components=main",
-		"--include=" + strings.Join(rec.Packages, ","),
-		"--cache-dir=" + debs,
-		rec.Suite, target, rec.Mirror,
-	}
-	deb := exec.CommandContext(ctx, "debootstrap", args...)
-	deb.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C")
-	if err := c.p.stage("debootstrap")(runLogged(deb, c.p, "debootstrap", "")); err != nil {
-		return err
-	}
-
-	// The chroot's apt needs a working resolver; debootstrap copied the
-	// host's /etc/resolv.conf, but a symlink into /run would dangle.
-	if err := copyHostResolvConf(target); err != nil {
-		return err
-	}
-	sh := exec.CommandContext(ctx, "/bin/sh", "-c", rec.Script)
-	sh.Dir = "/"
-	sh.Env = []string{
-		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-		"HOME=/root",
-		"LC_ALL=C.UTF-8",
-		"DEBIAN_FRONTEND=noninteractive",
-		"SUITE=" + rec.Suite,
-		"MIRROR=" + rec.Mirror,
-		"SECURITY_MIRROR=" + rec.SecurityMirror,
-	}
-	if err := c.p.stage("configure")(runLogged(sh, c.p, "configure", target)); err != nil {
+	if err := populate(ctx, target); err != nil {
 		return err
 	}
 
@@ -187,7 +156,7 @@ func (c cache) build(ctx context.Context, rec recipe, key, path string) error {
 		os.Remove(tmp)
 		return err
 	}
-	if err := writeJSONAtomic(strings.TrimSuffix(path, ".tar")+".json", rec); err != nil {
+	if err := writeJSONAtomic(strings.TrimSuffix(path, ".tar")+".json", meta); err != nil {
 		os.Remove(tmp)
 		return err
 	}
@@ -196,6 +165,56 @@ func (c cache) build(ctx context.Context, rec recipe, key, path string) error {
 		return fmt.Errorf("rootfs cache: %w", err)
 	}
 	return syncDir(filepath.Dir(path))
+}
+
+// debootstrap is the populateFunc of the base rootfs: debootstrap rec's
+// suite and packages, then run its configure script chrooted.
+func (c cache) debootstrap(rec recipe) populateFunc {
+	return func(ctx context.Context, target string) error {
+		if _, err := exec.LookPath("debootstrap"); err != nil {
+			return fmt.Errorf("debootstrap is needed to build the rootfs (apt-get install debootstrap): %w", err)
+		}
+		debs := filepath.Join(c.dir, "debs")
+		if err := os.MkdirAll(debs, 0o755); err != nil {
+			return fmt.Errorf("rootfs cache: %w", err)
+		}
+		args := []string{
+			"--variant=" + rec.Variant,
+			"--arch=" + rec.Arch,
+			"--components=main",
+			"--include=" + strings.Join(rec.Packages, ","),
+			"--cache-dir=" + debs,
+			rec.Suite, target, rec.Mirror,
+		}
+		deb := exec.CommandContext(ctx, "debootstrap", args...)
+		deb.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C")
+		if err := c.p.stage("debootstrap")(runLogged(deb, c.p, "debootstrap", "")); err != nil {
+			return err
+		}
+		return c.configure(ctx, target, rec.Script, rec.Suite, rec.Mirror, rec.SecurityMirror)
+	}
+}
+
+// configure runs script as root chrooted in target, in a private mount
+// namespace, with SUITE, MIRROR and SECURITY_MIRROR set.
+func (c cache) configure(ctx context.Context, target, script, suite, mirror, securityMirror string) error {
+	// The chroot's apt needs a working resolver; debootstrap copied the
+	// host's /etc/resolv.conf, but a symlink into /run would dangle.
+	if err := copyHostResolvConf(target); err != nil {
+		return err
+	}
+	sh := exec.CommandContext(ctx, "/bin/sh", "-c", script)
+	sh.Dir = "/"
+	sh.Env = []string{
+		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+		"HOME=/root",
+		"LC_ALL=C.UTF-8",
+		"DEBIAN_FRONTEND=noninteractive",
+		"SUITE=" + suite,
+		"MIRROR=" + mirror,
+		"SECURITY_MIRROR=" + securityMirror,
+	}
+	return c.p.stage("configure")(runLogged(sh, c.p, "configure", target))
 }
 
 // prune removes cached rootfs tars other than key's that nobody has used for

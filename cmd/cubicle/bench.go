@@ -20,6 +20,7 @@ import (
 func benchCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "bench", Short: "Measure end-to-end figures (medians and percentiles)"}
 	cmd.AddCommand(benchCreateCmd())
+	cmd.AddCommand(benchCodeinterpCmd())
 	cmd.AddCommand(benchVMMCmd())
 	return cmd
 }

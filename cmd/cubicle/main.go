@@ -62,6 +62,7 @@ func main() {
 		keysCmd(),
 		benchCmd(),
 		envdCmd(),
+		codeinterpCmd(),
 		vmmCmd(),
 		&cobra.Command{
 			Use:   "version",

@@ -29,6 +29,7 @@ import (
 	"github.com/cubicle-dev/cubicle/proxy"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
 	"github.com/cubicle-dev/cubicle/store"
+	"github.com/cubicle-dev/cubicle/template"
 )
 
 type serveConfig struct {
@@ -133,6 +134,9 @@ func serve(ctx context.Context, c serveConfig) error {
 	if err != nil {
 		return err
 	}
+	if err := ensureCodeInterpreterTemplate(ctx, c); err != nil {
+		return err
+	}
 
 	prefix, err := netip.ParsePrefix(c.netPrefix)
 	if err != nil {
@@ -170,7 +174,7 @@ func serve(ctx context.Context, c serveConfig) error {
 		Envd:          self,
 		EnvdArgs:      []string{"envd"},
 		PoolSize:      c.poolSize,
-		PoolTemplates: []string{"base"},
+		PoolTemplates: []string{template.BaseID, template.CodeInterpreterAlias},
 		MaxTimeout:    c.maxTimeout,
 		OnEvict:       px.Evict,
 		Logger:        log.With("component", "orchestrator"),

@@ -61,6 +61,7 @@ func templateCmd() *cobra.Command {
 	}
 	buildBase.Flags().BoolVar(&force, "force", false, "rebuild from the mirror even when the cache has it")
 	cmd.AddCommand(list, buildBase)
+	cmd.AddCommand(buildCodeInterpreterCmd(&dataDir, &cacheDir))
 	return cmd
 }
 
