@@ -104,6 +104,7 @@ type guestOpts struct {
 	protocol boot.Protocol
 	kernel   string // path; default the ELF
 	sys      *kvm.System
+	track    bool // Config.TrackDirty
 	// devices adds devices (virtio ones) before the kernel is loaded.
 	devices func(t testing.TB, vm *VM)
 }
@@ -137,7 +138,7 @@ func bootGuest(t testing.TB, o guestOpts) (*VM, *console) {
 		o.kernel = guestImages(t).ELF
 	}
 	con := newConsole()
-	vm, err := New(Config{MemoryBytes: o.mem, VCPUs: o.vcpus, Console: con, KVM: o.sys})
+	vm, err := New(Config{MemoryBytes: o.mem, VCPUs: o.vcpus, Console: con, KVM: o.sys, TrackDirty: o.track})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -19,18 +19,28 @@ import (
 // MSRs including the KVM paravirtual range, events, MP state, debug
 // registers, TSC frequency, CPUID), VM state (the three irqchips, the PIT,
 // kvmclock) and the state of every Stateful device go to statePath; guest
-// RAM goes to memPath as a sparse file. Both files are written atomically.
-// The VM stays paused.
+// RAM goes to memPath as a sparse file, whose content identity the state
+// file records. Both files are written atomically. The VM stays paused.
+// On a VM with Config.TrackDirty the memory file becomes the base of
+// later diff snapshots (SnapshotDiff).
 func (vm *VM) Snapshot(statePath, memPath string) error {
 	st, err := vm.captureState()
 	if err != nil {
 		return err
 	}
+	if t := vm.dirty; t != nil {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		t.hasBase = false
+	}
+	if st.MemoryID, err = vm.mem.DumpID(memPath); err != nil {
+		return err
+	}
 	if err := snapshot.WriteFile(statePath, st); err != nil {
 		return err
 	}
-	if err := vm.mem.Dump(memPath); err != nil {
-		return err
+	if t := vm.dirty; t != nil {
+		return vm.resetBase(t, st.MemoryID)
 	}
 	return nil
 }
@@ -166,14 +176,28 @@ func Restore(cfg Config, statePath, memPath string) (*VM, error) {
 
 // RestoreState is Restore from an already decoded state file.
 func RestoreState(cfg Config, st *snapshot.State, memPath string) (*VM, error) {
-	if err := checkRestorable(st); err != nil {
+	if err := checkRestorable(st, false); err != nil {
 		return nil, err
 	}
 	p, err := Prepare(cfg, memPath, st.MemSize, len(st.VCPUs))
 	if err != nil {
 		return nil, err
 	}
-	vm, err := p.Restore(st)
+	vm, err := p.restore(st, false, func(vm *VM) error {
+		if vm.dirty == nil {
+			return nil
+		}
+		id := st.MemoryID
+		if id == 0 { // a state file from before memory IDs
+			var err error
+			if id, err = memory.FileID(memPath); err != nil {
+				return err
+			}
+		}
+		vm.dirty.mu.Lock()
+		defer vm.dirty.mu.Unlock()
+		return vm.resetBase(vm.dirty, id)
+	})
 	if err != nil {
 		p.Close()
 		return nil, err
@@ -230,20 +254,39 @@ func (p *Prepared) fits(st *snapshot.State) bool {
 
 // Restore applies st to the prepared VM and returns it, ready for its
 // devices (AddVirtio) and Start. On error the prepared VM is spent: Close
-// it.
+// it. A VM prepared with Config.TrackDirty takes the snapshot's memory
+// file as the base of its diff snapshots when the state file records the
+// file's identity (every full snapshot of this VMM does).
 func (p *Prepared) Restore(st *snapshot.State) (*VM, error) {
+	return p.restore(st, false, func(vm *VM) error {
+		if vm.dirty == nil || st.MemoryID == 0 {
+			return nil
+		}
+		vm.dirty.mu.Lock()
+		defer vm.dirty.mu.Unlock()
+		return vm.resetBase(vm.dirty, st.MemoryID)
+	})
+}
+
+// restore is Restore with memory set up by prepareMem (diff pages, dirty
+// tracking) before the state is applied; a diff snapshot is accepted only
+// here, from RestoreDiff.
+func (p *Prepared) restore(st *snapshot.State, diff bool, prepareMem func(*VM) error) (*VM, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.used {
 		return nil, fmt.Errorf("%w: prepared VM already used or closed", ErrState)
 	}
 	p.used = true
-	if err := checkRestorable(st); err != nil {
+	if err := checkRestorable(st, diff); err != nil {
 		return nil, err
 	}
 	if !p.fits(st) {
 		return nil, fmt.Errorf("%w: snapshot has %d bytes of RAM and %d vCPUs, the prepared VM %d and %d",
 			ErrIncompatible, st.MemSize, len(st.VCPUs), p.vm.mem.Size(), len(p.vm.runners))
+	}
+	if err := prepareMem(p.vm); err != nil {
+		return nil, err
 	}
 	if err := p.vm.restoreState(st); err != nil {
 		return nil, err
@@ -266,8 +309,13 @@ func (p *Prepared) Close() error {
 	return vm.Close()
 }
 
-// checkRestorable rejects snapshots this VMM cannot rebuild.
-func checkRestorable(st *snapshot.State) error {
+// checkRestorable rejects snapshots this VMM cannot rebuild, and diff
+// snapshots unless diff (RestoreDiff) says the diff is being applied.
+func checkRestorable(st *snapshot.State, diff bool) error {
+	if st.Diff != nil && !diff {
+		return fmt.Errorf("%w: a diff snapshot (base %#016x): restore it with RestoreDiff onto its base memory file, or snapshot.Merge it first",
+			ErrIncompatible, st.Diff.BaseID)
+	}
 	if err := memory.CheckSize(st.MemSize); err != nil {
 		return fmt.Errorf("%w: %w", ErrIncompatible, err)
 	}

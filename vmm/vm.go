@@ -59,6 +59,11 @@ type Config struct {
 	Logger *slog.Logger
 	// KVM is a shared /dev/kvm handle; nil opens one for this VM.
 	KVM *kvm.System
+	// TrackDirty turns on dirty-page tracking (KVM dirty logging on every
+	// memory slot, and the VMM's own writes) so that the VM can take diff
+	// snapshots (SnapshotDiff) against its last full snapshot or the
+	// snapshot it was restored from.
+	TrackDirty bool
 }
 
 // lifecycle states, guarded by VM.mu.
@@ -89,6 +94,7 @@ type VM struct {
 	serial  *serial.Serial
 	i8042   *i8042.Device
 	runners []*vcpuRunner
+	dirty   *dirtyTracker // nil unless Config.TrackDirty
 	done    chan struct{} // closed when every vCPU thread has exited
 	console *consoleWriter
 
@@ -205,9 +211,22 @@ func build(cfg Config, mem *memory.Memory, vcpus int) (_ *VM, err error) {
 	if err = vm.kvm.SetTSSAddr(TSSAddr); err != nil {
 		return nil, err
 	}
+	var slotFlags uint32
+	if cfg.TrackDirty {
+		t := &dirtyTracker{since: make([]uint64, mem.BitmapWords())}
+		// Before the first slot: KVM_GET_DIRTY_LOG then only reports and
+		// KVM_CLEAR_DIRTY_LOG resets, as Firecracker uses it.
+		if t.manual, err = vm.kvm.EnableManualDirtyLogProtect(); err != nil {
+			return nil, err
+		}
+		mem.EnableWriteTracking()
+		vm.dirty = t
+		slotFlags = kvm.MemLogDirtyPages
+	}
 	for i, r := range mem.Regions() {
 		if err = vm.kvm.SetUserMemoryRegion(&kvm.UserspaceMemoryRegion{
 			Slot:          uint32(i),
+			Flags:         slotFlags,
 			GuestPhysAddr: r.GuestAddr,
 			MemorySize:    r.Size,
 			UserspaceAddr: uint64(mem.HostAddr(r.Offset)),

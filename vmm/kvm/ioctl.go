@@ -32,6 +32,9 @@ const (
 	kvmCreateVCPU          = kvmio<<8 | 0x41
 	kvmSetUserMemoryRegion = iocWrite<<iocDirShift | sizeofUserRegion<<iocSizeShift | kvmio<<8 | 0x46
 	kvmSetTSSAddr          = kvmio<<8 | 0x47
+	kvmGetDirtyLog         = iocWrite<<iocDirShift | sizeofDirtyLog<<iocSizeShift | kvmio<<8 | 0x42
+	kvmClearDirtyLog       = (iocRead|iocWrite)<<iocDirShift | sizeofClearDirtyLog<<iocSizeShift | kvmio<<8 | 0xc0
+	kvmEnableCap           = iocWrite<<iocDirShift | sizeofEnableCap<<iocSizeShift | kvmio<<8 | 0xa3
 	kvmSetIdentityMapAddr  = iocWrite<<iocDirShift | 8<<iocSizeShift | kvmio<<8 | 0x48
 	kvmCreateIRQChip       = kvmio<<8 | 0x60
 	kvmIRQLine             = iocWrite<<iocDirShift | sizeofIRQLevel<<iocSizeShift | kvmio<<8 | 0x61
@@ -96,6 +99,8 @@ const (
 	CapMaxVCPUs      = 66
 	CapImmediateExit = 136
 	CapXSave2        = 208
+
+	CapManualDirtyLogProtect2 = 168
 )
 
 // ioctl issues an ioctl whose argument is a plain integer.

@@ -17,7 +17,7 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -92,6 +92,9 @@ func CheckSize(size uint64) error {
 type Memory struct {
 	mem     []byte
 	regions []Region
+	// vmmDirty, when write tracking is on, has one bit per page of mem
+	// that the VMM handed out or wrote (see EnableWriteTracking).
+	vmmDirty []atomic.Uint64
 }
 
 // New maps size bytes of zeroed anonymous memory. Pages are allocated on
@@ -167,6 +170,7 @@ func (m *Memory) Slice(gpa, n uint64) ([]byte, error) {
 				break
 			}
 			off := r.Offset + (gpa - r.GuestAddr)
+			m.markOffsets(off, n)
 			return m.mem[off : off+n : off+n], nil
 		}
 	}
@@ -209,44 +213,38 @@ var (
 // so the file is sparse: a mostly idle 512 MiB guest dumps to a few MiB of
 // disk. The guest must not run while Dump reads its memory.
 func (m *Memory) Dump(path string) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp*")
+	_, err := m.DumpID(path)
+	return err
+}
+
+// DumpID is Dump that also returns the dumped contents' ContentID,
+// computed in the same pass.
+func (m *Memory) DumpID(path string) (uint64, error) {
+	h := newIDHash(uint64(len(m.mem)))
+	err := writeAtomic(path, int64(len(m.mem)), func(f *os.File) error {
+		// Write maximal runs of non-zero pages.
+		n := uint64(len(m.mem))
+		for start := uint64(0); start < n; {
+			if isZero(m.mem[start : start+PageSize]) {
+				start += PageSize
+				continue
+			}
+			end := start
+			for end < n && !isZero(m.mem[end:end+PageSize]) {
+				h.page(end, m.mem[end:end+PageSize])
+				end += PageSize
+			}
+			if _, err := f.WriteAt(m.mem[start:end], int64(start)); err != nil {
+				return err
+			}
+			start = end
+		}
+		return nil
+	})
 	if err != nil {
-		return fmt.Errorf("memory: dump: %w", err)
+		return 0, err
 	}
-	ok := false
-	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if err := tmp.Truncate(int64(len(m.mem))); err != nil {
-		return fmt.Errorf("memory: dump: %w", err)
-	}
-	// Write maximal runs of non-zero pages.
-	n := uint64(len(m.mem))
-	for start := uint64(0); start < n; {
-		if isZero(m.mem[start : start+PageSize]) {
-			start += PageSize
-			continue
-		}
-		end := start + PageSize
-		for end < n && !isZero(m.mem[end:end+PageSize]) {
-			end += PageSize
-		}
-		if _, err := tmp.WriteAt(m.mem[start:end], int64(start)); err != nil {
-			return fmt.Errorf("memory: dump: %w", err)
-		}
-		start = end
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("memory: dump: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("memory: dump: %w", err)
-	}
-	ok = true
-	return nil
+	return h.crc, nil
 }
 
 // isZero reports whether page (a multiple of 8 bytes long) is all zero.

@@ -17,7 +17,10 @@
 // The body is a sequence of records, each a uint16 tag, a uint32 payload
 // length and the payload: exactly one memory record (guest RAM size and
 // slot layout), exactly one VM record (three irqchips, PIT, kvmclock), one
-// record per vCPU, and one per device. KVM structures are stored as their
+// record per vCPU, and one per device; optionally one memory-ID record
+// (the memory file's content identity, memory.ContentID) and one diff
+// record (base content ID and page count of a diff snapshot, whose memory
+// file holds only the pages changed since that base). KVM structures are stored as their
 // exact uapi bytes, so their sizes are fixed and checked. Decoding checks
 // every length and count against the data and against fixed limits: a
 // malformed file yields an error wrapping ErrCorrupt, never a panic or an
@@ -64,6 +67,10 @@ const (
 	tagVM     uint16 = 2
 	tagVCPU   uint16 = 3
 	tagDevice uint16 = 4
+	// tagMemoryID (optional) holds the ContentID of the memory file.
+	tagMemoryID uint16 = 5
+	// tagDiff (optional) marks a diff snapshot: base ContentID, pages.
+	tagDiff uint16 = 6
 )
 
 var (
@@ -93,6 +100,21 @@ type State struct {
 	VM      VMState
 	VCPUs   []VCPUState
 	Devices []DeviceState
+	// MemoryID, when non-zero, is the memory file's content identity
+	// (memory.ContentID). A diff snapshot has none.
+	MemoryID uint64
+	// Diff, when set, marks a diff snapshot: its memory file holds only
+	// the pages that changed since the full memory file it is based on.
+	Diff *Diff
+}
+
+// Diff is what a diff snapshot's state file says about its memory file.
+type Diff struct {
+	// BaseID is the content identity (memory.ContentID) of the base
+	// memory file the diff applies to.
+	BaseID uint64
+	// Pages is the number of pages the diff memory file holds.
+	Pages uint64
 }
 
 // Region is one KVM memory slot: guest-physical range and its offset in
@@ -208,6 +230,18 @@ func Encode(s *State) ([]byte, error) {
 		rec(tagDevice, w.b)
 	}
 
+	if s.MemoryID != 0 {
+		w = writer{}
+		w.u64(s.MemoryID)
+		rec(tagMemoryID, w.b)
+	}
+	if s.Diff != nil {
+		w = writer{}
+		w.u64(s.Diff.BaseID)
+		w.u64(s.Diff.Pages)
+		rec(tagDiff, w.b)
+	}
+
 	out := make([]byte, 0, headerSize+len(body)+trailerSize)
 	out = append(out, Magic...)
 	out = binary.LittleEndian.AppendUint32(out, Version)
@@ -307,6 +341,18 @@ func decodeBody(body []byte) (*State, error) {
 			name := p.take(int(p.u16()))
 			data := p.take(p.count(MaxDeviceState, 1))
 			s.Devices = append(s.Devices, DeviceState{Name: string(name), Data: append([]byte(nil), data...)})
+		case tagMemoryID:
+			if s.MemoryID != 0 {
+				return nil, corrupt("second memory ID record")
+			}
+			if s.MemoryID = p.u64(); s.MemoryID == 0 && p.err == nil {
+				return nil, corrupt("memory ID 0")
+			}
+		case tagDiff:
+			if s.Diff != nil {
+				return nil, corrupt("second diff record")
+			}
+			s.Diff = &Diff{BaseID: p.u64(), Pages: p.u64()}
 		default:
 			return nil, corrupt("unknown record tag %d", tag)
 		}
@@ -363,6 +409,14 @@ func (s *State) validate() error {
 		}
 		if len(c.XSave) < kvm.XSaveLegacySize || len(c.XSave) > MaxXSaveSize {
 			return corrupt("vCPU %d: XSAVE area of %d bytes", c.ID, len(c.XSave))
+		}
+	}
+	if d := s.Diff; d != nil {
+		if d.Pages > s.MemSize/4096 {
+			return corrupt("diff of %d pages in %d bytes of memory", d.Pages, s.MemSize)
+		}
+		if s.MemoryID != 0 {
+			return corrupt("diff snapshot with a memory ID")
 		}
 	}
 	names := map[string]bool{}

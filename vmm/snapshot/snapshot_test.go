@@ -49,8 +49,23 @@ func sampleState() *State {
 	return s
 }
 
-func TestRoundTrip(t *testing.T) {
+// sampleDiff is sampleState as a diff snapshot.
+func sampleDiff() *State {
 	s := sampleState()
+	s.Diff = &Diff{BaseID: 0x0123456789abcdef, Pages: 17}
+	return s
+}
+
+func TestRoundTrip(t *testing.T) {
+	full := sampleState()
+	full.MemoryID = 0xfeedface
+	for _, s := range []*State{sampleState(), full, sampleDiff()} {
+		roundTrip(t, s)
+	}
+}
+
+func roundTrip(t *testing.T, s *State) {
+	t.Helper()
 	b, err := Encode(s)
 	if err != nil {
 		t.Fatal(err)
@@ -118,6 +133,8 @@ func TestRejects(t *testing.T) {
 		"short xsave":      func(s *State) { s.VCPUs[0].XSave = s.VCPUs[0].XSave[:100] },
 		"duplicate device": func(s *State) { s.Devices[1].Name = "serial0" },
 		"unnamed device":   func(s *State) { s.Devices[0].Name = "" },
+		"diff too large":   func(s *State) { s.Diff = &Diff{BaseID: 1, Pages: s.MemSize/4096 + 1} },
+		"diff with id":     func(s *State) { s.Diff, s.MemoryID = &Diff{BaseID: 1}, 2 },
 	} {
 		s := sampleState()
 		mutate(s)
@@ -133,11 +150,26 @@ func TestRejects(t *testing.T) {
 		"huge length":   append([]byte{1, 0, 0xff, 0xff, 0xff, 0x7f}, body...),
 		"second vm rec": append(append([]byte(nil), body...), body[:6+int(binary.LittleEndian.Uint32(body[2:]))]...),
 		"no records":    {},
+		"memory id 0":   append(append([]byte(nil), body...), 5, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+		"short diff":    append(append([]byte(nil), body...), 6, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0),
+		"second diff":   twice(t, sampleDiff(), 20),
+		"second mem id": twice(t, func() *State { s := sampleState(); s.MemoryID = 3; return s }(), 14),
 	} {
 		if _, err := Decode(frame(b)); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
+}
+
+// twice returns the body of s with its last record (of n bytes) repeated.
+func twice(t *testing.T, s *State, n int) []byte {
+	t.Helper()
+	b, err := Encode(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := b[headerSize : len(b)-trailerSize]
+	return append(append([]byte(nil), body...), body[len(body)-n:]...)
 }
 
 // frame wraps body in a valid header and checksum.
@@ -173,6 +205,11 @@ func FuzzDecode(f *testing.F) {
 	}
 	f.Add(good)
 	f.Add(good[:len(good)/2])
+	diff, err := Encode(sampleDiff())
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(diff)
 	f.Add([]byte(Magic))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if s, err := Decode(b); err == nil {
@@ -190,6 +227,11 @@ func FuzzDecodeBody(f *testing.F) {
 	}
 	f.Add(good[headerSize : len(good)-trailerSize])
 	f.Add([]byte{1, 0, 4, 0, 0, 0, 0, 0, 0, 4})
+	diff, err := Encode(sampleDiff())
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(diff[headerSize : len(diff)-trailerSize])
 	f.Fuzz(func(t *testing.T, body []byte) {
 		if s, err := Decode(frame(body)); err == nil {
 			checkDecoded(t, s)

@@ -12,6 +12,7 @@ package vmmbench
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/cubicle-dev/cubicle/vmm"
 	"github.com/cubicle-dev/cubicle/vmm/boot"
+	"github.com/cubicle-dev/cubicle/vmm/memory"
 	"github.com/cubicle-dev/cubicle/vmm/testguest"
 )
 
@@ -126,4 +128,50 @@ func percentile(sorted []time.Duration, p int) time.Duration {
 	}
 	i := (len(sorted)*p + 99) / 100
 	return sorted[min(max(i-1, 0), len(sorted)-1)]
+}
+
+// DiffFigures is one diff snapshot of a restored guest.
+type DiffFigures struct {
+	// Pages is the number of pages in the diff; Allocated the diff
+	// memory file's disk usage in bytes.
+	Pages     int
+	Allocated int64
+	// Took is how long SnapshotDiff took.
+	Took time.Duration
+}
+
+// DiffSnapshot restores the snapshot (statePath, memPath) with dirty
+// tracking, lets the guest run for runFor, pauses it and takes a diff
+// snapshot into dir against that base.
+func DiffSnapshot(dir, statePath, memPath string, runFor time.Duration) (*DiffFigures, error) {
+	vm, err := vmm.Restore(vmm.Config{TrackDirty: true}, statePath, memPath)
+	if err != nil {
+		return nil, err
+	}
+	defer vm.Close()
+	post := &firstWrite{ch: make(chan struct{})}
+	if err := vm.AddPIODevice("post", postPort, 1, post); err != nil {
+		return nil, err
+	}
+	if err := vm.Start(); err != nil {
+		return nil, err
+	}
+	time.Sleep(runFor)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := vm.Pause(ctx); err != nil {
+		return nil, err
+	}
+	s, m := filepath.Join(dir, "diff.state"), filepath.Join(dir, "diff.mem")
+	start := time.Now()
+	n, err := vm.SnapshotDiff(s, m)
+	took := time.Since(start)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Stat(m)
+	if err != nil {
+		return nil, err
+	}
+	return &DiffFigures{Pages: n, Allocated: memory.AllocatedBytes(fi), Took: took}, nil
 }
