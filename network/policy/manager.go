@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -177,7 +178,32 @@ func New(opts Options) (*Manager, error) {
 	return m, nil
 }
 
+// bpfFSMagic is BPF_FS_MAGIC from <linux/magic.h>.
+const bpfFSMagic = 0xcafe4a11
+
+// ensureBPFFS mounts the bpf file system at /sys/fs/bpf when a host has not
+// (systemd does; minimal hosts and some containers do not), so that the
+// default pin root works everywhere. Other pin roots are the caller's to
+// provide.
+func ensureBPFFS(pinRoot string) error {
+	const mnt = "/sys/fs/bpf"
+	if pinRoot != mnt && !strings.HasPrefix(pinRoot, mnt+"/") {
+		return nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(mnt, &st); err == nil && st.Type == bpfFSMagic {
+		return nil
+	}
+	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("policy: mount the bpf file system at %s: %w", mnt, err)
+	}
+	return nil
+}
+
 func (m *Manager) load(opts Options) error {
+	if err := ensureBPFFS(opts.PinRoot); err != nil {
+		return err
+	}
 	if err := os.MkdirAll(m.dir, 0o700); err != nil {
 		return fmt.Errorf("policy: pin dir: %w", err)
 	}
