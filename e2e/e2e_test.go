@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/cubicle-dev/cubicle/client"
 	"github.com/cubicle-dev/cubicle/network/nat"
@@ -99,6 +100,10 @@ func run(m *testing.M) (int, error) {
 	srv.killAll()
 	if err := srv.stop(); err != nil {
 		return code, err
+	}
+	// runsc keeps an empty network namespace mounted in its state root
+	// (one per concurrent first use); it would pin the data dir.
+	for i := 0; i < 16 && unix.Unmount(filepath.Join(srv.dataDir, "gvisor", "runsc", "null-netns"), unix.MNT_DETACH) == nil; i++ {
 	}
 	// serve leaves its egress maps pinned and its NAT table in place on
 	// purpose (a restart adopts them); the test's are removed here.
