@@ -38,7 +38,7 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// helperMain is what cmd/envd's main does, with a twist for the test: the serving
+// helperMain is what `cubicle envd` does, with a twist for the test: the serving
 // child exits with $ENVD_TEST_HELPER_EXIT after a clean shutdown.
 func helperMain(addr string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

@@ -22,9 +22,9 @@ chmod 755 "$work" "$work/scratch"
 (cd "$work/sdk" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund "e2b@$version" >/dev/null)
 echo "e2b SDK $(node -p "require('$work/sdk/node_modules/e2b/package.json').version")"
 
-(cd "$root" && go build -o "$work/envd" ./guest/envd/cmd/envd)
-# Listen on all addresses: the SDK dials "localhost", which may resolve to ::1.
-"$work/envd" -addr :49983 -rundir "$work/run" -no-init >"$work/envd.log" 2>&1 &
+(cd "$root" && CGO_ENABLED=0 go build -o "$work/cubicle" ./cmd/cubicle)
+# Listens on all addresses: the SDK dials "localhost", which may resolve to ::1.
+"$work/cubicle" envd --port 49983 --rundir "$work/run" --no-init >"$work/envd.log" 2>&1 &
 envd_pid=$!
 for _ in $(seq 50); do
   curl -fsS -o /dev/null http://127.0.0.1:49983/health 2>/dev/null && break
