@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
@@ -28,6 +29,19 @@ const (
 	DefaultMaxSandboxes = 16384
 	// DefaultMaxRules is the default size of each shared rule trie.
 	DefaultMaxRules = 65536
+	// DefaultMaxLearned is the default size of the learned map, shared
+	// by all sandboxes (not preallocated: memory follows use).
+	DefaultMaxLearned = 65536
+	// DefaultMaxFlows is the default size of the flows LRU map, shared by
+	// all sandboxes. It is preallocated: 88 bytes an entry, 5.5 MiB of
+	// kernel memory at this size (memlock in the map's fdinfo, kernel 6.18).
+	DefaultMaxFlows = 65536
+	// DefaultFlowIdleTimeout is how long a flow may go unused before
+	// SweepLearned forgets it.
+	DefaultFlowIdleTimeout = time.Hour
+	// MaxLearnedPerSandbox bounds one sandbox's learned addresses, so that
+	// one sandbox cannot fill the shared learned map.
+	MaxLearnedPerSandbox = 4096
 
 	// filterPriority and filterHandle identify our cls_bpf filter at clsact
 	// ingress, so that attaching again replaces it.
@@ -64,6 +78,10 @@ var (
 	ErrLinkAddress = errors.New("policy: host-end link has no usable IPv4 /30 or /31")
 	// ErrBadOptions is returned by New for unusable options.
 	ErrBadOptions = errors.New("policy: invalid options")
+	// ErrLearnedFull is returned by Learn when the sandbox already has
+	// MaxLearnedPerSandbox unexpired addresses, or the shared learned map
+	// is full of unexpired ones. A resolver should answer SERVFAIL.
+	ErrLearnedFull = errors.New("policy: too many learned addresses")
 )
 
 // Options configures a Manager. Zero fields take defaults.
@@ -82,8 +100,18 @@ type Options struct {
 	// MaxSandboxes and MaxRules size the maps (DefaultMaxSandboxes,
 	// DefaultMaxRules). They are fixed once the maps are pinned.
 	MaxSandboxes, MaxRules uint32
-	// NetNS, if valid, is the network namespace the host-end links live in
-	// (tests); by default the caller's.
+	// MaxLearned and MaxFlows size the learned and flows maps
+	// (DefaultMaxLearned, DefaultMaxFlows), fixed once pinned too. When
+	// the flows map is full, the least recently used flow of any sandbox
+	// is evicted: its connection keeps working only while its address is
+	// still learned.
+	MaxLearned, MaxFlows uint32
+	// FlowIdleTimeout is how long a flow may carry no packet before
+	// SweepLearned deletes it (DefaultFlowIdleTimeout).
+	FlowIdleTimeout time.Duration
+	// NetNS, if a handle other than 0 and netns.None(), is the network
+	// namespace the host-end links and the host addresses live in (tests);
+	// by default the caller's.
 	NetNS netns.NsHandle
 	// Logger receives reconcile events (slog.Default()).
 	Logger *slog.Logger
@@ -102,6 +130,14 @@ type sandbox struct {
 	cfg   configValue
 	allow []netip.Prefix
 	deny  []netip.Prefix
+	// learned mirrors the sandbox's learned entries (address → deadline
+	// in CLOCK_MONOTONIC ns). Only the Manager writes that map, so the
+	// mirror is exact, and Learn, Forget and Detach need no map walk.
+	learned map[netip.Addr]uint64
+}
+
+func newSandbox(cfg configValue) *sandbox {
+	return &sandbox{cfg: cfg, learned: make(map[netip.Addr]uint64)}
 }
 
 // Manager owns the egress program and its maps. All methods are safe for
@@ -109,18 +145,24 @@ type sandbox struct {
 // write-new/swap/delete-old sequence never interleaves with another), while
 // the kernel program reads the maps without locks; each of its decisions
 // sees one policy ID, old or new, never a mix.
+//
+// The program itself writes only the counters and flows maps, and the
+// Manager walks and deletes flows without mu (see purgeFlows): mu guards
+// the maps the Manager alone writes.
 type Manager struct {
-	log  *slog.Logger
-	nl   *netlink.Handle
-	dir  string
-	pool netip.Prefix
+	log      *slog.Logger
+	nl       *netlink.Handle
+	ns       netns.NsHandle // the links' namespace (a dup), or netns.None()
+	dir      string
+	pool     netip.Prefix
+	flowIdle time.Duration
 
-	mu     sync.Mutex // guards everything below
-	maps   map[string]*ebpf.Map
-	prog   *ebpf.Program
-	byIf   map[int]*sandbox
-	nextID uint32
-	hard   map[netip.Prefix]bool
+	mu       sync.Mutex // guards everything below
+	maps     map[string]*ebpf.Map
+	prog     *ebpf.Program
+	byIf     map[int]*sandbox
+	nextID   uint32
+	hostAddr []netip.Prefix // last set applied by FollowHostAddrs
 }
 
 var validName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
@@ -145,6 +187,15 @@ func New(opts Options) (*Manager, error) {
 	if opts.MaxRules == 0 {
 		opts.MaxRules = DefaultMaxRules
 	}
+	if opts.MaxLearned == 0 {
+		opts.MaxLearned = DefaultMaxLearned
+	}
+	if opts.MaxFlows == 0 {
+		opts.MaxFlows = DefaultMaxFlows
+	}
+	if opts.FlowIdleTimeout == 0 {
+		opts.FlowIdleTimeout = DefaultFlowIdleTimeout
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -154,21 +205,35 @@ func New(opts Options) (*Manager, error) {
 	if !opts.PoolPrefix.Addr().Is4() {
 		return nil, fmt.Errorf("%w: pool prefix %v is not IPv4", ErrBadOptions, opts.PoolPrefix)
 	}
+	if opts.FlowIdleTimeout < 0 {
+		return nil, fmt.Errorf("%w: negative flow idle timeout %v", ErrBadOptions, opts.FlowIdleTimeout)
+	}
 	m := &Manager{
-		log:  opts.Logger.With("component", "network/policy"),
-		dir:  filepath.Join(opts.PinRoot, opts.Name),
-		pool: opts.PoolPrefix.Masked(),
-		maps: make(map[string]*ebpf.Map),
-		byIf: make(map[int]*sandbox),
-		hard: make(map[netip.Prefix]bool),
+		log:      opts.Logger.With("component", "network/policy"),
+		ns:       netns.None(),
+		dir:      filepath.Join(opts.PinRoot, opts.Name),
+		pool:     opts.PoolPrefix.Masked(),
+		flowIdle: opts.FlowIdleTimeout,
+		maps:     make(map[string]*ebpf.Map),
+		byIf:     make(map[int]*sandbox),
 	}
 	var err error
-	if opts.NetNS.IsOpen() {
+	// The zero value (fd 0, stdin) means "not set", as for every other
+	// field; only netns.None() (-1) said so before.
+	if opts.NetNS.IsOpen() && opts.NetNS != 0 {
+		// A dup, so that FollowHostAddrs can subscribe there however long
+		// the caller keeps its handle.
+		fd, derr := unix.FcntlInt(uintptr(opts.NetNS), unix.F_DUPFD_CLOEXEC, 0)
+		if derr != nil {
+			return nil, fmt.Errorf("policy: dup netns handle: %w", derr)
+		}
+		m.ns = netns.NsHandle(fd)
 		m.nl, err = netlink.NewHandleAt(opts.NetNS)
 	} else {
 		m.nl, err = netlink.NewHandle(unix.NETLINK_ROUTE)
 	}
 	if err != nil {
+		m.ns.Close()
 		return nil, fmt.Errorf("policy: netlink: %w", err)
 	}
 	if err := m.load(opts); err != nil {
@@ -207,7 +272,7 @@ func (m *Manager) load(opts Options) error {
 	if err := os.MkdirAll(m.dir, 0o700); err != nil {
 		return fmt.Errorf("policy: pin dir: %w", err)
 	}
-	for name, spec := range mapSpecs(opts.MaxSandboxes, opts.MaxRules) {
+	for name, spec := range mapSpecs(opts.MaxSandboxes, opts.MaxRules, opts.MaxLearned, opts.MaxFlows) {
 		mp, err := ebpf.NewMapWithOptions(spec, ebpf.MapOptions{PinPath: m.dir})
 		if err != nil {
 			return fmt.Errorf("policy: map %s: %w", name, err)
@@ -259,7 +324,7 @@ func (m *Manager) reconcileLocked() error {
 		if err := m.attachFilter(link); err != nil {
 			return err
 		}
-		m.byIf[int(ifindex)] = &sandbox{cfg: cv}
+		m.byIf[int(ifindex)] = newSandbox(cv)
 		ids[cv.PolicyID] = int(ifindex)
 		m.nextID = max(m.nextID, cv.PolicyID)
 	}
@@ -310,6 +375,9 @@ func (m *Manager) reconcileLocked() error {
 			_ = m.maps[name].Delete(k)
 		}
 	}
+	if err := m.reconcileLearnedLocked(); err != nil {
+		return err
+	}
 	if len(m.byIf) > 0 || len(gone) > 0 {
 		m.log.Info("reconciled egress policies", "attached", len(m.byIf), "removed", len(gone))
 	}
@@ -321,6 +389,7 @@ func (m *Manager) reconcileLocked() error {
 func (m *Manager) SetHostAddrs(addrs []netip.Prefix) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.hostAddr = nil // FollowHostAddrs applies its next listing in any case
 	return m.setHardLocked(addrs)
 }
 
@@ -388,7 +457,7 @@ func (m *Manager) Attach(ifindex int, p Policy) error {
 	if _, ok := m.byIf[ifindex]; ok {
 		return fmt.Errorf("%w: ifindex %d", ErrAttached, ifindex)
 	}
-	sb := &sandbox{cfg: configValue{Gateway: gw.As4(), Addr: addr.As4()}}
+	sb := newSandbox(configValue{Gateway: gw.As4(), Addr: addr.As4()})
 	// Counters first and zeroed, so a reused ifindex starts from nothing.
 	zero := make([]counterValue, ebpf.MustPossibleCPU())
 	if err := m.maps[mapCounters].Put(uint32(ifindex), zero); err != nil {
@@ -411,7 +480,9 @@ func (m *Manager) Attach(ifindex int, p Policy) error {
 // atomic for the program: the new rules are written under a fresh policy
 // ID, the config entry is switched to it in one map update, and only then
 // are the old rules deleted. It takes effect on the next packet;
-// established connections that the new policy denies stop mid-stream.
+// established connections that the new policy denies stop mid-stream,
+// except those with a flow (rule 8): learned addresses and flows are kept,
+// and the resolver decides what to Forget.
 func (m *Manager) Update(ifindex int, p Policy) error {
 	if err := p.validate(); err != nil {
 		return err
@@ -441,7 +512,7 @@ func (m *Manager) applyLocked(ifindex int, sb *sandbox, p Policy) error {
 	}
 	cfg := sb.cfg
 	cfg.PolicyID = id
-	cfg.Flags = 0
+	cfg.Flags &= flagLearned // what was learned stays (Update keeps learned and flows)
 	if p.AllowInternet {
 		cfg.Flags |= flagInternet
 	}
@@ -493,15 +564,15 @@ func (m *Manager) delRules(name string, id uint32, ps []netip.Prefix) {
 	}
 }
 
-// Detach removes the interface's policy and counters and its filter (when
-// the link still exists; deleting the veth removes the filter anyway).
-// Until the link is gone, a detached interface drops everything: the
-// program fails closed without a config entry.
+// Detach removes the interface's policy, counters, learned addresses and
+// flows, and its filter (when the link still exists; deleting the veth
+// removes the filter anyway). Until the link is gone, a detached interface
+// drops everything: the program fails closed without a config entry.
 func (m *Manager) Detach(ifindex int) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	sb, ok := m.byIf[ifindex]
 	if !ok {
+		m.mu.Unlock()
 		return fmt.Errorf("%w: ifindex %d", ErrNotAttached, ifindex)
 	}
 	if link, err := m.nl.LinkByIndex(ifindex); err == nil {
@@ -509,6 +580,15 @@ func (m *Manager) Detach(ifindex int) error {
 	}
 	m.removeLocked(ifindex, sb)
 	delete(m.byIf, ifindex)
+	m.mu.Unlock()
+	// The flows map is walked outside mu: it can hold tens of thousands
+	// of entries, and Attach for other sandboxes must not wait for that.
+	// With the config entry gone the program creates no more flows for
+	// ifindex, and Linux does not hand a freed ifindex out again at once,
+	// so nothing new can appear under it meanwhile.
+	if _, err := m.purgeFlows(func(k flowKey, _ uint64) bool { return k.Ifindex == uint32(ifindex) }); err != nil {
+		return fmt.Errorf("policy: detach %d: %w", ifindex, err)
+	}
 	return nil
 }
 
@@ -519,6 +599,10 @@ func (m *Manager) removeLocked(ifindex int, sb *sandbox) {
 		m.delRules(mapAllow, sb.cfg.PolicyID, sb.allow)
 		m.delRules(mapDeny, sb.cfg.PolicyID, sb.deny)
 	}
+	for a := range sb.learned {
+		m.delLearned(ifindex, a)
+	}
+	clear(sb.learned)
 }
 
 // Counters returns the interface's counters summed over all CPUs.
@@ -546,7 +630,7 @@ func (m *Manager) Counters(ifindex int) (Counters, error) {
 
 // Close releases the Manager's file descriptors. Pins, map contents and
 // attached filters stay: the sandboxes keep their policies, and the next
-// New adopts them.
+// New adopts them. Cancel FollowHostAddrs's context first.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -557,6 +641,10 @@ func (m *Manager) Close() error {
 		m.prog.Close()
 	}
 	m.nl.Close()
+	if m.ns.IsOpen() {
+		m.ns.Close()
+		m.ns = netns.None()
+	}
 	return nil
 }
 
@@ -623,7 +711,7 @@ func (m *Manager) attachFilter(link netlink.Link) error {
 // linkAddrs derives the gateway (the link's own address) and the
 // sandbox's address (the other host of the /30 or /31).
 func (m *Manager) linkAddrs(link netlink.Link) (gw, sandbox netip.Addr, err error) {
-	addrs, err := m.nl.AddrList(link, unix.AF_INET)
+	addrs, err := addrList(m.nl, link)
 	if err != nil {
 		return gw, sandbox, fmt.Errorf("policy: addresses of %s: %w", link.Attrs().Name, err)
 	}

@@ -6,7 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/cubicle-dev/cubicle/network/nat"
 )
@@ -22,6 +24,9 @@ func pfx(s ...string) []netip.Prefix {
 func newManager(t *testing.T, w *world, name string) *Manager {
 	t.Helper()
 	t.Cleanup(func() { os.Remove("/sys/fs/bpf/cubicle-test") }) // only once empty
+	// Pins of a test that failed before its Manager's Remove; runs after
+	// the test's own cleanups.
+	t.Cleanup(func() { os.RemoveAll(filepath.Join("/sys/fs/bpf/cubicle-test", name)) })
 	m, err := New(Options{Name: name, PinRoot: "/sys/fs/bpf/cubicle-test", PoolPrefix: testPool,
 		HostAddrs: pfx("198.51.100.1/32", "10.77.0.1/32"), NetNS: w.router})
 	if err != nil {
@@ -36,10 +41,18 @@ type check struct {
 	want bool // reachable
 }
 
+// run runs the checks concurrently (each blocked one waits out dialLimit)
+// and reports every mismatch.
 func run(t *testing.T, checks ...check) {
 	t.Helper()
-	for _, c := range checks {
-		if err := c.fn(); (err == nil) != c.want {
+	errs := make([]error, len(checks))
+	var wg sync.WaitGroup
+	for i, c := range checks {
+		wg.Go(func() { errs[i] = c.fn() })
+	}
+	wg.Wait()
+	for i, c := range checks {
+		if err := errs[i]; (err == nil) != c.want {
 			t.Errorf("%s: reachable=%v (err %v), want reachable=%v", c.name, err == nil, err, c.want)
 		}
 	}
@@ -65,11 +78,31 @@ func TestEgress(t *testing.T) {
 	v6 := check{"A→gateway ipv6", func() error { _, err := get(w.a, "tcp6", "[fd00:a::1]:8080"); return err }, false}
 	envd := check{"router→A envd (host-initiated)", func() error { _, err := get(w.router, "tcp4", aAddr+":49983"); return err }, true}
 	pingA := check{"router→A icmp", func() error { return ping(w.router, aAddr) }, true}
+	inetUDP := check{"A→internet udp", func() error { return udpEcho(w.a, inetAddr+":9000") }, true}
+	inetICMP := check{"A→internet icmp", func() error { return ping(w.a, inetAddr) }, true}
+	gwDNSUDP := check{"A→gateway dns udp", func() error { return udpEcho(w.a, gwA+":53") }, true}
+	gwDNSTCP := check{"A→gateway dns tcp", func() error { return tcpEcho(w.a, gwA+":53") }, true}
+	gwUDP := check{"A→gateway other udp", func() error { return udpEcho(w.a, gwA+":5353") }, false}
+	// DNS and DNS over TLS elsewhere, which nothing opens.
+	var inetDNS []check
+	for _, port := range []string{"53", "853"} {
+		inetDNS = append(inetDNS,
+			check{"A→internet udp " + port, func() error { return udpEcho(w.a, inetAddr+":"+port) }, false},
+			check{"A→internet tcp " + port, func() error { return tcpEcho(w.a, inetAddr+":"+port) }, false})
+	}
 	reach := func(c check, want bool) check { c.want = want; return c }
+	reachAll := func(cs []check, want bool) []check {
+		var out []check
+		for _, c := range cs {
+			out = append(out, reach(c, want))
+		}
+		return out
+	}
 
 	t.Run("baseline without program", func(t *testing.T) {
-		run(t, reach(toB, true), reach(toBUDP, true), reach(toBICMP, true), reach(bToA, true), inet,
-			reach(lan, true), reach(meta, true), reach(gwTCP, true), reach(gwICMP, true), reach(v6, true), envd, pingA)
+		run(t, append(reachAll(inetDNS, true), reach(toB, true), reach(toBUDP, true), reach(toBICMP, true), reach(bToA, true), inet,
+			inetUDP, inetICMP, reach(lan, true), reach(meta, true), reach(gwTCP, true), reach(gwICMP, true), reach(v6, true),
+			gwDNSUDP, gwDNSTCP, reach(gwUDP, true), envd, pingA)...)
 	})
 
 	m := newManager(t, w, "egress"+strconv.Itoa(os.Getpid()))
@@ -86,11 +119,14 @@ func TestEgress(t *testing.T) {
 	}
 
 	t.Run("default policy", func(t *testing.T) {
-		run(t, toB, toBUDP, toBICMP, bToA, inet, lan, meta, gwTCP, gwICMP, v6, envd, pingA)
+		run(t, append(inetDNS, toB, toBUDP, toBICMP, bToA, inet, inetUDP, inetICMP, lan, meta, gwTCP, gwICMP, v6,
+			gwDNSUDP, gwDNSTCP, gwUDP, envd, pingA)...)
 	})
 	t.Run("internet disabled", func(t *testing.T) {
 		must(t, m.Update(w.sbaIndex, Policy{}), "update")
-		run(t, reach(inet, false), lan, meta, toB, gwTCP, envd, pingA)
+		// The resolver stays reachable: it is how domain rules work.
+		run(t, append(inetDNS, reach(inet, false), reach(inetUDP, false), reach(inetICMP, false), lan, meta,
+			toB, toBUDP, toBICMP, gwTCP, gwUDP, gwDNSUDP, gwDNSTCP, envd, pingA)...)
 	})
 	t.Run("allowOut opens LAN host, internet still off", func(t *testing.T) {
 		must(t, m.Update(w.sbaIndex, Policy{AllowOut: pfx(lanAddr + "/32")}), "update")
@@ -104,9 +140,9 @@ func TestEgress(t *testing.T) {
 		must(t, m.Update(w.sbaIndex, Policy{AllowInternet: true, AllowOut: pfx(inetAddr + "/32"), DenyOut: pfx("198.51.100.0/24")}), "update")
 		run(t, inet)
 	})
-	t.Run("hard rules beat allowOut 0.0.0.0/0", func(t *testing.T) {
+	t.Run("hard rules and DNS beat allowOut 0.0.0.0/0", func(t *testing.T) {
 		must(t, m.Update(w.sbaIndex, Policy{AllowOut: pfx("0.0.0.0/0")}), "update")
-		run(t, meta, toB, toBICMP, gwTCP, reach(lan, true), inet, envd)
+		run(t, append(inetDNS, meta, toB, toBICMP, gwTCP, gwUDP, reach(lan, true), inet, inetUDP, gwDNSUDP, envd)...)
 	})
 	t.Run("live update: next connection", func(t *testing.T) {
 		must(t, m.Update(w.sbaIndex, def), "update")
@@ -209,13 +245,20 @@ func TestReconcileDropsVanishedLinks(t *testing.T) {
 	name := "reconcile" + strconv.Itoa(os.Getpid())
 	m := newManager(t, w, name)
 	must(t, m.Attach(w.sbbIndex, Policy{AllowOut: pfx("10.0.0.0/8")}), "attach")
+	must(t, m.Learn(w.sbbIndex, []netip.Addr{netip.MustParseAddr(inetAddr)}, time.Now().Add(time.Hour)), "learn")
+	if _, err := get(w.b, "tcp4", inetAddr+":80"); err != nil {
+		t.Fatalf("B→learned internet host: %v", err)
+	}
+	if countEntries(t, m, mapFlows) == 0 {
+		t.Fatal("no flow recorded")
+	}
 	must(t, m.Close(), "close")
 	l, err := w.rh.LinkByIndex(w.sbbIndex)
 	must(t, err, "link")
 	must(t, w.rh.LinkDel(l), "delete link")
 	m = newManager(t, w, name)
 	defer m.Remove()
-	for _, mp := range []string{mapConfig, mapCounters, mapAllow} {
+	for _, mp := range []string{mapConfig, mapCounters, mapAllow, mapLearned, mapFlows} {
 		if n := countEntries(t, m, mp); n != 0 {
 			t.Errorf("%s: %d entries of a vanished link survived reconcile", mp, n)
 		}

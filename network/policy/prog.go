@@ -16,6 +16,8 @@ const (
 	mapDeny     = "deny"
 	mapHard     = "hard"
 	mapPrivate  = "private"
+	mapLearned  = "learned"
+	mapFlows    = "flows"
 	progName    = "egress"
 )
 
@@ -35,6 +37,11 @@ const (
 	cfgAddr     = 12
 
 	flagInternet = 1
+	// flagLearned is set by the first Learn for a sandbox and stays until
+	// Detach: only then does the program look at the learned and flows
+	// maps, so sandboxes without domain rules pay nothing for them. It
+	// uses a spare bit of Flags, so the pinned config layout is unchanged.
+	flagLearned = 2
 )
 
 // counterValue is one CPU's counters of one sandbox (per-CPU hash).
@@ -68,7 +75,37 @@ type addrKey struct {
 	Addr      [4]byte
 }
 
-func mapSpecs(maxSandboxes, maxRules uint32) map[string]*ebpf.MapSpec {
+// learnKey keys the learned hash: one destination opened for one sandbox
+// by a DNS answer. Its value is the deadline, a uint64 of CLOCK_MONOTONIC
+// nanoseconds, the clock of bpf_ktime_get_ns.
+type learnKey struct {
+	Ifindex uint32
+	Addr    [4]byte
+}
+
+// flowKey keys the flows LRU hash: one TCP or UDP flow that a learned
+// address let out, by its outgoing direction (the source address is the
+// sandbox's, fixed by anti-spoofing, so the ifindex stands for it). Its
+// value is the flow's last-seen time (bpf_ktime_get_ns). The kernel
+// compares hash keys bytewise, so the program zeroes Pad.
+type flowKey struct {
+	Ifindex      uint32
+	Addr         [4]byte
+	Sport, Dport [2]byte // network order, as in the packet
+	Proto        uint8
+	Pad          [3]byte
+}
+
+const (
+	fkIfindex = 0
+	fkAddr    = 4
+	fkSport   = 8
+	fkDport   = 10
+	fkProto   = 12
+	fkLen     = 16
+)
+
+func mapSpecs(maxSandboxes, maxRules, maxLearned, maxFlows uint32) map[string]*ebpf.MapSpec {
 	lpm := func(name string, keySize, max uint32) *ebpf.MapSpec {
 		return &ebpf.MapSpec{Name: name, Type: ebpf.LPMTrie, KeySize: keySize, ValueSize: 4,
 			MaxEntries: max, Flags: unix.BPF_F_NO_PREALLOC, Pinning: ebpf.PinByName}
@@ -84,6 +121,14 @@ func mapSpecs(maxSandboxes, maxRules uint32) map[string]*ebpf.MapSpec {
 		mapDeny:    lpm(mapDeny, 12, maxRules),
 		mapHard:    lpm(mapHard, 8, 4096),
 		mapPrivate: lpm(mapPrivate, 8, 64),
+		// Written only by the Manager (Learn, Forget, SweepLearned), so
+		// not preallocated: memory follows what is learned.
+		mapLearned: {Name: mapLearned, Type: ebpf.Hash, KeySize: 8, ValueSize: 8,
+			MaxEntries: maxLearned, Flags: unix.BPF_F_NO_PREALLOC, Pinning: ebpf.PinByName},
+		// Written by the program; an LRU hash is always preallocated and
+		// evicts the least recently used flow when full (Options.MaxFlows).
+		mapFlows: {Name: mapFlows, Type: ebpf.LRUHash, KeySize: fkLen, ValueSize: 8,
+			MaxEntries: maxFlows, Pinning: ebpf.PinByName},
 	}
 }
 
@@ -104,6 +149,14 @@ const (
 	// IP protocol numbers, include/uapi/linux/in.h.
 	ipprotoICMP = 1
 	ipprotoTCP  = 6
+	ipprotoUDP  = 17
+	// portDNS and portDoT are DNS (RFC 1035 §4.2) and DNS over TLS
+	// (RFC 7858 §3.1).
+	portDNS = 53
+	portDoT = 853
+	// ipFragOffset masks the fragment offset in the IPv4 header's flags
+	// and fragment-offset half-word, RFC 791 §3.1.
+	ipFragOffset = 0x1fff
 	// icmpEchoReply is ICMP_ECHOREPLY, include/uapi/linux/icmp.h.
 	icmpEchoReply = 0
 	// TCP flag bits in byte 13 of the header, RFC 9293 §3.1.
@@ -120,20 +173,27 @@ const (
 	// the namespace of the device the packet is on, i.e. the host.
 	bpfFCurrentNetns = -1
 
+	// bpfAny is BPF_ANY: create or replace a map entry.
+	bpfAny = 0
+
 	// TC verdicts, include/uapi/linux/pkt_cls.h.
 	tcActOK   = 0
 	tcActShot = 2
 )
 
-// Stack layout (offsets from R10).
+// Stack layout (offsets from R10; each slot is aligned to its size and
+// none overlaps: the comment gives the bytes it spans).
 const (
-	stIfindex = -4  // u32 map key
-	stIP      = -32 // 20-byte IPv4 header
-	stL4      = -48 // first 14 bytes of the L4 header
-	stState   = -52 // socket state across sk_release
-	stTuple   = -64 // bpf_sock_tuple.ipv4
-	stRuleKey = -80 // ruleKey
-	stAddrKey = -88 // addrKey
+	stIfindex  = -4   // u32 map key, [-4, 0)
+	stIP       = -32  // 20-byte IPv4 header, [-32, -12)
+	stL4       = -48  // first 14 bytes of the L4 header (gateway), [-48, -34)
+	stState    = -52  // socket state across sk_release, [-52, -48)
+	stTuple    = -64  // bpf_sock_tuple.ipv4, [-64, -52)
+	stRuleKey  = -80  // ruleKey, [-80, -68)
+	stAddrKey  = -88  // addrKey, [-88, -80)
+	stFlowKey  = -104 // flowKey, [-104, -88); Proto 0 means "no ports"
+	stNow      = -112 // u64 bpf_ktime_get_ns, [-112, -104)
+	stLearnKey = -120 // learnKey, [-120, -112)
 )
 
 // be16 is a 16-bit network-order constant as the program sees it after
@@ -165,6 +225,11 @@ func program(m map[string]*ebpf.Map) asm.Instructions {
 	var in asm.Instructions
 	add := func(is ...asm.Instruction) { in = append(in, is...) }
 	addAll := func(is asm.Instructions) { in = append(in, is...) }
+	// addAt appends is with label on its first instruction.
+	addAt := func(label string, is asm.Instructions) {
+		is[0] = is[0].WithSymbol(label)
+		in = append(in, is...)
+	}
 
 	add(
 		asm.Mov.Reg(ctx, asm.R1),
@@ -201,8 +266,40 @@ func program(m map[string]*ebpf.Map) asm.Instructions {
 		asm.LoadMem(asm.R2, cfg, cfgAddr, asm.Word),
 		asm.JNE.Reg(asm.R1, asm.R2, "drop"),
 
-		// 4. The sandbox's own gateway (the host): replies only.
+		// The flow key, also where the DNS rules find the ports: ifindex
+		// and destination, the rest zeroed (hash keys compare padding too),
+		// then
+		// protocol and ports only for a TCP or UDP packet that carries its
+		// header, i.e. is not a non-first fragment. Proto stays 0 for
+		// every other packet: "no ports".
+		asm.Mov.Imm(asm.R1, 0),
+		asm.StoreMem(asm.RFP, stFlowKey+8, asm.R1, asm.DWord),
+		asm.LoadMem(asm.R1, asm.RFP, stIfindex, asm.Word),
+		asm.StoreMem(asm.RFP, stFlowKey+fkIfindex, asm.R1, asm.Word),
 		asm.LoadMem(asm.R1, asm.RFP, stIP+16, asm.Word),
+		asm.StoreMem(asm.RFP, stFlowKey+fkAddr, asm.R1, asm.Word),
+		asm.LoadMem(asm.R1, asm.RFP, stIP+6, asm.Half),
+		asm.And.Imm(asm.R1, be16(ipFragOffset)),
+		asm.JNE.Imm(asm.R1, 0, "l4done"),
+		asm.LoadMem(asm.R1, asm.RFP, stIP+9, asm.Byte),
+		asm.JEq.Imm(asm.R1, ipprotoTCP, "ports"),
+		asm.JNE.Imm(asm.R1, ipprotoUDP, "l4done"),
+		asm.StoreMem(asm.RFP, stFlowKey+fkProto, asm.R1, asm.Byte).WithSymbol("ports"),
+		// Source and destination port are the first 4 bytes of both
+		// headers; a TCP or UDP packet too short to hold them is malformed.
+		asm.LoadMem(asm.R2, asm.RFP, stIP, asm.Byte),
+		asm.And.Imm(asm.R2, 0x0f),
+		asm.LSh.Imm(asm.R2, 2),
+		asm.Add.Imm(asm.R2, ethHdrLen),
+		asm.Mov.Reg(asm.R1, ctx),
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, stFlowKey+fkSport),
+		asm.Mov.Imm(asm.R4, 4),
+		asm.FnSkbLoadBytes.Call(),
+		asm.JNE.Imm(asm.R0, 0, "drop"),
+
+		// 4. The sandbox's own gateway (the host): DNS and replies only.
+		asm.LoadMem(asm.R1, asm.RFP, stIP+16, asm.Word).WithSymbol("l4done"),
 		asm.LoadMem(asm.R2, cfg, cfgGateway, asm.Word),
 		asm.JEq.Reg(asm.R1, asm.R2, "gateway"),
 
@@ -213,40 +310,103 @@ func program(m map[string]*ebpf.Map) asm.Instructions {
 	addAll(lookup(mapHard, stAddrKey))
 	add(
 		asm.JNE.Imm(asm.R0, 0, "drop"),
+		// 6. DNS and DNS over TLS anywhere but the own gateway.
+		asm.LoadMem(asm.R1, asm.RFP, stFlowKey+fkProto, asm.Byte),
+		asm.JEq.Imm(asm.R1, 0, "allow"),
+		asm.LoadMem(asm.R1, asm.RFP, stFlowKey+fkDport, asm.Half),
+		asm.JEq.Imm(asm.R1, be16(portDNS), "drop"),
+		asm.JEq.Imm(asm.R1, be16(portDoT), "drop"),
 
-		// 6. allowOut wins.
-		asm.StoreImm(asm.RFP, stRuleKey, 64, asm.Word),
+		// 7. allowOut wins.
+		asm.StoreImm(asm.RFP, stRuleKey, 64, asm.Word).WithSymbol("allow"),
 		asm.LoadMem(asm.R1, cfg, cfgPolicyID, asm.Word),
 		asm.StoreMem(asm.RFP, stRuleKey+4, asm.R1, asm.Word),
 		asm.LoadMem(asm.R1, asm.RFP, stIP+16, asm.Word),
 		asm.StoreMem(asm.RFP, stRuleKey+8, asm.R1, asm.Word),
 	)
 	addAll(lookup(mapAllow, stRuleKey))
-	add(asm.JNE.Imm(asm.R0, 0, "pass"))
-	// 7. denyOut.
-	addAll(lookup(mapDeny, stRuleKey))
+	add(
+		asm.JNE.Imm(asm.R0, 0, "pass"),
+
+		// 8. Flows and learned addresses, for sandboxes that have had
+		// anything learned. A known flow passes first: it is the common
+		// case and needs one lookup.
+		asm.LoadMem(asm.R1, cfg, cfgFlags, asm.Word),
+		asm.And.Imm(asm.R1, flagLearned),
+		asm.JEq.Imm(asm.R1, 0, "deny"),
+		asm.FnKtimeGetNs.Call(),
+		asm.StoreMem(asm.RFP, stNow, asm.R0, asm.DWord),
+		asm.LoadMem(asm.R1, asm.RFP, stFlowKey+fkProto, asm.Byte),
+		asm.JEq.Imm(asm.R1, 0, "learned"),
+	)
+	addAll(lookup(mapFlows, stFlowKey))
+	add(
+		asm.JEq.Imm(asm.R0, 0, "learned"),
+		asm.LoadMem(asm.R1, asm.RFP, stNow, asm.DWord),
+		asm.StoreMem(asm.R0, 0, asm.R1, asm.DWord),
+		asm.Ja.Label("pass"),
+
+		asm.LoadMem(asm.R1, asm.RFP, stIfindex, asm.Word).WithSymbol("learned"),
+		asm.StoreMem(asm.RFP, stLearnKey, asm.R1, asm.Word),
+		asm.LoadMem(asm.R1, asm.RFP, stIP+16, asm.Word),
+		asm.StoreMem(asm.RFP, stLearnKey+4, asm.R1, asm.Word),
+	)
+	addAll(lookup(mapLearned, stLearnKey))
+	add(
+		asm.JEq.Imm(asm.R0, 0, "deny"),
+		// Learned until the deadline, exclusive.
+		asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
+		asm.LoadMem(asm.R2, asm.RFP, stNow, asm.DWord),
+		asm.JGE.Reg(asm.R2, asm.R1, "deny"),
+	)
+	// A name may resolve to a private address; that must not open the
+	// LAN: only allowOut does.
+	addAll(lookup(mapPrivate, stAddrKey))
+	add(
+		asm.JNE.Imm(asm.R0, 0, "deny"),
+		asm.LoadMem(asm.R1, asm.RFP, stFlowKey+fkProto, asm.Byte),
+		asm.JEq.Imm(asm.R1, 0, "pass"),
+		// Record the flow. Should the update fail, the packet still
+		// passes: the address is learned, and the next packet tries again.
+		asm.LoadMapPtr(asm.R1, m[mapFlows].FD()),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, stFlowKey),
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, stNow),
+		asm.Mov.Imm(asm.R4, bpfAny),
+		asm.FnMapUpdateElem.Call(),
+		asm.Ja.Label("pass"),
+	)
+	// 9. denyOut.
+	addAt("deny", lookup(mapDeny, stRuleKey))
 	add(
 		asm.JNE.Imm(asm.R0, 0, "drop"),
-		// 8. allow_internet_access=false: deny the rest.
+		// 10. allow_internet_access=false: deny the rest.
 		asm.LoadMem(asm.R1, cfg, cfgFlags, asm.Word),
 		asm.And.Imm(asm.R1, flagInternet),
 		asm.JEq.Imm(asm.R1, 0, "drop"),
 	)
-	// 9. Private ranges closed by default.
+	// 11. Private ranges closed by default.
 	addAll(lookup(mapPrivate, stAddrKey))
 	add(
 		asm.JNE.Imm(asm.R0, 0, "drop"),
-		// 10. The rest passes.
+		// 12. The rest passes.
 		asm.Ja.Label("pass"),
 	)
 
-	// Gateway: an ICMP echo reply, or a TCP segment other than a bare SYN
-	// that belongs to a non-listening TCP socket of the host (one the host
-	// opened or accepted), passes. Nothing else reaches the host.
+	// Gateway: DNS (UDP or TCP to port 53, any TCP flags: the sandbox
+	// opens TCP DNS connections to it), an ICMP echo reply, or a TCP
+	// segment other than a bare SYN that belongs to a non-listening TCP
+	// socket of the host (one the host opened or accepted), passes.
+	// Nothing else reaches the host.
 	add(
+		asm.LoadMem(asm.R1, asm.RFP, stFlowKey+fkProto, asm.Byte).WithSymbol("gateway"),
+		asm.JEq.Imm(asm.R1, 0, "gw_other"),
+		asm.LoadMem(asm.R1, asm.RFP, stFlowKey+fkDport, asm.Half),
+		asm.JEq.Imm(asm.R1, be16(portDNS), "pass"),
 		// Non-first fragments carry no L4 header to check.
-		asm.LoadMem(asm.R1, asm.RFP, stIP+6, asm.Half).WithSymbol("gateway"),
-		asm.And.Imm(asm.R1, be16(0x1fff)),
+		asm.LoadMem(asm.R1, asm.RFP, stIP+6, asm.Half).WithSymbol("gw_other"),
+		asm.And.Imm(asm.R1, be16(ipFragOffset)),
 		asm.JNE.Imm(asm.R1, 0, "drop"),
 		asm.LoadMem(asm.R2, asm.RFP, stIP, asm.Byte),
 		asm.And.Imm(asm.R2, 0x0f),

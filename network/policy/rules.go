@@ -12,11 +12,12 @@ import (
 const MaxRulesPerList = 1024
 
 var (
-	// ErrDomainNotYetSupported is returned by ParseRules for a domain entry
-	// (example.com, *.example.com), which E2B allows in allowOut but which
-	// needs DNS-aware filtering this package does not have yet. An API
-	// should answer it with 501 rather than silently ignoring the entry.
-	ErrDomainNotYetSupported = errors.New("policy: domain rules are not supported yet")
+	// ErrDomainRule is returned by ParseRules for a domain entry
+	// (example.com, *.example.com). E2B allows them in allowOut, where
+	// they are enforced by cubicle's resolver (package network/dns), which
+	// opens their answers with Manager.Learn; callers split them out
+	// before ParseRules. In denyOut E2B allows none.
+	ErrDomainRule = errors.New("policy: a domain is not a CIDR rule")
 	// ErrBadRule is returned for an entry that is neither a CIDR, an IP nor
 	// a domain, for a domain in denyOut (E2B allows only CIDRs and IPs
 	// there), and for lists longer than MaxRulesPerList.
@@ -48,7 +49,7 @@ type Policy struct {
 // ParseRules parses E2B's network.allowOut and network.denyOut lists: each
 // entry a CIDR ("10.0.0.0/8") or a bare IP ("1.1.1.1", taken as a /32).
 // Host bits of a CIDR are masked off. A domain entry returns an error
-// wrapping ErrDomainNotYetSupported; anything else unparsable, ErrBadRule.
+// wrapping ErrDomainRule; anything else unparsable, ErrBadRule.
 // The result has AllowInternet=true; the caller sets it from
 // allow_internet_access.
 func ParseRules(allowOut, denyOut []string) (Policy, error) {
@@ -70,7 +71,7 @@ func parseList(field string, entries []string, domainsAllowed bool) ([]netip.Pre
 	var out []netip.Prefix
 	for _, e := range entries {
 		pfx, err := parseEntry(strings.TrimSpace(e))
-		if errors.Is(err, ErrDomainNotYetSupported) && !domainsAllowed {
+		if errors.Is(err, ErrDomainRule) && !domainsAllowed {
 			err = fmt.Errorf("%w: %s accepts only CIDRs and IPs, not the domain %q", ErrBadRule, field, e)
 		}
 		if err != nil {
@@ -92,7 +93,7 @@ func parseEntry(e string) (netip.Prefix, error) {
 	} else if a, err := netip.ParseAddr(e); err == nil {
 		pfx = netip.PrefixFrom(a, a.BitLen())
 	} else if isDomain(e) {
-		return netip.Prefix{}, fmt.Errorf("%w: %q", ErrDomainNotYetSupported, e)
+		return netip.Prefix{}, fmt.Errorf("%w: %q", ErrDomainRule, e)
 	} else {
 		return netip.Prefix{}, fmt.Errorf("%w: %q is not a CIDR, an IP or a domain", ErrBadRule, e)
 	}

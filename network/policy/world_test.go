@@ -20,10 +20,12 @@ import (
 // The fake world every test builds in namespaces of its own; nothing is
 // routed outside them and the real host's routes and rules are untouched.
 //
-//	inet  198.51.100.10/24 (TEST-NET-2, RFC 5737) + 169.254.169.254/32: HTTP :80, echo :7000
+//	inet  198.51.100.10/24 (TEST-NET-2, RFC 5737) + 169.254.169.254/32: HTTP :80, echo :7000,
+//	      UDP echo :9000, and TCP and UDP echo on :53 and :853 (a resolver a sandbox must not use)
 //	lan   10.77.0.10/24: HTTP :80
-//	router: r-inet 198.51.100.1/24 (default route), r-lan 10.77.0.1/24,
-//	        sba 100.96.0.1/30 + fd00:a::1/64, sbb 100.96.0.5/30; HTTP on 100.96.0.1:8080 and [fd00:a::1]:8080
+//	router (the host): r-inet 198.51.100.1/24 (default route), r-lan 10.77.0.1/24,
+//	        sba 100.96.0.1/30 + fd00:a::1/64, sbb 100.96.0.5/30; HTTP on 100.96.0.1:8080 and [fd00:a::1]:8080,
+//	        TCP and UDP echo on 100.96.0.1:53 (A's resolver) and UDP echo on 100.96.0.1:5353
 //	sandbox A 100.96.0.2/30 + fd00:a::2/64: HTTP :49983 ("envd")
 //	sandbox B 100.96.0.6/30: HTTP :80, UDP echo :9000
 var (
@@ -165,7 +167,15 @@ func newWorld(t testing.TB) *world {
 	}), "router forwarding")
 
 	w.serveHTTP(w.inet, "tcp4", "0.0.0.0:80")
-	w.serveEcho(w.inet, "198.51.100.10:7000")
+	w.serveEcho(w.inet, inetAddr+":7000")
+	w.serveUDPEcho(w.inet, inetAddr+":9000")
+	for _, port := range []string{":53", ":853"} {
+		w.serveEcho(w.inet, inetAddr+port)
+		w.serveUDPEcho(w.inet, inetAddr+port)
+	}
+	w.serveEcho(w.router, gwA+":53")
+	w.serveUDPEcho(w.router, gwA+":53")
+	w.serveUDPEcho(w.router, gwA+":5353")
 	w.serveHTTP(w.lan, "tcp4", lanAddr+":80")
 	w.serveHTTP(w.b, "tcp4", bAddr+":80")
 	w.serveUDPEcho(w.b, bAddr+":9000")
@@ -258,16 +268,31 @@ func udpEcho(ns netns.NsHandle, addr string) error {
 		return err
 	}
 	defer c.Close()
+	return exchange(c)
+}
+
+// exchange writes to c and reads the echo back.
+func exchange(c net.Conn) error {
 	c.SetDeadline(time.Now().Add(dialLimit))
 	if _, err := c.Write([]byte("ping")); err != nil {
 		return err
 	}
 	buf := make([]byte, 16)
-	n, err := c.Read(buf)
+	n, err := io.ReadAtLeast(c, buf, 4)
 	if err == nil && string(buf[:n]) != "ping" {
-		err = fmt.Errorf("udp echo: got %q", buf[:n])
+		err = fmt.Errorf("echo: got %q", buf[:n])
 	}
 	return err
+}
+
+// tcpEcho opens a TCP connection from ns and exchanges one message.
+func tcpEcho(ns netns.NsHandle, addr string) error {
+	c, err := dial(ns, "tcp4", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return exchange(c)
 }
 
 // ping sends one ICMP echo request from ns and waits for the reply.

@@ -1,0 +1,199 @@
+package policy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// dumpRetries bounds how often a netlink dump interrupted by a concurrent
+// change (every sandbox create or delete adds or removes an address) is
+// retried before its error is returned.
+const dumpRetries = 5
+
+// addrList lists link's IPv4 addresses (all links' if link is nil) through
+// h, or the caller's namespace if h is nil, retrying interrupted dumps:
+// their results may be inconsistent.
+func addrList(h *netlink.Handle, link netlink.Link) ([]netlink.Addr, error) {
+	list := netlink.AddrList
+	if h != nil {
+		list = h.AddrList
+	}
+	var addrs []netlink.Addr
+	var err error
+	for range dumpRetries {
+		addrs, err = list(link, unix.AF_INET)
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
+		}
+	}
+	return addrs, err
+}
+
+// HostAddrs lists the host's own IPv4 addresses outside pool (whose
+// gateways the pool's hard deny covers already) as /32s, sorted and
+// without duplicates: the set no sandbox may reach, for Options.HostAddrs
+// and SetHostAddrs. h names the host's namespace; nil means the caller's.
+func HostAddrs(h *netlink.Handle, pool netip.Prefix) ([]netip.Prefix, error) {
+	addrs, err := addrList(h, nil)
+	if err != nil {
+		return nil, fmt.Errorf("policy: listing host addresses: %w", err)
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP.To4())
+		if !ok || pool.Contains(ip) {
+			continue
+		}
+		out = append(out, netip.PrefixFrom(ip, 32))
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return slices.Compact(out), nil
+}
+
+// resubscribeDelay is how long FollowHostAddrs waits before subscribing
+// again after the kernel dropped its subscription (e.g. on a receive
+// buffer overrun), so that a persistent failure does not spin.
+const resubscribeDelay = time.Second
+
+// FollowHostAddrs keeps the hard-denied host addresses equal to
+// HostAddrs of the Manager's namespace (Options.NetNS): it subscribes to
+// address changes there, applies the current set, and returns; from then
+// on a goroutine re-lists and applies the set after every change, until
+// ctx is done. It replaces Options.HostAddrs and any SetHostAddrs. Errors
+// after the return are logged; a subscription the kernel drops is
+// renewed. Cancel ctx before Close.
+func (m *Manager) FollowHostAddrs(ctx context.Context) error {
+	sub, err := m.subscribeAddrs(ctx)
+	if err != nil {
+		return err
+	}
+	// Subscribed before listing, so no change falls between the two.
+	if err := m.refreshHostAddrs(); err != nil {
+		sub.stop()
+		return err
+	}
+	go m.followHostAddrs(ctx, sub)
+	return nil
+}
+
+// addrSub is one netlink address subscription.
+type addrSub struct {
+	ch   chan netlink.AddrUpdate
+	done chan struct{}
+}
+
+// stop closes the subscription's socket and drains its channel, which the
+// netlink package's reader closes when it exits: it blocks on sending
+// otherwise.
+func (s *addrSub) stop() {
+	close(s.done)
+	for range s.ch {
+	}
+}
+
+func (m *Manager) subscribeAddrs(ctx context.Context) (*addrSub, error) {
+	s := &addrSub{ch: make(chan netlink.AddrUpdate, 64), done: make(chan struct{})}
+	ns := m.ns
+	err := netlink.AddrSubscribeWithOptions(s.ch, s.done, netlink.AddrSubscribeOptions{
+		Namespace: &ns,
+		ErrorCallback: func(err error) {
+			if ctx.Err() == nil { // a closed socket at shutdown is no news
+				m.log.Warn("host address subscription", "err", err)
+			}
+		},
+	})
+	if err != nil {
+		close(s.done)
+		return nil, fmt.Errorf("policy: subscribe to host address changes: %w", err)
+	}
+	return s, nil
+}
+
+func (m *Manager) followHostAddrs(ctx context.Context, sub *addrSub) {
+	for {
+		select {
+		case <-ctx.Done():
+			sub.stop()
+			return
+		case u, ok := <-sub.ch:
+			if !ok {
+				// The reader gave up (its error was logged); events may
+				// have been lost, so subscribe again and re-list.
+				close(sub.done)
+				sub = m.resubscribe(ctx)
+				if sub == nil {
+					return
+				}
+			} else if !m.affectsHost(u) {
+				continue
+			}
+			// A burst of changes needs one re-list: take what is queued.
+			for drained := false; !drained; {
+				select {
+				case _, ok := <-sub.ch:
+					drained = !ok
+				default:
+					drained = true
+				}
+			}
+			if err := m.refreshHostAddrs(); err != nil {
+				m.log.Warn("update host addresses", "err", err)
+			}
+		}
+	}
+}
+
+// affectsHost reports whether an address change can change HostAddrs:
+// sandbox gateways in the pool come and go with every sandbox and are
+// denied as a whole already, and IPv6 is dropped wholesale.
+func (m *Manager) affectsHost(u netlink.AddrUpdate) bool {
+	ip, ok := netip.AddrFromSlice(u.LinkAddress.IP.To4())
+	return ok && !m.pool.Contains(ip)
+}
+
+// resubscribe subscribes again after resubscribeDelay, retrying until it
+// works or ctx is done (then it returns nil).
+func (m *Manager) resubscribe(ctx context.Context) *addrSub {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(resubscribeDelay):
+		}
+		sub, err := m.subscribeAddrs(ctx)
+		if err == nil {
+			return sub
+		}
+		m.log.Warn("renew host address subscription", "err", err)
+	}
+}
+
+// refreshHostAddrs lists the host addresses and applies them if they
+// changed since the last time.
+func (m *Manager) refreshHostAddrs() error {
+	addrs, err := HostAddrs(m.nl, m.pool)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.hostAddr != nil && slices.Equal(addrs, m.hostAddr) {
+		return nil
+	}
+	if err := m.setHardLocked(addrs); err != nil {
+		return err
+	}
+	m.hostAddr = addrs
+	if m.hostAddr == nil {
+		m.hostAddr = []netip.Prefix{}
+	}
+	m.log.Info("host addresses denied to sandboxes", "addrs", addrs)
+	return nil
+}
