@@ -1,9 +1,13 @@
 package network
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 )
+
+// errNotReserved is returned by assign for a slot that is not reserved.
+var errNotReserved = errors.New("network: slot not reserved")
 
 // slotBits is the size of one sandbox's subnet: a /30 holds the host end
 // (.1), the sandbox end (.2), and the network and broadcast addresses.
@@ -11,11 +15,16 @@ const slotBits = 2
 
 // allocator hands out /30 slots of a prefix, one per sandbox ID. It is pure
 // bookkeeping, with no locking and no devices: Pool serialises calls to it.
+//
+// A slot may also be reserved for no one yet (a spare, whose devices are
+// made before any sandbox asks for them): it is then in byIndex with the
+// empty ID, and not in byID, until assign gives it to a sandbox or release
+// frees it.
 type allocator struct {
 	base  uint32 // first address of the prefix
 	slots int    // number of /30 slots in the prefix
 	// byID and byIndex are the two directions of one map: sandbox ID to
-	// slot index.
+	// slot index. byIndex also holds reserved slots, under "".
 	byID    map[string]int
 	byIndex map[int]string
 	// next is where the search for a free slot starts: rotating through the
@@ -48,13 +57,41 @@ func (a *allocator) alloc(id string) (int, error) {
 	if idx, ok := a.byID[id]; ok {
 		return 0, fmt.Errorf("%w: sandbox %s already holds slot %d", ErrInUse, id, idx)
 	}
+	return a.take(id)
+}
+
+// reserve takes a free slot for no sandbox yet.
+func (a *allocator) reserve() (int, error) { return a.take("") }
+
+// assign gives the reserved slot idx to id.
+func (a *allocator) assign(idx int, id string) error {
+	if old, ok := a.byID[id]; ok {
+		return fmt.Errorf("%w: sandbox %s already holds slot %d", ErrInUse, id, old)
+	}
+	if owner, ok := a.byIndex[idx]; !ok || owner != "" {
+		return fmt.Errorf("%w: slot %d (held by %q)", errNotReserved, idx, owner)
+	}
+	a.set(id, idx)
+	return nil
+}
+
+// release frees the reserved slot idx; a slot given to a sandbox is left
+// alone (free it by ID).
+func (a *allocator) release(idx int) {
+	if owner, ok := a.byIndex[idx]; ok && owner == "" {
+		delete(a.byIndex, idx)
+	}
+}
+
+// take finds a free slot and gives it to id ("" reserves it).
+func (a *allocator) take(id string) (int, error) {
 	if len(a.byIndex) >= a.slots {
 		return 0, fmt.Errorf("%w: all %d /30 slots are in use", ErrExhausted, a.slots)
 	}
 	for i := 0; i < a.slots; i++ {
 		idx := (a.next + i) % a.slots
 		if _, used := a.byIndex[idx]; !used {
-			a.take(id, idx)
+			a.set(id, idx)
 			a.next = (idx + 1) % a.slots
 			return idx, nil
 		}
@@ -74,15 +111,18 @@ func (a *allocator) restore(id string, idx int) error {
 	if old, ok := a.byID[id]; ok {
 		return fmt.Errorf("%w: sandbox %s claims slots %d and %d", ErrInUse, id, old, idx)
 	}
-	a.take(id, idx)
+	a.set(id, idx)
 	if idx >= a.next {
 		a.next = (idx + 1) % a.slots
 	}
 	return nil
 }
 
-func (a *allocator) take(id string, idx int) {
-	a.byID[id] = idx
+// set records that id holds idx; the empty id records a reservation.
+func (a *allocator) set(id string, idx int) {
+	if id != "" {
+		a.byID[id] = idx
+	}
 	a.byIndex[idx] = id
 }
 

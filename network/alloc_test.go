@@ -8,9 +8,9 @@ import (
 
 func TestAllocator(t *testing.T) {
 	type step struct {
-		op      string // "alloc", "free", "restore"
+		op      string // "alloc", "free", "restore", "reserve", "assign", "release"
 		id      string
-		idx     int   // restore: slot to claim; alloc: slot expected
+		idx     int   // restore, assign, release: slot to claim; alloc, reserve: slot expected
 		wantErr error // nil for success
 	}
 	tests := []struct {
@@ -47,6 +47,23 @@ func TestAllocator(t *testing.T) {
 		{"free unknown is a no-op", "10.0.0.0/30", []step{
 			{"free", "nobody", 0, nil}, {"alloc", "a", 0, nil},
 		}},
+		{"reserved slots count against the prefix", "10.0.0.0/29", []step{
+			{"reserve", "", 0, nil}, {"alloc", "a", 1, nil}, {"reserve", "", 0, ErrExhausted}, {"alloc", "b", 0, ErrExhausted},
+		}},
+		{"assign a reserved slot", "10.0.0.0/28", []step{
+			{"reserve", "", 0, nil}, {"reserve", "", 1, nil}, {"assign", "a", 1, nil}, {"lookup", "a", 1, nil},
+			{"alloc", "a", 0, ErrInUse}, {"assign", "a", 0, ErrInUse},
+		}},
+		{"assign only what is reserved", "10.0.0.0/28", []step{
+			{"alloc", "a", 0, nil}, {"assign", "b", 0, errNotReserved}, {"assign", "b", 3, errNotReserved},
+		}},
+		{"release frees a reservation, not an allocation", "10.0.0.0/29", []step{
+			{"reserve", "", 0, nil}, {"alloc", "a", 1, nil}, {"release", "", 1, nil}, {"lookup", "a", 1, nil},
+			{"release", "", 0, nil}, {"alloc", "b", 0, nil},
+		}},
+		{"free after assign frees the slot", "10.0.0.0/30", []step{
+			{"reserve", "", 0, nil}, {"assign", "a", 0, nil}, {"free", "a", 0, nil}, {"alloc", "b", 0, nil},
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -73,6 +90,26 @@ func TestAllocator(t *testing.T) {
 					if err := a.restore(s.id, s.idx); !errors.Is(err, s.wantErr) {
 						t.Fatalf("step %d restore(%s, %d): err %v, want %v", i, s.id, s.idx, err, s.wantErr)
 					}
+				case "reserve":
+					idx, err := a.reserve()
+					if !errors.Is(err, s.wantErr) {
+						t.Fatalf("step %d reserve: err %v, want %v", i, err, s.wantErr)
+					}
+					if err == nil && idx != s.idx {
+						t.Fatalf("step %d reserve = slot %d, want %d", i, idx, s.idx)
+					}
+				case "assign":
+					if err := a.assign(s.idx, s.id); !errors.Is(err, s.wantErr) {
+						t.Fatalf("step %d assign(%d, %s): err %v, want %v", i, s.idx, s.id, err, s.wantErr)
+					}
+				case "release":
+					a.release(s.idx)
+				case "lookup":
+					if idx, ok := a.lookup(s.id); !ok || idx != s.idx {
+						t.Fatalf("step %d lookup(%s) = %d, %v; want %d", i, s.id, idx, ok, s.idx)
+					}
+				default:
+					t.Fatalf("step %d: unknown op %q", i, s.op)
 				}
 			}
 		})

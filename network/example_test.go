@@ -25,3 +25,32 @@ func ExamplePool_Setup() {
 		log.Fatal(err)
 	}
 }
+
+// A pool for microVMs that keeps devices ready, so that creating a sandbox
+// costs one netlink call. The hooks attach per-device state (say, an egress
+// policy by interface index) when a device is made, not when it is claimed.
+// (Needs root; not run as a test.)
+func ExampleNewPool_microVM() {
+	pool, err := network.NewPool(network.Options{
+		Mode:   network.ModeTap,
+		Spares: 8,
+		OnCreate: func(a network.Attachment) error {
+			log.Printf("device %s (index %d) made", a.HostLink, a.HostIndex)
+			return nil
+		},
+		OnDestroy: func(a network.Attachment) {
+			log.Printf("device %s removed", a.HostLink)
+		},
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close() // removes the spares; sandboxes stay
+	att, err := pool.Setup(context.Background(), "i1a2b3c4d5e6f7g8h9j0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	// The VMM opens att.Tap inside att.Netns; the guest always uses the
+	// same addresses, and the host reaches it at att.Addr.
+	fmt.Println(att.Netns, att.Tap, network.GuestAddr, "reached at", att.Addr)
+}
