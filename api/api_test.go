@@ -2,6 +2,7 @@ package api
 
 import (
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
@@ -30,7 +31,13 @@ func TestParseNewSandbox(t *testing.T) {
 			return r.Egress != nil && r.Egress.AllowInternet && len(r.Egress.AllowOut) == 2 && r.Egress.AllowOut[0].Bits() == 32 && len(r.Egress.DenyOut) == 1
 		}, false},
 		{"egress without internet", `{"templateID":"base","allow_internet_access":false}`, 2, func(r orchestrator.CreateRequest) bool { return r.Egress != nil && !r.Egress.AllowInternet }, false},
-		{"domain rule not enforced yet", `{"templateID":"base","network":{"allowOut":["example.com"]}}`, 2, nil, true},
+		{"domain rules", `{"templateID":"base","network":{"allowOut":["Example.COM.","*.pypi.org","1.1.1.1"],"denyOut":["0.0.0.0/0"]}}`, 2, func(r orchestrator.CreateRequest) bool {
+			return r.Egress != nil && slices.Equal(r.Egress.AllowDomains, []string{"example.com", "*.pypi.org"}) && len(r.Egress.AllowOut) == 1
+		}, false},
+		{"domain in denyOut", `{"templateID":"base","network":{"denyOut":["example.com"]}}`, 2, nil, true},
+		{"wildcard of a TLD", `{"templateID":"base","network":{"allowOut":["*.com"]}}`, 2, nil, true},
+		{"not a domain", `{"templateID":"base","network":{"allowOut":["exa mple.com"]}}`, 2, nil, true},
+		{"bad IPv4", `{"templateID":"base","network":{"allowOut":["300.1.2.3"]}}`, 2, nil, true},
 		{"bad CIDR", `{"templateID":"base","network":{"denyOut":["10.0.0.0/33"]}}`, 2, nil, true},
 		{"empty", ``, 2, nil, true},
 		{"malformed", `{"templateID":`, 2, nil, true},

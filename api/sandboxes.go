@@ -3,7 +3,6 @@ package api
 import (
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -12,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cubicle-dev/cubicle/network/dns"
 	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/orchestrator"
 	"github.com/cubicle-dev/cubicle/runtime"
@@ -187,16 +187,39 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 }
 
 // parseEgress turns E2B's network fields into a runtime policy; bad entries
-// are the client's error.
+// are the client's error. allowOut may name domains ("example.com",
+// "*.example.com"); denyOut only CIDRs and IPs, as in E2B.
 func parseEgress(allowInternet bool, allowOut, denyOut []string) (runtime.Egress, error) {
-	p, err := policy.ParseRules(allowOut, denyOut)
-	if err != nil {
-		if errors.Is(err, policy.ErrDomainNotYetSupported) {
-			return runtime.Egress{}, fmt.Errorf("%w: %v (domain entries in allowOut are not enforced by this server yet; use CIDRs or IPs)", orchestrator.ErrInvalid, err)
+	var cidrs, domains []string
+	for _, e := range allowOut {
+		if !isDomainEntry(e) {
+			cidrs = append(cidrs, e)
+			continue
 		}
+		d, err := dns.ParseDomain(e)
+		if err != nil {
+			return runtime.Egress{}, fmt.Errorf("%w: network: allowOut: %v", orchestrator.ErrInvalid, err)
+		}
+		domains = append(domains, d)
+	}
+	if len(domains) > policy.MaxRulesPerList {
+		return runtime.Egress{}, fmt.Errorf("%w: network: allowOut has %d domains, at most %d are allowed", orchestrator.ErrInvalid, len(domains), policy.MaxRulesPerList)
+	}
+	p, err := policy.ParseRules(cidrs, denyOut)
+	if err != nil {
 		return runtime.Egress{}, fmt.Errorf("%w: network: %v", orchestrator.ErrInvalid, err)
 	}
-	return runtime.Egress{AllowInternet: allowInternet, AllowOut: p.AllowOut, DenyOut: p.DenyOut}, nil
+	return runtime.Egress{AllowInternet: allowInternet, AllowOut: p.AllowOut, AllowDomains: domains, DenyOut: p.DenyOut}, nil
+}
+
+// isDomainEntry tells a domain entry from an address one: addresses and
+// CIDRs have no letters (IPv6 ones have colons), domains have a letter
+// or a wildcard. What is neither is left to the address parser's error.
+func isDomainEntry(e string) bool {
+	if strings.ContainsAny(e, ":/") {
+		return false
+	}
+	return strings.IndexFunc(e, func(r rune) bool { return r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r == '*' }) >= 0
 }
 
 // networkUpdate is the body of PUT /sandboxes/{id}/network. It replaces the
@@ -397,7 +420,9 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusCreated, s.sandboxJSON(info))
 }
 
-// sandboxMetric is E2B's SandboxMetric object.
+// sandboxMetric is E2B's SandboxMetric object, plus the sandbox's egress
+// counters from the host's eBPF program (cumulative since the sandbox
+// started; E2B's SDKs ignore fields they do not know).
 type sandboxMetric struct {
 	Timestamp     time.Time `json:"timestamp"`
 	TimestampUnix int64     `json:"timestampUnix"`
@@ -408,6 +433,11 @@ type sandboxMetric struct {
 	MemCache      uint64    `json:"memCache"`
 	DiskUsed      uint64    `json:"diskUsed"`
 	DiskTotal     uint64    `json:"diskTotal"`
+
+	EgressPackets        uint64 `json:"egressPackets"`
+	EgressBytes          uint64 `json:"egressBytes"`
+	EgressDroppedPackets uint64 `json:"egressDroppedPackets"`
+	EgressDroppedBytes   uint64 `json:"egressDroppedBytes"`
 }
 
 func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {
@@ -437,6 +467,8 @@ func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {
 			Timestamp: m.Timestamp, TimestampUnix: m.Timestamp.Unix(), CPUCount: m.CPUCount,
 			CPUUsedPct: m.CPUUsedPct, MemUsed: m.MemUsed, MemTotal: m.MemTotal, MemCache: m.MemCache,
 			DiskUsed: m.DiskUsed, DiskTotal: m.DiskTotal,
+			EgressPackets: m.Egress.PassedPackets, EgressBytes: m.Egress.PassedBytes,
+			EgressDroppedPackets: m.Egress.DroppedPackets, EgressDroppedBytes: m.Egress.DroppedBytes,
 		})
 	}
 	writeJSON(w, http.StatusOK, out)

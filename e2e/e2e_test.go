@@ -38,7 +38,11 @@ type server struct {
 	log          *syncBuffer
 }
 
-var srv *server
+var (
+	srv *server
+	// fakeNet is the fake internet sandboxes resolve names in and reach.
+	fakeNet *inet
+)
 
 // The e2e server's own address pool and device-name prefix, apart from a
 // developer's server on the same host.
@@ -89,6 +93,11 @@ func run(m *testing.M) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("cubicle keys create: %w", err)
 	}
+	fakeNet, err = startInet(netip.MustParsePrefix(e2ePool))
+	if err != nil {
+		return 0, err
+	}
+	defer fakeNet.Close()
 	srv = &server{bin: bin, dataDir: dataDir, apiKey: strings.TrimSpace(string(key))}
 	if err := srv.start(); err != nil {
 		return 0, err
@@ -124,7 +133,9 @@ func (s *server) start() error {
 		"--ready-file", ready, "--pool-size", "2", "--log-level", "debug",
 		// Its own addresses and device names: a developer's server may be
 		// running on the same host.
-		"--network-prefix", e2ePool, "--link-prefix", e2eLinkPrefix}
+		"--network-prefix", e2ePool, "--link-prefix", e2eLinkPrefix,
+		// Sandboxes resolve names in the fake internet only.
+		"--dns-upstream", fakeNet.dns.String()}
 	s.cmd = exec.Command(s.bin, args...)
 	if s.log == nil {
 		s.log = &syncBuffer{}
@@ -204,12 +215,12 @@ func (s *server) killAll() {
 
 // env is the environment an E2B SDK user sets to reach this server.
 func (s *server) env() []string {
-	return append(os.Environ(),
+	return append(append(os.Environ(),
 		"E2B_API_URL="+s.apiURL,
 		"E2B_SANDBOX_URL="+s.sandboxURL,
 		"E2B_DOMAIN=cubicle.localhost",
 		"E2B_API_KEY="+s.apiKey,
-	)
+	), fakeNet.env()...)
 }
 
 type syncBuffer struct {

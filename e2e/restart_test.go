@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -28,6 +29,12 @@ func TestRestartKeepsSandboxes(t *testing.T) {
 	defer c.Kill(context.Background(), paused.SandboxID)
 
 	mustRun(t, c, running, "echo before > /tmp/state; nohup sleep 600 >/dev/null 2>&1 &", "")
+	// A domain rule lives half in the kernel (pinned) and half in the
+	// resolver's memory: both must be back after the restart.
+	if _, err := c.Do(ctx, "PUT", "/sandboxes/"+running.SandboxID+"/network",
+		map[string]any{"allowOut": []string{"allowed.test"}, "allow_internet_access": false}, nil); err != nil {
+		t.Fatal(err)
+	}
 	mustRun(t, c, paused, "echo paused-state > /tmp/state", "")
 	if _, err := c.Do(ctx, "POST", "/sandboxes/"+paused.SandboxID+"/pause", map[string]any{}, nil); err != nil {
 		t.Fatal(err)
@@ -54,6 +61,8 @@ func TestRestartKeepsSandboxes(t *testing.T) {
 	}
 	// The envd token is unchanged: the same Sandbox value still works.
 	mustRun(t, c, running, "cat /tmp/state; pgrep -x sleep >/dev/null && echo sleeper", "before\nsleeper\n")
+	mustRun(t, c, running, fmt.Sprintf(`getent ahostsv4 other.test || echo refused
+python3 -c "import socket; socket.create_connection(('allowed.test', %d), timeout=5).close(); print('connected')"`, inetHTTPPort), "refused\nconnected\n")
 	resumed, err := c.Connect(ctx, paused.SandboxID, time.Minute)
 	if err != nil {
 		t.Fatal(err)

@@ -256,5 +256,6 @@ func (o *Orchestrator) SetNetwork(ctx context.Context, id string, e runtime.Egre
 	}
 	sb.rec.AllowInternet = e.AllowInternet
 	sb.rec.Network = network
+	sb.rec.Egress = &e
 	return o.opts.Store.PutSandbox(ctx, sb.rec)
 }

@@ -3,6 +3,8 @@ package orchestrator
 import (
 	"context"
 	"time"
+
+	"github.com/cubicle-dev/cubicle/runtime"
 )
 
 // Metric is one resource sample of a sandbox, as GET /sandboxes/{id}/metrics
@@ -16,6 +18,8 @@ type Metric struct {
 	MemCache   uint64
 	DiskUsed   uint64
 	DiskTotal  uint64
+	// Egress is the sandbox's cumulative egress counters at Timestamp.
+	Egress runtime.EgressCounters
 }
 
 // metricsKeep is how many samples a sandbox keeps: an hour at the default
@@ -68,6 +72,7 @@ func (o *Orchestrator) sample(ctx context.Context, sb *Sandbox) {
 	}
 	m.MemUsed, m.MemTotal, m.MemCache = st.MemUsed, st.MemLimit, st.MemCache
 	m.DiskUsed, m.DiskTotal = st.DiskUsed, st.DiskTotal
+	m.Egress = st.Egress
 
 	sb.mu.Lock()
 	defer sb.mu.Unlock()

@@ -245,6 +245,15 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 		} else {
 			rec.State = StateRunning
 		}
+		// The kernel kept enforcing the policy; the runtime's in-memory
+		// half of it (the resolver for domain rules) needs it back.
+		eg := runtime.DefaultEgress
+		if rec.Egress != nil {
+			eg = *rec.Egress
+		}
+		if err := o.opts.Runtime.SetEgress(ctx, rec.ID, eg); err != nil {
+			o.log.Warn("restoring egress policy of adopted sandbox", "sandbox", rec.ID, "err", err)
+		}
 		sb := &Sandbox{rec: rec, addr: rs.Addr}
 		o.sandboxes[rec.ID] = sb
 		o.log.Info("adopted sandbox", "sandbox", rec.ID, "state", rec.State, "endAt", rec.EndAt)
@@ -364,6 +373,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		AutoResume:      req.AutoResume,
 		AllowInternet:   req.AllowInternet,
 		Network:         req.Network,
+		Egress:          req.Egress,
 		Addr:            slot.Addr.String(),
 		Runtime:         o.opts.Runtime.Name(),
 		APIKeyID:        req.APIKeyID,

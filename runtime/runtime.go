@@ -56,13 +56,16 @@ type Sandbox struct {
 }
 
 // Egress is a sandbox's outbound network policy in E2B's terms: whether
-// it may reach the internet at all, and CIDRs it may (AllowOut, which wins)
-// or may not (DenyOut) reach. Hard rules no policy opens (other sandboxes,
-// the host, link-local and metadata addresses) are the runtime's own.
+// it may reach the internet at all, and CIDRs (AllowOut) and domain names
+// (AllowDomains: "example.com" or "*.example.com") it may reach, which win
+// over the CIDRs it may not (DenyOut). Hard rules no policy opens (other
+// sandboxes, the host, link-local and metadata addresses) are the
+// runtime's own.
 type Egress struct {
-	AllowInternet bool
-	AllowOut      []netip.Prefix
-	DenyOut       []netip.Prefix
+	AllowInternet bool           `json:"allowInternet"`
+	AllowOut      []netip.Prefix `json:"allowOut,omitempty"`
+	AllowDomains  []string       `json:"allowDomains,omitempty"`
+	DenyOut       []netip.Prefix `json:"denyOut,omitempty"`
 }
 
 // DefaultEgress is the policy of a sandbox nobody asked anything of.
@@ -80,6 +83,16 @@ type Stats struct {
 	// is its size limit in bytes.
 	DiskUsed  uint64
 	DiskTotal uint64
+	// Egress counts what the sandbox sent since it started, as the host's
+	// eBPF egress program saw it. Zero where the runtime has no policy.
+	Egress EgressCounters
+}
+
+// EgressCounters are packets and bytes a sandbox sent that its egress
+// policy let out (Passed) and dropped (Dropped, IPv6 included).
+type EgressCounters struct {
+	PassedPackets, PassedBytes   uint64
+	DroppedPackets, DroppedBytes uint64
 }
 
 // Runtime is one isolation backend. All methods are safe for concurrent use

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/cubicle-dev/cubicle/runtime"
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 )
 
@@ -209,9 +210,13 @@ type Sandbox struct {
 	AutoResume      bool              `json:"autoResume"`
 	AllowInternet   bool              `json:"allowInternetAccess"`
 	Network         json.RawMessage   `json:"network,omitempty"`
-	Addr            string            `json:"addr"`
-	Runtime         string            `json:"runtime"`
-	APIKeyID        string            `json:"apiKeyID,omitempty"`
+	// Egress is the policy in force, parsed; nil is runtime.DefaultEgress.
+	// A restarted server gives it back to the runtime (the resolver half
+	// of it lives in memory only).
+	Egress   *runtime.Egress `json:"egress,omitempty"`
+	Addr     string          `json:"addr"`
+	Runtime  string          `json:"runtime"`
+	APIKeyID string          `json:"apiKeyID,omitempty"`
 }
 
 // PutSandbox inserts or replaces a sandbox record.

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -23,31 +24,36 @@ import (
 	"github.com/cubicle-dev/cubicle/api"
 	"github.com/cubicle-dev/cubicle/guest/envd"
 	"github.com/cubicle-dev/cubicle/network"
+	"github.com/cubicle-dev/cubicle/network/dns"
+	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/network/nat"
 	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/orchestrator"
 	"github.com/cubicle-dev/cubicle/proxy"
+	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
 	"github.com/cubicle-dev/cubicle/store"
 	"github.com/cubicle-dev/cubicle/template"
 )
 
 type serveConfig struct {
-	dataDir    string
-	cacheDir   string
-	apiAddr    string
-	proxyAddr  string
-	publicHost string
-	domain     string
-	poolSize   int
-	runsc      string
-	platform   string
-	netPrefix  string
-	linkPrefix string
-	noBuild    bool
-	maxTimeout time.Duration
-	logLevel   string
-	readyFile  string
+	dataDir     string
+	cacheDir    string
+	apiAddr     string
+	proxyAddr   string
+	publicHost  string
+	domain      string
+	poolSize    int
+	runsc       string
+	platform    string
+	netPrefix   string
+	linkPrefix  string
+	netSpares   int
+	dnsUpstream string
+	noBuild     bool
+	maxTimeout  time.Duration
+	logLevel    string
+	readyFile   string
 }
 
 func serveCmd() *cobra.Command {
@@ -72,6 +78,8 @@ creates an API key, and prints the environment an E2B SDK needs.`,
 	f.StringVar(&c.platform, "platform", envOr("CUBICLE_GVISOR_PLATFORM", "systrap"), "gVisor platform (env CUBICLE_GVISOR_PLATFORM)")
 	f.StringVar(&c.netPrefix, "network-prefix", envOr("CUBICLE_NETWORK_PREFIX", network.DefaultPrefix.String()), "address range for sandbox networks (env CUBICLE_NETWORK_PREFIX)")
 	f.StringVar(&c.linkPrefix, "link-prefix", envOr("CUBICLE_LINK_PREFIX", network.DefaultLinkPrefix), "names the host's sandbox devices and namespaces; servers sharing a host need distinct ones (env CUBICLE_LINK_PREFIX)")
+	f.IntVar(&c.netSpares, "network-spares", envInt("CUBICLE_NETWORK_SPARES", 8), "sandbox network devices kept made in advance, so creating a sandbox makes none (env CUBICLE_NETWORK_SPARES)")
+	f.StringVar(&c.dnsUpstream, "dns-upstream", envOr("CUBICLE_DNS_UPSTREAM", ""), "servers the sandboxes' resolver forwards to, comma-separated ip or ip:port (env CUBICLE_DNS_UPSTREAM; default: the host's /etc/resolv.conf)")
 	f.BoolVar(&c.noBuild, "no-build", false, "fail instead of building a missing default template")
 	f.DurationVar(&c.maxTimeout, "max-timeout", 24*time.Hour, "longest sandbox timeout a client may ask for")
 	f.StringVar(&c.logLevel, "log-level", envOr("CUBICLE_LOG_LEVEL", "info"), "debug, info, warn or error (env CUBICLE_LOG_LEVEL)")
@@ -142,22 +150,45 @@ func serve(ctx context.Context, c serveConfig) error {
 	if err != nil {
 		return fmt.Errorf("--network-prefix: %w", err)
 	}
-	netPool, err := network.NewPool(network.Options{Prefix: prefix, LinkPrefix: c.linkPrefix, Logger: log.With("component", "network")})
+	// The egress goroutines (host address following, sweeping) stop
+	// before the policy manager closes: deferred calls run last first.
+	egressCtx, stopEgress := context.WithCancel(ctx)
+	pm, err := startEgress(egressCtx, prefix, c.linkPrefix, log.With("component", "egress"))
 	if err != nil {
-		return err
-	}
-	egress, err := startEgress(prefix, c.linkPrefix, log.With("component", "egress"))
-	if err != nil {
+		stopEgress()
 		return err
 	}
 	// Close keeps the pinned maps and attached programs: sandboxes stay
 	// confined while the server is down, and the next start adopts them.
-	defer egress.Close()
+	defer pm.Close()
+	defer stopEgress()
+	upstreams, err := c.dnsUpstreams()
+	if err != nil {
+		return err
+	}
+	enforcer, err := egress.New(pm, dns.Options{Upstreams: upstreams, Logger: log.With("component", "dns")})
+	if err != nil {
+		return err
+	}
+	defer enforcer.Close()
+	netPool, err := network.NewPool(network.Options{
+		Prefix: prefix, LinkPrefix: c.linkPrefix, Spares: c.netSpares,
+		// Devices are put under the default policy as they are made, off
+		// the create path; Create then only switches the policy.
+		OnCreate:  func(a network.Attachment) error { return enforcer.Prepare(a, runtime.DefaultEgress) },
+		OnDestroy: func(a network.Attachment) { _ = enforcer.Release(a) },
+		Logger:    log.With("component", "network"),
+	})
+	if err != nil {
+		return err
+	}
+	// Spares go before the resolver stops (deferred calls run last first).
+	defer netPool.Close()
 	rt, err := gvisor.New(gvisor.Options{
 		Runsc:    runsc,
 		StateDir: filepath.Join(c.dataDir, "gvisor"),
 		Network:  netPool,
-		Policy:   egress,
+		Egress:   enforcer,
 		Platform: c.platform,
 		Logger:   log.With("component", "gvisor"),
 	})
@@ -230,20 +261,47 @@ func serve(ctx context.Context, c serveConfig) error {
 }
 
 // startEgress loads the eBPF egress policy (pinned under
-// /sys/fs/bpf/cubicle/<linkPrefix>, adopted again after a restart) and sets
-// up masquerading of the sandbox pool out of the default route. Without a
-// default route sandboxes still run, with no way out.
-func startEgress(pool netip.Prefix, linkPrefix string, log *slog.Logger) (*policy.Manager, error) {
-	hostAddrs, err := hostAddresses(pool)
+// /sys/fs/bpf/cubicle/<linkPrefix>, adopted again after a restart), keeps
+// its hard-denied host addresses in step with the host's until ctx ends,
+// sweeps expired domain answers from it, and sets up masquerading of the
+// sandbox pool out of the default route. Without a default route
+// sandboxes still run, with no way out.
+func startEgress(ctx context.Context, pool netip.Prefix, linkPrefix string, log *slog.Logger) (*policy.Manager, error) {
+	// The host's addresses are denied from the first packet on; a start
+	// with none would open them to adopted sandboxes until FollowHostAddrs.
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("egress policy: netlink: %w", err)
 	}
-	pm, err := policy.New(policy.Options{
-		Name: linkPrefix, PoolPrefix: pool, HostAddrs: hostAddrs, NetNS: netns.None(), Logger: log,
-	})
+	hostAddrs, err := policy.HostAddrs(h, pool)
+	h.Close()
 	if err != nil {
 		return nil, fmt.Errorf("egress policy: %w", err)
 	}
+	pm, err := policy.New(policy.Options{Name: linkPrefix, PoolPrefix: pool, HostAddrs: hostAddrs, NetNS: netns.None(), Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("egress policy: %w", err)
+	}
+	if err := pm.FollowHostAddrs(ctx); err != nil {
+		pm.Close()
+		return nil, fmt.Errorf("egress policy: %w", err)
+	}
+	go func() {
+		t := time.NewTicker(time.Minute)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if n, err := pm.SweepLearned(); err != nil {
+					log.Warn("sweeping expired domain answers", "err", err)
+				} else if n > 0 {
+					log.Debug("swept expired domain answers", "removed", n)
+				}
+			}
+		}
+	}()
 	uplink, err := nat.Enable(nat.Options{Pool: pool, Table: linkPrefix, NetNS: netns.None()})
 	if err != nil {
 		log.Warn("no egress NAT: sandboxes cannot reach beyond this host", "err", err)
@@ -253,21 +311,28 @@ func startEgress(pool netip.Prefix, linkPrefix string, log *slog.Logger) (*polic
 	return pm, nil
 }
 
-// hostAddresses lists the host's own IPv4 addresses (outside the sandbox
-// pool, whose gateways the policy denies already), which no sandbox may
-// reach.
-func hostAddresses(pool netip.Prefix) ([]netip.Prefix, error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
-	if err != nil {
-		return nil, fmt.Errorf("listing host addresses: %w", err)
-	}
-	var out []netip.Prefix
-	for _, a := range addrs {
-		ip, ok := netip.AddrFromSlice(a.IP.To4())
-		if !ok || pool.Contains(ip) {
-			continue
+// dnsUpstreams are the servers sandbox queries are forwarded to:
+// --dns-upstream, or the host's own resolvers.
+func (c serveConfig) dnsUpstreams() ([]netip.AddrPort, error) {
+	if c.dnsUpstream == "" {
+		ups, err := dns.UpstreamsFromResolvConf("/etc/resolv.conf")
+		if err != nil {
+			return nil, fmt.Errorf("sandbox DNS: %w (set --dns-upstream)", err)
 		}
-		out = append(out, netip.PrefixFrom(ip, 32))
+		return ups, nil
+	}
+	var out []netip.AddrPort
+	for _, f := range strings.Split(c.dnsUpstream, ",") {
+		f = strings.TrimSpace(f)
+		ap, err := netip.ParseAddrPort(f)
+		if err != nil {
+			a, aerr := netip.ParseAddr(f)
+			if aerr != nil {
+				return nil, fmt.Errorf("--dns-upstream: %q is not an address or address:port", f)
+			}
+			ap = netip.AddrPortFrom(a, 53)
+		}
+		out = append(out, ap)
 	}
 	return out, nil
 }

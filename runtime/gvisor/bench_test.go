@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cubicle-dev/cubicle/network"
 )
 
 // BenchmarkCreate measures Create until envd answers /health, the figure
@@ -61,7 +63,7 @@ func BenchmarkRunscRun(b *testing.B) {
 		}
 		cfg := config(id, tmpl)
 		cfg.EnvdArgs = []string{"-exit"}
-		spec := e.rt.spec(cfg, dir, "")
+		spec := e.rt.spec(cfg, dir, network.Attachment{})
 		spec.Root.Path = tmpl
 		spec.Linux.Namespaces = spec.Linux.Namespaces[:len(spec.Linux.Namespaces)-1] // no netns
 		if err := writeJSON(filepath.Join(dir, "config.json"), spec); err != nil {

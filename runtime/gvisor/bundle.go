@@ -3,11 +3,13 @@ package gvisor
 import (
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -42,13 +44,13 @@ var capabilities = []string{
 }
 
 // spec builds the OCI runtime spec of a sandbox whose bundle is dir and
-// whose network namespace is mounted at netns.
-func (r *Runtime) spec(cfg runtime.Config, dir, netns string) *specs.Spec {
+// whose network is att.
+func (r *Runtime) spec(cfg runtime.Config, dir string, att network.Attachment) *specs.Spec {
 	memLimit := int64(cfg.MemoryMB) << 20
 	cpuQuota := int64(cfg.CPUCount) * cpuPeriod
 	period := uint64(cpuPeriod)
 	caps := append([]string(nil), capabilities...)
-	return &specs.Spec{
+	sp := &specs.Spec{
 		Version: specs.Version,
 		Process: &specs.Process{
 			User: specs.User{UID: 0, GID: 0},
@@ -94,10 +96,18 @@ func (r *Runtime) spec(cfg runtime.Config, dir, netns string) *specs.Spec {
 				{Type: specs.IPCNamespace},
 				{Type: specs.UTSNamespace},
 				{Type: specs.MountNamespace},
-				{Type: specs.NetworkNamespace, Path: netns},
+				{Type: specs.NetworkNamespace, Path: att.Netns},
 			},
 		},
 	}
+	if r.egress != nil {
+		// The only resolver the policy lets through is cubicle's, on the
+		// sandbox's gateway (written by writeResolvConf). Read-only: a
+		// sandbox that points elsewhere would only find port 53 closed.
+		sp.Mounts = append(sp.Mounts, specs.Mount{Destination: "/etc/resolv.conf", Type: "bind",
+			Source: filepath.Join(dir, resolvConf), Options: []string{"rbind", "ro", "nosuid", "nodev", "noexec"}})
+	}
+	return sp
 }
 
 // writeJSON writes v to path atomically, so that a crash never leaves a
@@ -116,4 +126,16 @@ func writeJSON(path string, v any) error {
 		return fmt.Errorf("rename %s: %w", tmp, err)
 	}
 	return nil
+}
+
+// resolvConf is the bundle's resolver configuration, bound over the
+// sandbox's /etc/resolv.conf.
+const resolvConf = "resolv.conf"
+
+// writeResolvConf points the sandbox at the resolver on its gateway.
+// Lookups are answered locally, so short timeouts cost nothing; AAAA
+// queries are answered empty at once (sandboxes have no IPv6).
+func writeResolvConf(dir string, gateway netip.Addr) error {
+	body := fmt.Sprintf("# cubicle: the sandbox's resolver enforces its network.allowOut domains\nnameserver %s\noptions timeout:2 attempts:2\n", gateway)
+	return os.WriteFile(filepath.Join(dir, resolvConf), []byte(body), 0o644)
 }

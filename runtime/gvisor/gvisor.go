@@ -43,7 +43,7 @@ import (
 	"strings"
 
 	"github.com/cubicle-dev/cubicle/network"
-	"github.com/cubicle-dev/cubicle/network/policy"
+	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -100,9 +100,11 @@ type Options struct {
 	StateDir string
 	// Network provides each sandbox's namespace and address. Required.
 	Network *network.Pool
-	// Policy enforces each sandbox's egress policy on its host-side device.
-	// Nil runs sandboxes without one: SetEgress then fails.
-	Policy *policy.Manager
+	// Egress enforces each sandbox's egress policy: the eBPF program on its
+	// host-side device and the resolver on its gateway. Nil runs sandboxes
+	// without either (tests): SetEgress then fails, and sandboxes keep
+	// the template's resolver configuration.
+	Egress *egress.Enforcer
 	// Platform is runsc's --platform: "systrap" (the default; needs
 	// nothing from the host), "ptrace" (slower) or "kvm" (needs /dev/kvm
 	// with hardware virtualisation: on a PVM host such as the development
@@ -129,7 +131,7 @@ type Runtime struct {
 	stateDir     string
 	runscRoot    string
 	net          *network.Pool
-	policy       *policy.Manager
+	egress       *egress.Enforcer
 	cgroupParent string
 	// flags are the global runsc flags given to every runsc command, so
 	// that every command agrees on the state root and configuration.
@@ -179,7 +181,7 @@ func New(opts Options) (*Runtime, error) {
 		stateDir:     opts.StateDir,
 		runscRoot:    filepath.Join(opts.StateDir, runscDir),
 		net:          opts.Network,
-		policy:       opts.Policy,
+		egress:       opts.Egress,
 		cgroupParent: filepath.Clean(opts.CgroupParent),
 		log:          opts.Logger.With("runtime", Name),
 	}

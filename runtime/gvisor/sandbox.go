@@ -16,10 +16,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/cubicle-dev/cubicle/network"
-	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -72,7 +69,7 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 		return runtime.Sandbox{}, fmt.Errorf("gvisor: %w", err)
 	}
 	// The policy is in force before the sandbox's first instruction runs.
-	if err := r.attachPolicy(att); err != nil {
+	if err := r.prepareEgress(att); err != nil {
 		return runtime.Sandbox{}, err
 	}
 	rec.Addr = att.Addr
@@ -89,7 +86,12 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	if err := ensureTmpDir(filepath.Join(dir, "rootfs", "tmp")); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("gvisor: %w", err)
 	}
-	if err := writeJSON(filepath.Join(dir, "config.json"), r.spec(cfg, dir, att.Netns)); err != nil {
+	if r.egress != nil {
+		if err := writeResolvConf(dir, att.Gateway); err != nil {
+			return runtime.Sandbox{}, fmt.Errorf("gvisor: %w", err)
+		}
+	}
+	if err := writeJSON(filepath.Join(dir, "config.json"), r.spec(cfg, dir, att)); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("gvisor: write config.json: %w", err)
 	}
 	tBundle := time.Now()
@@ -279,7 +281,7 @@ func (r *Runtime) Kill(ctx context.Context, id string) error {
 	if err := unmount(filepath.Join(dir, "rootfs")); err != nil {
 		errs = append(errs, err)
 	}
-	if err := r.detachPolicy(id); err != nil {
+	if err := r.releaseEgress(id); err != nil {
 		errs = append(errs, err)
 	}
 	if err := r.net.Teardown(context.WithoutCancel(ctx), id); err != nil {
@@ -404,7 +406,26 @@ func (r *Runtime) Stats(ctx context.Context, id string) (runtime.Stats, error) {
 		return runtime.Stats{}, fmt.Errorf("gvisor: disk usage of %s: %w", id, err)
 	}
 	s.DiskTotal = uint64(rec.Config.DiskSizeMB) << 20
+	if s.Egress, err = r.egressCounters(id); err != nil {
+		return runtime.Stats{}, err
+	}
 	return s, nil
+}
+
+// egressCounters reads the sandbox's counters from the eBPF policy maps.
+func (r *Runtime) egressCounters(id string) (runtime.EgressCounters, error) {
+	if r.egress == nil {
+		return runtime.EgressCounters{}, nil
+	}
+	att, ok := r.net.Lookup(id)
+	if !ok {
+		return runtime.EgressCounters{}, fmt.Errorf("gvisor: stats of %s: no network attached: %w", id, runtime.ErrNotFound)
+	}
+	c, err := r.egress.Counters(att)
+	if err != nil {
+		return runtime.EgressCounters{}, fmt.Errorf("gvisor: %w", err)
+	}
+	return c, nil
 }
 
 // ensureTmpDir makes a world-writable sticky /tmp when it is missing.
@@ -418,70 +439,48 @@ func ensureTmpDir(dir string) error {
 	return os.Chmod(dir, 0o777|os.ModeSticky)
 }
 
-// hostIfindex is the index of the sandbox's host-side device.
-func hostIfindex(att network.Attachment) (int, error) {
-	link, err := netlink.LinkByName(att.HostLink)
-	if err != nil {
-		return 0, fmt.Errorf("gvisor: device %s of %s: %w", att.HostLink, att.ID, err)
-	}
-	return link.Attrs().Index, nil
-}
-
-func (r *Runtime) attachPolicy(att network.Attachment) error {
-	if r.policy == nil {
+// prepareEgress puts a fresh attachment under the default policy, unless
+// the pool's hooks did so when they made its devices.
+func (r *Runtime) prepareEgress(att network.Attachment) error {
+	if r.egress == nil || r.egress.Prepared(att) {
 		return nil
 	}
-	idx, err := hostIfindex(att)
-	if err != nil {
-		return err
-	}
-	if err := r.policy.Attach(idx, toPolicy(runtime.DefaultEgress)); err != nil {
-		return fmt.Errorf("gvisor: egress policy of %s: %w", att.ID, err)
+	if err := r.egress.Prepare(att, runtime.DefaultEgress); err != nil {
+		return fmt.Errorf("gvisor: %w", err)
 	}
 	return nil
 }
 
-func (r *Runtime) detachPolicy(id string) error {
-	if r.policy == nil {
+func (r *Runtime) releaseEgress(id string) error {
+	if r.egress == nil {
 		return nil
 	}
 	att, ok := r.net.Lookup(id)
 	if !ok {
 		return nil // no device, so nothing attached to it
 	}
-	idx, err := hostIfindex(att)
-	if err != nil {
-		return nil // the device is gone; policy reconciliation drops its entries
-	}
-	if err := r.policy.Detach(idx); err != nil && !errors.Is(err, policy.ErrNotAttached) {
-		return fmt.Errorf("gvisor: detach egress policy of %s: %w", id, err)
+	if err := r.egress.Release(att); err != nil {
+		return fmt.Errorf("gvisor: %w", err)
 	}
 	return nil
 }
 
-func toPolicy(e runtime.Egress) policy.Policy {
-	return policy.Policy{AllowInternet: e.AllowInternet, AllowOut: e.AllowOut, DenyOut: e.DenyOut}
-}
+// ErrNoPolicy is returned by SetEgress on a runtime made without an
+// egress enforcer.
+var ErrNoPolicy = errors.New("gvisor: no egress policy enforcer")
 
-// ErrNoPolicy is returned by SetEgress on a runtime made without a policy
-// manager.
-var ErrNoPolicy = errors.New("gvisor: no egress policy manager")
-
-// SetEgress replaces the sandbox's egress policy; the next packet sees it.
+// SetEgress replaces the sandbox's egress policy; the next packet and the
+// next DNS query see it.
 func (r *Runtime) SetEgress(ctx context.Context, id string, e runtime.Egress) error {
-	if r.policy == nil {
+	if r.egress == nil {
 		return ErrNoPolicy
 	}
 	att, ok := r.net.Lookup(id)
 	if !ok {
 		return fmt.Errorf("%w: %s", runtime.ErrNotFound, id)
 	}
-	idx, err := hostIfindex(att)
-	if err != nil {
-		return err
-	}
-	if err := r.policy.Update(idx, toPolicy(e)); err != nil {
-		return fmt.Errorf("gvisor: egress policy of %s: %w", id, err)
+	if err := r.egress.Apply(att, e); err != nil {
+		return fmt.Errorf("gvisor: %w", err)
 	}
 	return nil
 }
