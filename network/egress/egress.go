@@ -63,11 +63,7 @@ func New(pm *policy.Manager, resolverOpts dns.Options) (*Enforcer, error) {
 // runs: the eBPF program on its host end and the resolver on its gateway.
 // On error nothing of it is left.
 func (e *Enforcer) Prepare(a network.Attachment, eg runtime.Egress) error {
-	idx, err := hostIndex(a)
-	if err != nil {
-		return err
-	}
-	pol, rules, err := split(eg)
+	idx, pol, rules, err := plan(a, eg)
 	if err != nil {
 		return err
 	}
@@ -98,11 +94,7 @@ func (e *Enforcer) Prepared(a network.Attachment) bool {
 // it. An attachment the Enforcer has not prepared (one adopted after a
 // restart, whose eBPF policy is still pinned) gets its resolver back.
 func (e *Enforcer) Apply(a network.Attachment, eg runtime.Egress) error {
-	idx, err := hostIndex(a)
-	if err != nil {
-		return err
-	}
-	pol, rules, err := split(eg)
+	idx, pol, rules, err := plan(a, eg)
 	if err != nil {
 		return err
 	}
@@ -204,6 +196,17 @@ func (e *Enforcer) forget(key string) (int, bool) {
 	idx, ok := e.ifindex[key]
 	delete(e.ifindex, key)
 	return idx, ok
+}
+
+// plan is what applying eg to a takes: a's host-end ifindex and eg split
+// into its kernel half and its resolver half.
+func plan(a network.Attachment, eg runtime.Egress) (int, policy.Policy, dns.Rules, error) {
+	idx, err := hostIndex(a)
+	if err != nil {
+		return 0, policy.Policy{}, dns.Rules{}, err
+	}
+	pol, rules, err := split(eg)
+	return idx, pol, rules, err
 }
 
 // split turns an E2B policy into its kernel half and its resolver half.
