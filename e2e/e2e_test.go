@@ -6,8 +6,10 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/netip"
 	"os"
@@ -23,8 +25,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cubicle-dev/cubicle/client"
+	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/nat"
 	"github.com/cubicle-dev/cubicle/network/policy"
+	"github.com/cubicle-dev/cubicle/runtime/gvisor"
 )
 
 // server is one running `cubicle serve` under test.
@@ -107,8 +111,14 @@ func run(m *testing.M) (int, error) {
 		fmt.Fprintf(os.Stderr, "--- cubicle serve log (last 150 lines) ---\n%s\n", srv.log.tail(150))
 	}
 	srv.killAll()
-	if err := srv.stop(); err != nil {
-		return code, err
+	stopErr := srv.stop()
+	// A server that died mid-test, or did not stop, left sandboxes the
+	// API could not kill: destroy them from their state.
+	if err := reapLeftovers(srv.dataDir); err != nil {
+		return code, errors.Join(stopErr, err)
+	}
+	if stopErr != nil {
+		return code, stopErr
 	}
 	// runsc keeps an empty network namespace mounted in its state root
 	// (one per concurrent first use); it would pin the data dir.
@@ -293,4 +303,33 @@ func TestServerKeepsServing(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("health: %s", resp.Status)
 	}
+}
+
+// reapLeftovers destroys every sandbox still in dataDir's runtime state,
+// with the runtime and network code serve itself uses, and removes the
+// network devices left (spares of a server that did not close its pool).
+// With nothing left it does nothing.
+func reapLeftovers(dataDir string) error {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	pool, err := network.NewPool(network.Options{Prefix: netip.MustParsePrefix(e2ePool), LinkPrefix: e2eLinkPrefix, Logger: log})
+	if err != nil {
+		return fmt.Errorf("reaping leftovers: %w", err)
+	}
+	defer pool.Close()
+	rt, err := gvisor.New(gvisor.Options{Runsc: os.Getenv("CUBICLE_RUNSC"), StateDir: filepath.Join(dataDir, "gvisor"), Network: pool, Logger: log})
+	if err != nil {
+		return fmt.Errorf("reaping leftovers: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	sbs, err := rt.List(ctx)
+	if err != nil {
+		return fmt.Errorf("reaping leftovers: %w", err)
+	}
+	var errs []error
+	for _, sb := range sbs {
+		fmt.Fprintf(os.Stderr, "e2e: destroying sandbox %s left by the server\n", sb.ID)
+		errs = append(errs, rt.Kill(ctx, sb.ID))
+	}
+	return errors.Join(errs...)
 }
