@@ -12,7 +12,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/net/dns/dnsmessage"
+
+	"github.com/cubicle-dev/cubicle/network/dns/dnstest"
 )
 
 // The fake internet the e2e sandboxes talk to: a network namespace the
@@ -138,7 +139,7 @@ func startInet(pool netip.Prefix) (_ *inet, err error) {
 		in.closers = append(in.closers, hs)
 	}
 	in.closers = append(in.closers, dnsConn)
-	go serveDNS(dnsConn)
+	go dnstest.Serve(dnsConn, lookupInet, 300)
 	return in, nil
 }
 
@@ -166,48 +167,16 @@ func (in *inet) env() []string {
 	}
 }
 
-// serveDNS answers A queries for inetNames (TTL 300) until conn closes:
-// NXDOMAIN for other names, no data for other types.
-func serveDNS(conn net.PacketConn) {
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := conn.ReadFrom(buf)
-		if err != nil {
-			return
-		}
-		var p dnsmessage.Parser
-		h, err := p.Start(buf[:n])
-		if err != nil {
-			continue
-		}
-		q, err := p.Question()
-		if err != nil {
-			continue
-		}
-		name := strings.TrimSuffix(strings.ToLower(q.Name.String()), ".")
-		addr, ok := inetNames[name]
-		if !ok && strings.HasSuffix(name, ".wild.test") {
-			addr, ok = inetNames["*.wild.test"]
-		}
-		resp := dnsmessage.Message{
-			Header:    dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true, RecursionDesired: h.RecursionDesired, RecursionAvailable: true},
-			Questions: []dnsmessage.Question{q},
-		}
-		switch {
-		case !ok:
-			resp.RCode = dnsmessage.RCodeNameError
-		case q.Type == dnsmessage.TypeA:
-			resp.Answers = []dnsmessage.Resource{{
-				Header: dnsmessage.ResourceHeader{Name: q.Name, Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET, TTL: 300},
-				Body:   &dnsmessage.AResource{A: netip.MustParseAddr(addr).As4()},
-			}}
-		}
-		out, err := resp.Pack()
-		if err != nil {
-			continue
-		}
-		conn.WriteTo(out, from)
+// lookupInet resolves inetNames, wildcard included.
+func lookupInet(name string) (netip.Addr, bool) {
+	a, ok := inetNames[name]
+	if !ok && strings.HasSuffix(name, ".wild.test") {
+		a, ok = inetNames["*.wild.test"]
 	}
+	if !ok {
+		return netip.Addr{}, false
+	}
+	return netip.MustParseAddr(a), true
 }
 
 type closerFunc func() error

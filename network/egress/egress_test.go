@@ -22,6 +22,7 @@ import (
 
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/dns"
+	"github.com/cubicle-dev/cubicle/network/dns/dnstest"
 	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
@@ -83,33 +84,7 @@ func startUpstream(tb testing.TB) netip.AddrPort {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			var p dnsmessage.Parser
-			h, err := p.Start(buf[:n])
-			if err != nil {
-				continue
-			}
-			q, err := p.Question()
-			if err != nil {
-				continue
-			}
-			m := dnsmessage.Message{Header: dnsmessage.Header{ID: h.ID, Response: true, RecursionAvailable: true}, Questions: []dnsmessage.Question{q}}
-			if q.Type == dnsmessage.TypeA {
-				m.Answers = []dnsmessage.Resource{{
-					Header: dnsmessage.ResourceHeader{Name: q.Name, Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET, TTL: 300},
-					Body:   &dnsmessage.AResource{A: upstreamAnswer.As4()},
-				}}
-			}
-			out, _ := m.Pack()
-			pc.WriteTo(out, from)
-		}
-	}()
+	go dnstest.Serve(pc, func(string) (netip.Addr, bool) { return upstreamAnswer, true }, 300)
 	return addr
 }
 
