@@ -196,7 +196,8 @@ func checkHostEnd(t *testing.T, a Attachment) {
 	}
 }
 
-func checkGuestEnd(t *testing.T, a Attachment) {
+// netnsHandle is a netlink handle in a's namespace, closed with the test.
+func netnsHandle(t *testing.T, a Attachment) *netlink.Handle {
 	t.Helper()
 	ns, err := netns.GetFromPath(a.Netns)
 	if err != nil {
@@ -207,7 +208,13 @@ func checkGuestEnd(t *testing.T, a Attachment) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.Close()
+	t.Cleanup(h.Close)
+	return h
+}
+
+func checkGuestEnd(t *testing.T, a Attachment) {
+	t.Helper()
+	h := netnsHandle(t, a)
 	lo, err := h.LinkByName("lo")
 	if err != nil || lo.Attrs().Flags&net.FlagUp == 0 {
 		t.Errorf("lo in netns missing or down: %v", err)
