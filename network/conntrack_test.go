@@ -60,7 +60,7 @@ func flowsOf(t *testing.T, addr netip.Addr) []*netlink.ConntrackFlow {
 
 func TestTeardownForgetsConntrack(t *testing.T) {
 	ctx := context.Background()
-	p, _ := testPool(t, "100.88.252.32/28")
+	p, _ := testPool(t, "100.88.248.32/28")
 	trackHost(t)
 	a, err := p.Setup(ctx, "tracked")
 	if err != nil {

@@ -407,7 +407,7 @@ func TestNewPoolRejectsOptions(t *testing.T) {
 		{Mode: Mode(7)},
 		{Spares: -1},
 	} {
-		o.Prefix = netip.MustParsePrefix("100.88.252.0/28")
+		o.Prefix = netip.MustParsePrefix("100.88.248.0/28")
 		o.NetnsDir = t.TempDir()
 		o.LinkPrefix = "cbtest"
 		if p, err := NewPool(o); !errors.Is(err, ErrBadOptions) {

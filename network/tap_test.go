@@ -42,7 +42,7 @@ func TestTapDevices(t *testing.T) {
 		spares int
 	}{{"cold", 0}, {"spare", 1}} {
 		t.Run(tc.name, func(t *testing.T) {
-			p, _ := testPool(t, "100.88.252.0/28", func(o *Options) { o.Mode = ModeTap; o.Spares = tc.spares })
+			p, _ := testPool(t, "100.88.248.0/28", func(o *Options) { o.Mode = ModeTap; o.Spares = tc.spares })
 			if tc.spares > 0 {
 				waitSpares(t, p, tc.spares)
 			}
@@ -143,7 +143,7 @@ func checkTap(t *testing.T, a Attachment) {
 // TestTapTraffic sends real packets through a ModeTap sandbox: the test
 // plays the guest on tap0, with handmade Ethernet frames.
 func TestTapTraffic(t *testing.T) {
-	p, _ := testPool(t, "100.88.252.16/28", func(o *Options) { o.Mode = ModeTap })
+	p, _ := testPool(t, "100.88.248.16/28", func(o *Options) { o.Mode = ModeTap })
 	a, err := p.Setup(context.Background(), "vmtraffic")
 	if err != nil {
 		t.Fatal(err)
