@@ -246,7 +246,16 @@ func (s *System) PVM() bool {
 // CreateVM creates a new, empty virtual machine (KVM_CREATE_VM, default
 // machine type).
 func (s *System) CreateVM() (*VM, error) {
-	fd, err := ioctl(s.fd, kvmCreateVM, 0)
+	// KVM_CREATE_VM fails with EINTR when a signal is pending while it
+	// sets the VM up (Go's preemption signal, SIGURG, will be under load);
+	// nothing was created then, so trying again is safe.
+	var fd uintptr
+	var err error
+	for range 100 {
+		if fd, err = ioctl(s.fd, kvmCreateVM, 0); err != unix.EINTR {
+			break
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("kvm: KVM_CREATE_VM: %w", err)
 	}
