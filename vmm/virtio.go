@@ -3,6 +3,7 @@
 package vmm
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -310,25 +311,14 @@ func (vm *VM) VirtioDevices() []*VirtioDevice {
 
 // AddBlock adds a virtio-blk disk (see AddVirtio).
 func (vm *VM) AddBlock(name string, cfg blk.Config) (*blk.Device, error) {
-	if cfg.Logger == nil {
-		cfg.Logger = vm.log
-	}
+	cfg.Logger = cmp.Or(cfg.Logger, vm.log)
 	d, err := blk.New(cfg)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := vm.AddVirtio(name, d); err != nil {
-		d.Close()
-		return nil, err
-	}
-	return d, nil
+	return addOwned(vm, name, d, err)
 }
 
 // AddRNG adds a virtio-rng entropy device (see AddVirtio).
 func (vm *VM) AddRNG(name string, cfg rng.Config) (*rng.Device, error) {
-	if cfg.Logger == nil {
-		cfg.Logger = vm.log
-	}
+	cfg.Logger = cmp.Or(cfg.Logger, vm.log)
 	d := rng.New(cfg)
 	if _, err := vm.AddVirtio(name, d); err != nil {
 		return nil, err
@@ -340,33 +330,34 @@ func (vm *VM) AddRNG(name string, cfg rng.Config) (*rng.Device, error) {
 // cfg.UDSPath (see AddVirtio and package vsock). On a restored VM the
 // guest is told, with a transport reset, that its connections are gone.
 func (vm *VM) AddVsock(name string, cfg vsock.Config) (*vsock.Device, error) {
-	if cfg.Logger == nil {
-		cfg.Logger = vm.log
-	}
+	cfg.Logger = cmp.Or(cfg.Logger, vm.log)
 	d, err := vsock.New(cfg)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := vm.AddVirtio(name, d); err != nil {
-		d.Close()
-		return nil, err
-	}
-	return d, nil
+	return addOwned(vm, name, d, err)
 }
 
 // AddNet adds a virtio-net device on a tap (see AddVirtio and package
 // net).
 func (vm *VM) AddNet(name string, cfg net.Config) (*net.Device, error) {
-	if cfg.Logger == nil {
-		cfg.Logger = vm.log
-	}
+	cfg.Logger = cmp.Or(cfg.Logger, vm.log)
 	d, err := net.New(cfg)
-	if err != nil {
-		return nil, err
+	return addOwned(vm, name, d, err)
+}
+
+// addOwned adds d, which its package's New returned with err, to the VM (see
+// AddVirtio). If either failed it returns the error and no device, closing d
+// when the VM did not take it, so its file, socket or tap does not leak.
+func addOwned[D interface {
+	mmio.Device
+	io.Closer
+}](vm *VM, name string, d D, err error) (D, error) {
+	if err == nil {
+		if _, err = vm.AddVirtio(name, d); err != nil {
+			d.Close()
+		}
 	}
-	if _, err := vm.AddVirtio(name, d); err != nil {
-		d.Close()
-		return nil, err
+	if err != nil {
+		var none D
+		return none, err
 	}
 	return d, nil
 }

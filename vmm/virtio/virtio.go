@@ -1,14 +1,17 @@
 // Package virtio holds what every virtio device of the cubicle VMM shares: the
 // spec's device types, status and feature bits, the view of guest memory the
 // devices read and write (Memory), and the two small interfaces that connect a
-// device to the rest of the VM — Interrupt, which the VM implements to raise the
-// device's interrupt line, and Signaler, which the transport hands to a device so
-// it can report used buffers, configuration changes and fatal errors. The
-// subpackages build on it: queue parses split virtqueues from untrusted guest
-// memory, mmio is the virtio-mmio transport that the VM maps on its bus, and blk,
-// net, rng and vsock are the device models, one folder each. All of them treat
-// guest memory and everything in it as hostile input: a bad guest gets an error
-// status or a dropped buffer, never a crash or a hang of the VMM.
+// device to the rest of the VM — Interrupt, which the VM implements to raise
+// the device's interrupt line, and Signaler, which the transport hands to a
+// device so it can report used buffers, configuration changes and fatal errors.
+// It also holds what the devices build their lifecycle from: Lifecycle (the
+// Activate, Pause, Resume, Reset and Close sequence), Worker (one goroutine)
+// and Kicks (queue notifications). The subpackages build on it: queue parses
+// split virtqueues from untrusted guest memory, mmio is the virtio-mmio
+// transport that the VM maps on its bus, and blk, net, rng and vsock are the
+// device models, one folder each. All of them treat guest memory and everything
+// in it as hostile input: a bad guest gets an error status or a dropped buffer,
+// never a crash or a hang of the VMM.
 package virtio
 
 import "errors"

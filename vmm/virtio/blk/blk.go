@@ -9,9 +9,10 @@
 // with nowhere to put a status byte is returned unused.
 //
 // Concurrency: the worker goroutine owns the queue, the signaler and all I/O
-// on the file between Activate/Resume and Pause/Reset. Device.mu guards the
-// lifecycle fields; it is taken after the transport's lock and never by the
-// worker. Close must come after the transport's Close (or Reset).
+// on the file between Activate/Resume and Pause/Reset. The lock of
+// Device.life (a virtio.Lifecycle) guards the lifecycle fields; it is taken
+// after the transport's lock and never by the worker. Close must come after
+// the transport's Close (or Reset).
 package blk
 
 import (
@@ -21,7 +22,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"sync"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -138,9 +138,7 @@ type Device struct {
 	kicks    *virtio.Kicks
 	metrics  Metrics
 
-	mu     sync.Mutex // guards the fields below
-	q      *queue.Queue
-	sig    virtio.Signaler
+	life   *virtio.Lifecycle // its lock guards worker
 	worker virtio.Worker
 }
 
@@ -177,6 +175,7 @@ func New(cfg Config) (*Device, error) {
 		log:      cfg.Logger,
 		kicks:    virtio.NewKicks(),
 	}
+	d.life = virtio.NewLifecycle(d.kicks, d.worker.Stop, os.ErrClosed)
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
 	}
@@ -193,12 +192,7 @@ func New(cfg Config) (*Device, error) {
 }
 
 // Close closes the disk file. The device must be reset (or never activated).
-func (d *Device) Close() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.worker.Stop()
-	return d.file.Close()
-}
+func (d *Device) Close() error { return d.life.Close(d.file.Close) }
 
 // Capacity returns the disk size in sectors.
 func (d *Device) Capacity() uint64 { return d.capacity }
@@ -252,48 +246,23 @@ func (d *Device) Activate(mem virtio.Memory, features uint64, qs []*queue.Queue,
 	if len(qs) != 1 || qs[0] == nil {
 		return ErrNoQueue
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.worker.Stop()
-	d.q, d.sig = qs[0], sig
-	d.start()
-	return nil
-}
-
-func (d *Device) start() {
-	q, sig := d.q, d.sig
-	d.worker.Start(func(stop <-chan struct{}) { d.run(q, sig, stop) })
+	q := qs[0]
+	return d.life.Activate(nil, func() {
+		d.worker.Start(func(stop <-chan struct{}) { d.run(q, sig, stop) })
+	})
 }
 
 // Notify implements mmio.Device.
-func (d *Device) Notify(i int) { d.kicks.Kick(i) }
+func (d *Device) Notify(i int) { d.life.Notify(i) }
 
 // Pause implements mmio.Device.
-func (d *Device) Pause() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.worker.Stop()
-}
+func (d *Device) Pause() { d.life.Pause() }
 
 // Resume implements mmio.Device.
-func (d *Device) Resume() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.q == nil {
-		return virtio.ErrNotActivated
-	}
-	d.start()
-	return nil
-}
+func (d *Device) Resume() error { return d.life.Resume() }
 
 // Reset implements mmio.Device.
-func (d *Device) Reset() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.worker.Stop()
-	d.q, d.sig = nil, nil
-	d.kicks.Take()
-}
+func (d *Device) Reset() { d.life.Reset(nil) }
 
 func (d *Device) run(q *queue.Queue, sig virtio.Signaler, stop <-chan struct{}) {
 	r := &request{}

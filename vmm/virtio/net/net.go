@@ -14,8 +14,9 @@
 // and writes to the tap; the reader reads frames from the tap into one of two
 // buffers and hands them to the worker over a channel, so a guest that posts
 // no rx buffers stops the reader rather than growing memory, and the kernel
-// drops at the tap's queue. Device.mu guards the lifecycle fields and is taken
-// after the transport's lock, never by the worker or the reader.
+// drops at the tap's queue. The lock of Device.life (a virtio.Lifecycle)
+// guards the lifecycle fields and is taken after the transport's lock, never
+// by the worker or the reader.
 package net
 
 import (
@@ -24,7 +25,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -124,16 +124,12 @@ type Device struct {
 	metrics Metrics
 	mac     atomic.Pointer[[6]byte]
 
-	mu       sync.Mutex // guards the fields below
-	qs       []*queue.Queue
-	sig      virtio.Signaler
-	features uint64
-	worker   virtio.Worker
-	reader   virtio.Worker
-	frames   chan []byte // reader → worker: frames (header included)
-	free     chan []byte // worker → reader: empty buffers
-	pending  []byte      // a frame waiting for rx buffers, kept across Pause
-	closed   bool
+	life    *virtio.Lifecycle // its lock guards the fields below
+	worker  virtio.Worker
+	reader  virtio.Worker
+	frames  chan []byte // reader → worker: frames (header included)
+	free    chan []byte // worker → reader: empty buffers
+	pending []byte      // a frame waiting for rx buffers, kept across Pause
 }
 
 // New returns a network device over cfg's tap.
@@ -152,6 +148,7 @@ func New(cfg Config) (*Device, error) {
 		return nil, err
 	}
 	d := &Device{tap: tap, log: cfg.Logger, kicks: virtio.NewKicks()}
+	d.life = virtio.NewLifecycle(d.kicks, d.stop, os.ErrClosed)
 	rc, err := tap.SyscallConn()
 	if err == nil {
 		err = rc.Control(func(fd uintptr) { d.tapFD = int(fd) })
@@ -169,16 +166,7 @@ func New(cfg Config) (*Device, error) {
 }
 
 // Close closes the tap. The device must be reset (or never activated).
-func (d *Device) Close() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.closed {
-		return nil
-	}
-	d.closed = true
-	d.stop()
-	return d.tap.Close()
-}
+func (d *Device) Close() error { return d.life.Close(d.tap.Close) }
 
 // Metrics returns the device's counters.
 func (d *Device) Metrics() *Metrics { return &d.metrics }
@@ -231,22 +219,19 @@ func (d *Device) Activate(mem virtio.Memory, features uint64, qs []*queue.Queue,
 	if len(qs) != 2 || qs[RxQueue] == nil || qs[TxQueue] == nil {
 		return ErrQueuesMissing
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.closed {
-		return os.ErrClosed
+	setOffloads := func() error {
+		if err := unix.IoctlSetInt(d.tapFD, unix.TUNSETOFFLOAD, tapOffloads(features)); err != nil {
+			return fmt.Errorf("%w: features %#x: %w", ErrOffload, features, err)
+		}
+		return nil
 	}
-	d.stop()
-	if err := unix.IoctlSetInt(d.tapFD, unix.TUNSETOFFLOAD, tapOffloads(features)); err != nil {
-		return fmt.Errorf("%w: features %#x: %w", ErrOffload, features, err)
-	}
-	d.qs, d.sig, d.features = qs, sig, features
-	d.start()
-	return nil
+	mrg := virtio.HasFeature(features, FeatureMrgRxbuf)
+	return d.life.Activate(setOffloads, func() { d.start(qs[RxQueue], qs[TxQueue], sig, mrg) })
 }
 
-// start runs the reader and the worker. Called with d.mu held.
-func (d *Device) start() {
+// start runs the reader and the worker. Called with the lifecycle's lock
+// held.
+func (d *Device) start(rxq, txq *queue.Queue, sig virtio.Signaler, mrg bool) {
 	d.frames, d.free = make(chan []byte), make(chan []byte, 2)
 	for range 2 {
 		d.free <- make([]byte, NetHdrSize+MaxFrame)
@@ -254,8 +239,7 @@ func (d *Device) start() {
 	frames, free := d.frames, d.free
 	_ = d.tap.SetReadDeadline(time.Time{})
 	d.reader.Start(func(stop <-chan struct{}) { d.readLoop(frames, free, stop) })
-	w := &worker{d: d, rxq: d.qs[RxQueue], txq: d.qs[TxQueue], sig: d.sig,
-		mrg: virtio.HasFeature(d.features, FeatureMrgRxbuf), frames: frames, free: free, pending: d.pending}
+	w := &worker{d: d, rxq: rxq, txq: txq, sig: sig, mrg: mrg, frames: frames, free: free, pending: d.pending}
 	d.pending = nil
 	d.worker.Start(func(stop <-chan struct{}) {
 		w.run(stop)
@@ -263,7 +247,8 @@ func (d *Device) start() {
 	})
 }
 
-// stop stops the worker and the reader. Called with d.mu held.
+// stop stops the worker and the reader. Called with the lifecycle's lock
+// held.
 func (d *Device) stop() {
 	d.worker.Stop()
 	if d.reader.Running() {
@@ -273,36 +258,21 @@ func (d *Device) stop() {
 }
 
 // Notify implements mmio.Device.
-func (d *Device) Notify(i int) { d.kicks.Kick(i) }
+func (d *Device) Notify(i int) { d.life.Notify(i) }
 
 // Pause implements mmio.Device.
-func (d *Device) Pause() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.stop()
-}
+func (d *Device) Pause() { d.life.Pause() }
 
 // Resume implements mmio.Device.
-func (d *Device) Resume() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.qs == nil || d.closed {
-		return virtio.ErrNotActivated
-	}
-	d.start()
-	return nil
-}
+func (d *Device) Resume() error { return d.life.Resume() }
 
-// Reset implements mmio.Device: queues and offloads are dropped.
+// Reset implements mmio.Device: queues and offloads are dropped. After Close
+// the lifecycle skips this, so the closed tap is not touched.
 func (d *Device) Reset() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.stop()
-	d.qs, d.sig, d.features, d.pending = nil, nil, 0, nil
-	d.kicks.Take()
-	if !d.closed {
+	d.life.Reset(func() {
+		d.pending = nil
 		_ = unix.IoctlSetInt(d.tapFD, unix.TUNSETOFFLOAD, 0)
-	}
+	})
 }
 
 // readLoop is the reader goroutine: one frame per buffer.

@@ -6,9 +6,9 @@
 // and no state beyond its queue.
 //
 // Concurrency: the worker goroutine (started by Activate/Resume, stopped by
-// Pause/Reset) owns the queue and the signaler. Device.mu guards the
-// lifecycle fields and is taken after the transport's lock, never by the
-// worker.
+// Pause/Reset) owns the queue and the signaler. The lock of Device.life (a
+// virtio.Lifecycle) guards the lifecycle fields and is taken after the
+// transport's lock, never by the worker.
 package rng
 
 import (
@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"sync"
 	"sync/atomic"
 
 	"github.com/cubicle-dev/cubicle/vmm/virtio"
@@ -61,9 +60,7 @@ type Device struct {
 	kicks   *virtio.Kicks
 	metrics Metrics
 
-	mu     sync.Mutex // guards the fields below
-	q      *queue.Queue
-	sig    virtio.Signaler
+	life   *virtio.Lifecycle // its lock guards worker
 	worker virtio.Worker
 }
 
@@ -76,6 +73,8 @@ func New(cfg Config) *Device {
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
 	}
+	// The device has no Close, so the closed error is never returned.
+	d.life = virtio.NewLifecycle(d.kicks, d.worker.Stop, nil)
 	return d
 }
 
@@ -102,48 +101,23 @@ func (d *Device) Activate(mem virtio.Memory, features uint64, qs []*queue.Queue,
 	if len(qs) != 1 || qs[0] == nil {
 		return ErrNoQueue
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.worker.Stop()
-	d.q, d.sig = qs[0], sig
-	d.start()
-	return nil
-}
-
-func (d *Device) start() {
-	q, sig := d.q, d.sig
-	d.worker.Start(func(stop <-chan struct{}) { d.run(q, sig, stop) })
+	q := qs[0]
+	return d.life.Activate(nil, func() {
+		d.worker.Start(func(stop <-chan struct{}) { d.run(q, sig, stop) })
+	})
 }
 
 // Notify implements mmio.Device.
-func (d *Device) Notify(i int) { d.kicks.Kick(i) }
+func (d *Device) Notify(i int) { d.life.Notify(i) }
 
 // Pause implements mmio.Device.
-func (d *Device) Pause() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.worker.Stop()
-}
+func (d *Device) Pause() { d.life.Pause() }
 
 // Resume implements mmio.Device.
-func (d *Device) Resume() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.q == nil {
-		return virtio.ErrNotActivated
-	}
-	d.start()
-	return nil
-}
+func (d *Device) Resume() error { return d.life.Resume() }
 
 // Reset implements mmio.Device.
-func (d *Device) Reset() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.worker.Stop()
-	d.q, d.sig = nil, nil
-	d.kicks.Take()
-}
+func (d *Device) Reset() { d.life.Reset(nil) }
 
 func (d *Device) run(q *queue.Queue, sig virtio.Signaler, stop <-chan struct{}) {
 	var c queue.Chain

@@ -25,8 +25,8 @@
 //   - dial goroutines connect guest-initiated connections without blocking
 //     the worker.
 //
-// Lock order: the transport's lock, then Device.mu (lifecycle), then
-// conn.outMu. The worker takes only conn.outMu.
+// Lock order: the transport's lock, then the lock of Device.life (a
+// virtio.Lifecycle), then conn.outMu. The worker takes only conn.outMu.
 package vsock
 
 import (
@@ -137,15 +137,12 @@ type Device struct {
 	closed         chan struct{} // closed by Close
 	bg             sync.WaitGroup
 	live           atomic.Bool // a driver is active: host connections are accepted
+	pendingReset   atomic.Bool // set by Restore: the next start owes the guest a TRANSPORT_RESET
 	metrics        Metrics
 
-	mu           sync.Mutex // guards the fields below
-	worker       virtio.Worker
-	qs           []*queue.Queue
-	sig          virtio.Signaler
-	mux          *muxer
-	pendingReset bool
-	isClosed     bool
+	life   *virtio.Lifecycle // its lock guards the fields below
+	worker virtio.Worker
+	mux    *muxer
 }
 
 // New creates the device and starts listening on cfg.UDSPath.
@@ -175,6 +172,7 @@ func New(cfg Config) (*Device, error) {
 	}
 	d.log = d.log.With("device", "vsock", "cid", cfg.GuestCID)
 	d.mux = newMuxer(d)
+	d.life = virtio.NewLifecycle(d.kicks, d.worker.Stop, ErrClosed)
 	d.bg.Add(1)
 	go d.acceptLoop()
 	return d, nil
@@ -183,18 +181,13 @@ func New(cfg Config) (*Device, error) {
 // Close stops the device, drops every connection and removes the listening
 // socket. The transport must be closed (or reset) first.
 func (d *Device) Close() error {
-	d.mu.Lock()
-	if d.isClosed {
-		d.mu.Unlock()
-		return nil
-	}
-	d.isClosed = true
-	d.worker.Stop()
-	d.live.Store(false)
-	close(d.closed)
-	err := d.ln.Close()
-	d.mux.closeAll()
-	d.mu.Unlock()
+	err := d.life.Close(func() error {
+		d.live.Store(false)
+		close(d.closed)
+		err := d.ln.Close()
+		d.mux.closeAll()
+		return err
+	})
 	d.bg.Wait()
 	if err != nil {
 		return fmt.Errorf("vsock: close listener: %w", err)
@@ -236,60 +229,36 @@ func (d *Device) Activate(mem virtio.Memory, features uint64, qs []*queue.Queue,
 	if len(qs) != 3 || qs[RxQueue] == nil || qs[TxQueue] == nil || qs[EventQueue] == nil {
 		return ErrQueuesMissing
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.isClosed {
-		return ErrClosed
-	}
-	d.worker.Stop()
-	d.qs, d.sig = qs, sig
-	d.start()
-	return nil
+	return d.life.Activate(nil, func() { d.start(qs, sig) })
 }
 
-// start runs the worker. Called with d.mu held.
-func (d *Device) start() {
-	mux, qs, sig := d.mux, d.qs, d.sig
-	if d.pendingReset {
+// start runs the worker. Called with the lifecycle's lock held.
+func (d *Device) start(qs []*queue.Queue, sig virtio.Signaler) {
+	mux := d.mux
+	if d.pendingReset.Swap(false) {
 		mux.pendingReset = true
-		d.pendingReset = false
 	}
 	d.live.Store(true)
 	d.worker.Start(func(stop <-chan struct{}) { mux.run(qs, sig, stop) })
 }
 
 // Notify implements mmio.Device.
-func (d *Device) Notify(i int) { d.kicks.Kick(i) }
+func (d *Device) Notify(i int) { d.life.Notify(i) }
 
 // Pause implements mmio.Device. Connections stay open; their data waits.
-func (d *Device) Pause() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.worker.Stop()
-}
+func (d *Device) Pause() { d.life.Pause() }
 
 // Resume implements mmio.Device.
-func (d *Device) Resume() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.qs == nil || d.isClosed {
-		return virtio.ErrNotActivated
-	}
-	d.start()
-	return nil
-}
+func (d *Device) Resume() error { return d.life.Resume() }
 
 // Reset implements mmio.Device: the driver went away, so every connection is
 // dropped.
 func (d *Device) Reset() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.live.Store(false)
-	d.worker.Stop()
-	d.qs, d.sig = nil, nil
-	d.mux.closeAll()
-	d.mux.pendingReset = false
-	d.kicks.Take()
+	d.life.Reset(func() {
+		d.live.Store(false)
+		d.mux.closeAll()
+		d.mux.pendingReset = false
+	})
 }
 
 // State is the device's snapshot. Connections are not part of it: the host
@@ -310,8 +279,6 @@ func (d *Device) Restore(st State) error {
 	if st.GuestCID <= HostCID || st.GuestCID >= 0xffffffff {
 		return fmt.Errorf("%w: %w: %d", ErrSnapshotMismatch, ErrInvalidCID, st.GuestCID)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.pendingReset = true
+	d.pendingReset.Store(true)
 	return nil
 }
