@@ -19,12 +19,11 @@ package codeinterp
 // markers on the output pipes are what tell that every byte of its output
 // has been read, which fd 3 alone could not.
 //
-// Lock order: bashKernel.cells, then bashKernel.mu, then bashProc.mu.
+// Lock order: kernelBase.cells, then kernelBase.mu, then bashProc.mu.
 
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -37,7 +36,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -51,46 +49,34 @@ type bashOptions struct {
 	log          *slog.Logger
 }
 
-// bashKernel is a bash context; like jupyterKernel it outlives its processes.
+// bashKernel is a bash context.
 type bashKernel struct {
+	kernelBase[*bashProc]
 	opts  bashOptions
-	cells cellLock
-
-	mu      sync.Mutex // guards the fields below
-	proc    *bashProc
-	closed  bool
-	baseEnv map[string]string
-	envProc *bashProc
-	count   int // cells run, reported as number_of_executions
+	count int // cells run, reported as number_of_executions; guarded by mu
 }
 
 func newBashKernel(ctx context.Context, opts bashOptions) (*bashKernel, error) {
-	p, err := startBashProc(ctx, opts)
-	if err != nil {
+	k := &bashKernel{opts: opts}
+	// bash has no counter of its own: a restart starts ours afresh.
+	k.onRestart = func() { k.count = 0 }
+	start := func(ctx context.Context) (*bashProc, error) { return startBashProc(ctx, opts) }
+	died := "bash exited while running the cell; a new one was started and the context's state is lost"
+	if err := k.init(ctx, start, opts.startTimeout, died); err != nil {
 		return nil, err
 	}
-	return &bashKernel{opts: opts, cells: newCellLock(), proc: p}, nil
+	return k, nil
 }
 
 // shellName is what bash accepts as a variable name.
 var shellName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
-func (k *bashKernel) setBaseEnv(env map[string]string) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.baseEnv = maps.Clone(env)
-	k.envProc = nil
-}
-
 func (k *bashKernel) run(ctx context.Context, code string, env map[string]string, emit func(any)) error {
-	if err := k.cells.lock(ctx); err != nil {
-		return err
-	}
-	defer k.cells.unlock()
-	p, err := k.live(ctx)
+	p, err := k.lockLive(ctx)
 	if err != nil {
 		return err
 	}
+	defer k.cells.unlock()
 	for name := range env {
 		if !shellName.MatchString(name) {
 			emit(errorEvent{Type: typeError, Name: "InvalidEnvVar", Value: fmt.Sprintf("%q is not a valid bash variable name", name)})
@@ -137,35 +123,18 @@ func (k *bashKernel) run(ctx context.Context, code string, env map[string]string
 // execute writes line and collects the cell's output until its end. It
 // returns the cell's exit status. Called with cells held.
 func (k *bashKernel) execute(ctx context.Context, p *bashProc, line string, emit func(any)) (int, error) {
-	c := &bashCell{events: make(chan bashEvent, 64), done: make(chan struct{})}
-	p.mu.Lock()
-	p.cell = c
-	p.mu.Unlock()
-	defer func() {
-		p.mu.Lock()
-		p.cell = nil
-		p.mu.Unlock()
-		close(c.done)
-	}()
+	c, stop := p.listen()
+	defer stop()
 	if _, err := io.WriteString(p.stdin, line); err != nil {
 		return 0, fmt.Errorf("bash cell: %w", ErrKernelDead)
 	}
 	var (
 		started, interruptPending bool
 		outMarks, status          = 0, -1
-		ctxDone                   = ctx.Done()
-		repeat, giveUp            <-chan time.Time
 	)
-	interrupt := func() {
-		if started {
-			p.interrupt()
-		} else {
-			interruptPending = true // bash is still reading the line
-		}
-	}
-	for outMarks < 2 || status < 0 {
-		select {
-		case ev := <-c.events:
+	ended, err := awaitCell(ctx, &k.kernelBase, p, cellWait[bashEvent]{
+		events: c.events,
+		handle: func(ev bashEvent) bool {
 			switch ev.kind {
 			case typeStdout, typeStderr:
 				emit(streamEvent{Type: ev.kind, Text: ev.text, Timestamp: timestamp()})
@@ -180,106 +149,23 @@ func (k *bashKernel) execute(ctx context.Context, p *bashProc, line string, emit
 			case "end":
 				status = ev.status
 			}
-		case <-ctxDone:
-			ctxDone = nil
-			k.opts.log.Info("interrupting a bash cell whose client went away", "why", context.Cause(ctx))
-			interrupt()
-			t := time.NewTicker(interruptRepeat)
-			defer t.Stop()
-			repeat = t.C
-			giveUp = time.After(interruptLimit)
-		case <-repeat:
-			interrupt()
-		case <-giveUp:
-			k.opts.log.Warn("bash ignored interrupts; restarting it", "after", interruptLimit)
-			return 0, errors.Join(ctx.Err(), k.replaceAfter(p))
-		case <-p.exited:
-			if p.restarting.Load() {
-				emit(errorEvent{Type: typeError, Name: "ContextRestarting", Value: "Context was restarted"})
-				return 0, nil
+			return outMarks >= 2 && status >= 0
+		},
+		interrupt: func() {
+			if started {
+				p.interrupt()
+			} else {
+				interruptPending = true // bash is still reading the line
 			}
-			emit(errorEvent{Type: typeError, Name: "DeadKernelError",
-				Value: "bash exited while running the cell; a new one was started and the context's state is lost"})
-			return 0, k.replaceAfter(p)
-		}
+		},
+		log: k.opts.log,
+	}, emit)
+	if !ended {
+		return 0, err
 	}
+	// An interrupted cell still reports its status; run returns ctx's
+	// error after it.
 	return status, nil
-}
-
-// replaceAfter starts a new bash in place of p, whose client may be gone.
-func (k *bashKernel) replaceAfter(p *bashProc) error {
-	ctx, cancel := context.WithTimeout(context.Background(), k.opts.startTimeout)
-	defer cancel()
-	_, err := k.replace(ctx, p)
-	return err
-}
-
-func (k *bashKernel) live(ctx context.Context) (*bashProc, error) {
-	k.mu.Lock()
-	p, closed := k.proc, k.closed
-	k.mu.Unlock()
-	if closed {
-		return nil, ErrClosed
-	}
-	if p != nil && !p.dead() {
-		return p, nil
-	}
-	return k.replace(ctx, p)
-}
-
-func (k *bashKernel) replace(ctx context.Context, old *bashProc) (*bashProc, error) {
-	if old != nil {
-		old.kill()
-	}
-	p, err := startBashProc(ctx, k.opts)
-	if err != nil {
-		return nil, err
-	}
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.closed {
-		p.kill()
-		return nil, ErrClosed
-	}
-	k.proc = p
-	return p, nil
-}
-
-func (k *bashKernel) restart(ctx context.Context) error {
-	k.mu.Lock()
-	old, closed := k.proc, k.closed
-	k.mu.Unlock()
-	if closed {
-		return ErrClosed
-	}
-	old.restarting.Store(true)
-	old.kill()
-	if err := k.cells.lock(ctx); err != nil {
-		return err
-	}
-	defer k.cells.unlock()
-	k.mu.Lock()
-	cur := k.proc
-	k.count = 0
-	k.mu.Unlock()
-	if cur != old && cur != nil && !cur.dead() {
-		return nil
-	}
-	_, err := k.replace(ctx, cur)
-	return err
-}
-
-func (k *bashKernel) close() error {
-	k.mu.Lock()
-	p := k.proc
-	k.closed = true
-	k.proc = nil
-	k.mu.Unlock()
-	if p != nil {
-		p.restarting.Store(true)
-		p.kill()
-	}
-	return nil
 }
 
 // bashEvent is something one of bash's three pipes said.
@@ -297,15 +183,11 @@ type bashCell struct {
 
 // bashProc is one bash process.
 type bashProc struct {
-	cmd      *exec.Cmd
+	process
 	stdin    io.WriteCloser
 	pipes    []*os.File // our ends of stdout, stderr and fd 3
 	dir      string     // private directory holding the cell file
 	cellFile string
-	exited   chan struct{}
-	log      *slog.Logger
-
-	restarting atomic.Bool // see kernelProc.restarting
 
 	mu   sync.Mutex // guards cell
 	cell *bashCell  // nil between cells: output then is dropped
@@ -348,7 +230,7 @@ func startBashProc(ctx context.Context, opts bashOptions) (_ *bashProc, err erro
 	cmd := exec.Command(opts.bash, "--norc", "--noprofile", "--noediting", "-i")
 	cmd.Dir = opts.cwd
 	cmd.Env = opts.env
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // see kernelProc.interrupt
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // see process
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrKernelStart, err)
@@ -375,8 +257,8 @@ func startBashProc(ctx context.Context, opts bashOptions) (_ *bashProc, err erro
 		return nil, fmt.Errorf("%w: %v", ErrKernelStart, err)
 	}
 	p := &bashProc{
-		cmd: cmd, stdin: stdin, pipes: readEnds, dir: dir, cellFile: filepath.Join(dir, "cell"),
-		exited: make(chan struct{}), log: opts.log,
+		process: process{name: "bash", cmd: cmd, exited: make(chan struct{}), log: opts.log},
+		stdin:   stdin, pipes: readEnds, dir: dir, cellFile: filepath.Join(dir, "cell"),
 	}
 	go p.readOutput(readEnds[0], typeStdout, markerBytes)
 	go p.readOutput(readEnds[1], typeStderr, markerBytes)
@@ -393,16 +275,8 @@ func startBashProc(ctx context.Context, opts bashOptions) (_ *bashProc, err erro
 
 	// The first prompt's end marks bash ready. What it printed before
 	// (job control warnings) belongs to no cell and is dropped.
-	c := &bashCell{events: make(chan bashEvent, 64), done: make(chan struct{})}
-	p.mu.Lock()
-	p.cell = c
-	p.mu.Unlock()
-	defer func() {
-		p.mu.Lock()
-		p.cell = nil
-		p.mu.Unlock()
-		close(c.done)
-	}()
+	c, stop := p.listen()
+	defer stop()
 	if _, err := io.WriteString(stdin, fmt.Sprintf(bashInit, octal.String())); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrKernelStart, err)
 	}
@@ -425,6 +299,20 @@ func startBashProc(ctx context.Context, opts bashOptions) (_ *bashProc, err erro
 		}
 	}
 	return p, nil
+}
+
+// listen makes c the cell that receives p's events, until stop.
+func (p *bashProc) listen() (c *bashCell, stop func()) {
+	c = &bashCell{events: make(chan bashEvent, 64), done: make(chan struct{})}
+	p.mu.Lock()
+	p.cell = c
+	p.mu.Unlock()
+	return c, func() {
+		p.mu.Lock()
+		p.cell = nil
+		p.mu.Unlock()
+		close(c.done)
+	}
 }
 
 // deliver hands ev to the running cell, or drops it between cells.
@@ -477,31 +365,11 @@ func (p *bashProc) readControl(r io.Reader) {
 	}
 }
 
-func (p *bashProc) interrupt() {
-	if err := syscall.Kill(-p.cmd.Process.Pid, syscall.SIGINT); err != nil && !errors.Is(err, syscall.ESRCH) {
-		p.log.Warn("interrupting bash", "err", err)
-	}
-}
-
-func (p *bashProc) dead() bool {
-	select {
-	case <-p.exited:
-		return true
-	default:
-		return false
-	}
-}
-
 // kill ends bash's process group and closes our pipe ends, which stops the
 // readers even if a job that left the group still holds the other ends.
 func (p *bashProc) kill() {
-	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	p.stop()
 	p.stdin.Close()
-	select {
-	case <-p.exited:
-	case <-time.After(5 * time.Second):
-		p.log.Warn("bash did not exit after SIGKILL", "pid", p.cmd.Process.Pid)
-	}
 	closeFiles(p.pipes...)
 	os.RemoveAll(p.dir)
 }

@@ -1,9 +1,7 @@
 package codeinterp
 
 import (
-	"context"
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 )
@@ -143,16 +141,7 @@ func TestBashInterruptAndExit(t *testing.T) {
 		"for i in $(seq 60); do sleep 1; done; LOOP=done", // a child in the foreground
 		"while :; do :; done; LOOP=done",                  // builtins only
 	} {
-		ctx, cancel := context.WithCancel(context.Background())
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.url+"/execute",
-			strings.NewReader(`{"code":`+jsonString(code)+`,"context_id":"`+c.ID+`"}`))
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		time.Sleep(500 * time.Millisecond)
-		cancel()
-		resp.Body.Close()
+		s.abandon(t, map[string]any{"code": code, "context_id": c.ID})
 		start := time.Now()
 		got := s.exec(t, map[string]any{"code": "echo $KEEP ${LOOP:-stopped}", "context_id": c.ID}).stream(typeStdout)
 		if got != "yes stopped\n" {
@@ -177,5 +166,3 @@ func TestBashInterruptAndExit(t *testing.T) {
 		t.Errorf("after restart: %q", got)
 	}
 }
-
-func jsonString(s string) string { return pyString(s) }

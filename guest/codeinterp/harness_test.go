@@ -121,6 +121,29 @@ func readExecution(t testing.TB, r io.Reader) execution {
 	return ex
 }
 
+// abandon starts an execution of body and walks away once it runs, as a
+// client that aborts or times out does.
+func (s *testServer) abandon(t testing.TB, body any) {
+	t.Helper()
+	j, err := json.Marshal(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.url+"/execute", bytes.NewReader(j))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	// Read until the cell is running, then walk away.
+	if _, err := resp.Body.Read(make([]byte, 256)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+}
+
 // run executes code in the default Python context.
 func (s *testServer) run(t testing.TB, code string) execution {
 	t.Helper()

@@ -3,9 +3,7 @@ package codeinterp
 // Python contexts: an ipykernel process and the client side of the Jupyter
 // messaging protocol.
 //
-// Lock order: jupyterKernel.cells, then jupyterKernel.mu, then
-// kernelProc.mu. cells is held for a whole cell (and for starting a
-// replacement process); mu and kernelProc.mu only for field access.
+// Lock order: kernelBase.cells, then kernelBase.mu, then kernelProc.mu.
 
 import (
 	"context"
@@ -14,7 +12,6 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
-	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,43 +34,28 @@ type jupyterOptions struct {
 	log          *slog.Logger
 }
 
-// jupyterKernel is a Python context. It outlives its kernel processes: a
-// restart, or a kernel that died or ignored interrupts, swaps in a new one.
+// jupyterKernel is a Python context.
 type jupyterKernel struct {
-	opts  jupyterOptions
-	cells cellLock
-
-	mu      sync.Mutex        // guards the fields below
-	proc    *kernelProc       // current process; nil once closed
-	closed  bool              // close was called
-	baseEnv map[string]string // sandbox environment, see setBaseEnv
-	envProc *kernelProc       // the process baseEnv was last applied to
+	kernelBase[*kernelProc]
+	opts jupyterOptions
 }
 
 func newJupyterKernel(ctx context.Context, opts jupyterOptions) (*jupyterKernel, error) {
-	p, err := startKernelProc(ctx, opts)
-	if err != nil {
+	k := &jupyterKernel{opts: opts}
+	start := func(ctx context.Context) (*kernelProc, error) { return startKernelProc(ctx, opts) }
+	died := "The kernel died while running the cell; a new one was started and the context's state is lost"
+	if err := k.init(ctx, start, opts.startTimeout, died); err != nil {
 		return nil, err
 	}
-	return &jupyterKernel{opts: opts, cells: newCellLock(), proc: p}, nil
-}
-
-func (k *jupyterKernel) setBaseEnv(env map[string]string) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.baseEnv = maps.Clone(env)
-	k.envProc = nil
+	return k, nil
 }
 
 func (k *jupyterKernel) run(ctx context.Context, code string, env map[string]string, emit func(any)) error {
-	if err := k.cells.lock(ctx); err != nil {
-		return err
-	}
-	defer k.cells.unlock()
-	p, err := k.live(ctx)
+	p, err := k.lockLive(ctx)
 	if err != nil {
 		return err
 	}
+	defer k.cells.unlock()
 	k.mu.Lock()
 	base := k.baseEnv
 	applyBase := len(base) > 0 && k.envProc != p
@@ -131,89 +113,13 @@ func (k *jupyterKernel) run(ctx context.Context, code string, env map[string]str
 	return err
 }
 
-// live returns the current process, starting a new one when the last died.
-// Called with cells held.
-func (k *jupyterKernel) live(ctx context.Context) (*kernelProc, error) {
-	k.mu.Lock()
-	p, closed := k.proc, k.closed
-	k.mu.Unlock()
-	if closed {
-		return nil, ErrClosed
-	}
-	if p != nil && !p.dead() {
-		return p, nil
-	}
-	return k.replace(ctx, p)
-}
-
-// replace starts a new process in place of old (killed if still running).
-// Called with cells held.
-func (k *jupyterKernel) replace(ctx context.Context, old *kernelProc) (*kernelProc, error) {
-	if old != nil {
-		old.kill()
-	}
-	p, err := startKernelProc(ctx, k.opts)
-	if err != nil {
-		return nil, err
-	}
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.closed {
-		p.kill()
-		return nil, ErrClosed
-	}
-	k.proc = p
-	return p, nil
-}
-
-func (k *jupyterKernel) restart(ctx context.Context) error {
-	// Kill first, so that a running cell ends now rather than holding the
-	// lock; it reports the restart as its error.
-	k.mu.Lock()
-	old, closed := k.proc, k.closed
-	k.mu.Unlock()
-	if closed {
-		return ErrClosed
-	}
-	old.restarting.Store(true)
-	old.kill()
-	if err := k.cells.lock(ctx); err != nil {
-		return err
-	}
-	defer k.cells.unlock()
-	k.mu.Lock()
-	cur := k.proc
-	k.mu.Unlock()
-	if cur != old && cur != nil && !cur.dead() {
-		return nil // a cell that came in meanwhile already started a fresh one
-	}
-	_, err := k.replace(ctx, cur)
-	return err
-}
-
-func (k *jupyterKernel) close() error {
-	k.mu.Lock()
-	p := k.proc
-	k.closed = true
-	k.proc = nil
-	k.mu.Unlock()
-	if p != nil {
-		p.restarting.Store(true)
-		p.kill()
-	}
-	return nil
-}
-
 // runSilent runs code of ours (not the user's) as its own cell.
 func (k *jupyterKernel) runSilent(ctx context.Context, code string) error {
-	if err := k.cells.lock(ctx); err != nil {
-		return err
-	}
-	defer k.cells.unlock()
-	p, err := k.live(ctx)
+	p, err := k.lockLive(ctx)
 	if err != nil {
 		return err
 	}
+	defer k.cells.unlock()
 	return k.silent(ctx, p, code)
 }
 
@@ -259,108 +165,71 @@ func (k *jupyterKernel) collect(ctx context.Context, p *kernelProc, req *pending
 	var (
 		idle, replied, errored bool
 		replyErr               *errorEvent
-		ctxDone                = ctx.Done()
-		repeat                 <-chan time.Time
-		giveUp                 <-chan time.Time
-		replyGrace             <-chan time.Time
 	)
-	for !idle || !replied {
-		select {
-		case m := <-req.msgs:
-			switch m.Header.MsgType {
-			case "status":
-				var c struct {
-					State string `json:"execution_state"`
-				}
-				if json.Unmarshal(m.Content, &c) == nil && c.State == "idle" {
-					idle = true
-				}
-			case "execute_reply":
-				replied = true
-				// ipykernel publishes idle right after the reply; a
-				// lost iopub message must not hang the cell.
-				replyGrace = time.After(5 * time.Second)
-				var c struct {
-					Status    string   `json:"status"`
-					EName     string   `json:"ename"`
-					EValue    string   `json:"evalue"`
-					Traceback []string `json:"traceback"`
-				}
-				if json.Unmarshal(m.Content, &c) != nil {
-					break
-				}
-				// iopub's error message says the same and keeps its
-				// place among the outputs; the reply's is the fallback.
-				switch c.Status {
-				case "error":
-					replyErr = &errorEvent{Type: typeError, Name: c.EName, Value: c.EValue, Traceback: strings.Join(c.Traceback, "\n")}
-				case "aborted":
-					replyErr = &errorEvent{Type: typeError, Name: "ExecutionAborted", Value: "Execution was aborted"}
-				}
+	// ipykernel publishes idle right after the reply; a lost iopub message
+	// must not hang the cell. Armed by the reply.
+	replyGrace := time.NewTimer(time.Hour)
+	replyGrace.Stop()
+	handle := func(m message) bool {
+		switch m.Header.MsgType {
+		case "status":
+			var c struct {
+				State string `json:"execution_state"`
+			}
+			if json.Unmarshal(m.Content, &c) == nil && c.State == "idle" {
+				idle = true
+			}
+		case "execute_reply":
+			replied = true
+			replyGrace.Reset(5 * time.Second)
+			var c struct {
+				Status    string   `json:"status"`
+				EName     string   `json:"ename"`
+				EValue    string   `json:"evalue"`
+				Traceback []string `json:"traceback"`
+			}
+			if json.Unmarshal(m.Content, &c) != nil {
+				break
+			}
+			// iopub's error message says the same and keeps its place
+			// among the outputs; the reply's is the fallback.
+			switch c.Status {
 			case "error":
-				if errored {
-					break
-				}
-				var c struct {
-					EName     string   `json:"ename"`
-					EValue    string   `json:"evalue"`
-					Traceback []string `json:"traceback"`
-				}
-				if json.Unmarshal(m.Content, &c) == nil {
-					errored = true
-					emit(errorEvent{Type: typeError, Name: c.EName, Value: c.EValue, Traceback: strings.Join(c.Traceback, "\n")})
-				}
-			default:
-				if ev, ok := iopubEvent(m); ok {
-					emit(ev)
-				}
+				replyErr = &errorEvent{Type: typeError, Name: c.EName, Value: c.EValue, Traceback: strings.Join(c.Traceback, "\n")}
+			case "aborted":
+				replyErr = &errorEvent{Type: typeError, Name: "ExecutionAborted", Value: "Execution was aborted"}
 			}
-		case <-replyGrace:
-			k.opts.log.Warn("kernel replied but never went idle; ending the cell", "msg_id", req.id)
-			idle = true
-		case <-ctxDone:
-			ctxDone = nil
-			k.opts.log.Info("interrupting a cell whose client went away", "msg_id", req.id, "why", context.Cause(ctx))
-			p.interrupt()
-			t := time.NewTicker(interruptRepeat)
-			defer t.Stop()
-			repeat = t.C
-			giveUp = time.After(interruptLimit)
-		case <-repeat:
-			p.interrupt()
-		case <-giveUp:
-			k.opts.log.Warn("kernel ignored interrupts; restarting it", "after", interruptLimit)
-			p.restarting.Store(true) // requests still queued on p end quietly
-			sctx, cancel := context.WithTimeout(context.Background(), k.opts.startTimeout)
-			_, err := k.replace(sctx, p)
-			cancel()
-			return errors.Join(ctx.Err(), err)
-		case <-p.exited:
-			if p.restarting.Load() {
-				emit(errorEvent{Type: typeError, Name: "ContextRestarting", Value: "Context was restarted"})
-				return nil
+		case "error":
+			if errored {
+				break
 			}
-			emit(errorEvent{Type: typeError, Name: "DeadKernelError",
-				Value: "The kernel died while running the cell; a new one was started and the context's state is lost"})
-			k.mu.Lock()
-			replaced := k.proc != p
-			k.mu.Unlock()
-			if replaced {
-				return nil // an earlier request on p already did
+			var c struct {
+				EName     string   `json:"ename"`
+				EValue    string   `json:"evalue"`
+				Traceback []string `json:"traceback"`
 			}
-			sctx, cancel := context.WithTimeout(context.Background(), k.opts.startTimeout)
-			_, err := k.replace(sctx, p)
-			cancel()
-			return err
+			if json.Unmarshal(m.Content, &c) == nil {
+				errored = true
+				emit(errorEvent{Type: typeError, Name: c.EName, Value: c.EValue, Traceback: strings.Join(c.Traceback, "\n")})
+			}
+		default:
+			if ev, ok := iopubEvent(m); ok {
+				emit(ev)
+			}
 		}
+		return idle && replied
 	}
-	if replyErr != nil && !errored {
+	ended, err := awaitCell(ctx, &k.kernelBase, p, cellWait[message]{
+		events:    req.msgs,
+		handle:    handle,
+		interrupt: p.interrupt,
+		stalled:   replyGrace.C,
+		log:       k.opts.log.With("msg_id", req.id),
+	}, emit)
+	if ended && replyErr != nil && !errored {
 		emit(*replyErr)
 	}
-	if ctxDone == nil {
-		return ctx.Err() // interrupted
-	}
-	return nil
+	return err
 }
 
 // iopubEvent converts the iopub messages that carry output.
@@ -438,20 +307,14 @@ func pyString(s string) string {
 
 // kernelProc is one ipykernel process and our sockets to it.
 type kernelProc struct {
-	cmd     *exec.Cmd
+	process
 	dir     string // private directory: connection file and ipc sockets
 	signer  signer
 	session string
 	shell   zmq4.Socket
 	iopub   zmq4.Socket
 	cancel  context.CancelFunc // ends the sockets
-	exited  chan struct{}      // closed once the process has been waited for
-	log     *slog.Logger
 	stderr  *tailBuffer
-
-	// restarting is set before a deliberate kill, so the cell it ends
-	// says "restarted" rather than "died".
-	restarting atomic.Bool
 
 	mu      sync.Mutex // guards pending
 	pending map[string]*pendingRequest
@@ -555,8 +418,9 @@ func startKernelProc(ctx context.Context, opts jupyterOptions) (_ *kernelProc, e
 	}
 	sctx, cancel := context.WithCancel(context.Background())
 	p := &kernelProc{
-		cmd: cmd, dir: dir, signer: signer{key: key}, session: newID(),
-		cancel: cancel, exited: make(chan struct{}), log: opts.log, stderr: stderr,
+		process: process{name: "kernel", cmd: cmd, exited: make(chan struct{}), log: opts.log},
+		dir:     dir, signer: signer{key: key}, session: newID(),
+		cancel: cancel, stderr: stderr,
 		pending: make(map[string]*pendingRequest),
 	}
 	go func() {
@@ -712,32 +576,10 @@ func (p *kernelProc) read(s zmq4.Socket) {
 	}
 }
 
-// interrupt sends SIGINT to the kernel's process group. ipykernel raises
-// KeyboardInterrupt in the running cell and ignores SIGINT between cells.
-func (p *kernelProc) interrupt() {
-	if err := syscall.Kill(-p.cmd.Process.Pid, syscall.SIGINT); err != nil && !errors.Is(err, syscall.ESRCH) {
-		p.log.Warn("interrupting kernel", "err", err)
-	}
-}
-
-func (p *kernelProc) dead() bool {
-	select {
-	case <-p.exited:
-		return true
-	default:
-		return false
-	}
-}
-
 // kill ends the kernel's process group and waits for it, then frees the
 // sockets and the private directory.
 func (p *kernelProc) kill() {
-	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-	select {
-	case <-p.exited:
-	case <-time.After(5 * time.Second):
-		p.log.Warn("kernel did not exit after SIGKILL", "pid", p.cmd.Process.Pid)
-	}
+	p.stop()
 	p.cancel()
 	if p.shell != nil {
 		p.shell.Close()

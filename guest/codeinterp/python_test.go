@@ -287,22 +287,7 @@ func TestBadRequests(t *testing.T) {
 func TestInterruptOnDisconnect(t *testing.T) {
 	s := newTestServer(t, Options{})
 	s.run(t, "import time\nkept = 'yes'").mustSucceed(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	body := strings.NewReader(`{"code":"for i in range(60):\n    time.sleep(1)\nloop_done = True"}`)
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.url+"/execute", body)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Read until the cell is running, then walk away.
-	buf := make([]byte, 256)
-	if _, err := resp.Body.Read(buf); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(500 * time.Millisecond)
-	cancel()
-	resp.Body.Close()
-
+	s.abandon(t, map[string]any{"code": "for i in range(60):\n    time.sleep(1)\nloop_done = True"})
 	start := time.Now()
 	ex := s.run(t, "kept, 'loop_done' in globals()").mustSucceed(t)
 	if took := time.Since(start); took > 5*time.Second {
@@ -310,6 +295,33 @@ func TestInterruptOnDisconnect(t *testing.T) {
 	}
 	if ex.text() != "('yes', False)" {
 		t.Errorf("after the interrupt: %q (want the state kept and the loop stopped)", ex.text())
+	}
+}
+
+// TestIgnoredInterruptRestarts abandons cells that ignore SIGINT: after
+// interruptLimit the context's process is replaced, state and all, and the
+// context answers again.
+func TestIgnoredInterruptRestarts(t *testing.T) {
+	s := newTestServer(t, Options{})
+	for _, tc := range []struct{ lang, setup, stubborn, probe string }{
+		{langPython, "kept = 'yes'", "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)", "print(globals().get('kept', 'gone'))"},
+		{langBash, "kept=yes", "trap '' INT; sleep 60", "echo ${kept:-gone}"},
+	} {
+		t.Run(tc.lang, func(t *testing.T) {
+			t.Parallel()
+			c := s.newContext(t, map[string]any{"language": tc.lang})
+			s.exec(t, map[string]any{"code": tc.setup, "context_id": c.ID}).mustSucceed(t)
+			s.abandon(t, map[string]any{"code": tc.stubborn, "context_id": c.ID})
+			start := time.Now()
+			ex := s.exec(t, map[string]any{"code": tc.probe, "context_id": c.ID}).mustSucceed(t)
+			took := time.Since(start)
+			if got := ex.stream(typeStdout); got != "gone\n" {
+				t.Errorf("after the stubborn cell: %q, want the state gone with a new process", got)
+			}
+			if took < interruptLimit-time.Second || took > interruptLimit+20*time.Second {
+				t.Errorf("the next cell ran after %s, want about %s", took, interruptLimit)
+			}
+		})
 	}
 }
 
