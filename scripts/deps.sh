@@ -16,6 +16,7 @@ go1.2[6-9]* | go1.[3-9]*) ;;
 *) say "Go $(go env GOVERSION) is too old: cubicle needs Go 1.26"; exit 1 ;;
 esac
 
+# e2fsprogs: mkfs.ext4 formats the sandboxes' disks (runtime/gvisor/disk.go).
 pkgs=(debootstrap ca-certificates iproute2 e2fsprogs)
 $with_tests && pkgs+=(nodejs npm)
 # guest/codeinterp's tests drive real Jupyter kernels (Debian's python3, not a pyenv one).

@@ -109,8 +109,8 @@ func TestLifecycle(t *testing.T) {
 		if code, _ := get(t, b, "/read?path=/home/user/notes.txt"); code != http.StatusNotFound {
 			t.Fatalf("b sees a's file: status %d", code)
 		}
-		// It landed, with its xattr, in a's upper layer.
-		upper := filepath.Join(e.rt.sandboxDir(a.ID), "upper", "home/user/notes.txt")
+		// It landed, with its xattr, in a's upper layer, on a's own disk.
+		upper := filepath.Join(e.rt.sandboxDir(a.ID), diskMount, "upper", "home/user/notes.txt")
 		buf := make([]byte, 64)
 		if n, err := unix.Getxattr(upper, "user.e2b.owner", buf); err != nil || string(buf[:n]) != "alice" {
 			t.Fatalf("xattr on the host's upper layer: %q %v", buf[:n], err)

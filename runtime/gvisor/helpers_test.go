@@ -150,15 +150,19 @@ func (e *env) cleanup() {
 }
 
 // checkNoLeaks asserts that nothing of any sandbox is left: no sandbox
-// directory, no runsc container, no mount under the state dir, no network
-// device or namespace, no cgroup.
+// directory, no runsc container, no mount under the state dir, no loop
+// device backed by a file under it, no network device or namespace, no
+// cgroup. The disk image cache is the runtime's, not a sandbox's.
 func (e *env) checkNoLeaks() {
 	e.tb.Helper()
 	ents, _ := os.ReadDir(e.stateDir)
 	for _, ent := range ents {
-		if ent.Name() != runscDir {
+		if ent.Name() != runscDir && ent.Name() != diskCacheDir {
 			e.tb.Errorf("leaked sandbox dir %s", ent.Name())
 		}
+	}
+	for _, l := range loopDevicesUnder(e.stateDir) {
+		e.tb.Errorf("leaked loop device %s", l)
 	}
 	if out, err := e.rt.runscCmd(context.Background(), "list", "--quiet"); err != nil || strings.TrimSpace(string(out)) != "" {
 		e.tb.Errorf("runsc still lists containers: %q %v", out, err)
@@ -183,6 +187,24 @@ func (e *env) checkNoLeaks() {
 		}
 		os.Remove(d) // the parent; a server would keep it, a test drops it
 	}
+}
+
+// loopDevicesUnder lists the loop devices whose backing file is under dir,
+// as "/dev/loopN (file)"; a deleted file still shows its old path.
+func loopDevicesUnder(dir string) []string {
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue // detached meanwhile
+		}
+		if backing := strings.TrimSpace(string(b)); strings.HasPrefix(backing, dir+"/") {
+			dev := filepath.Base(filepath.Dir(filepath.Dir(f)))
+			out = append(out, fmt.Sprintf("/dev/%s (%s)", dev, backing))
+		}
+	}
+	return out
 }
 
 func mountsUnder(tb testing.TB, dir string) []string {

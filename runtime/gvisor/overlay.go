@@ -14,8 +14,8 @@ import (
 )
 
 // The sandbox's root filesystem is a host overlayfs (lower = the template's
-// rootfs, upper and work in the sandbox directory) given to runsc with
-// --overlay2=none. runsc's own overlay (--overlay2=root:self or
+// rootfs, upper and work on the sandbox's own disk, see disk.go) given to
+// runsc with --overlay2=none. runsc's own overlay (--overlay2=root:self or
 // root:dir=...) was measured and rejected:
 //
 //   - runsc's gofer creates bind-mount points (/.cubicle/envd) in the root
@@ -29,8 +29,9 @@ import (
 //     layer's pages are charged to the sandbox's memory limit.
 //
 // A host overlay keeps the template untouched, every sandbox's writes apart,
-// user xattrs (user.e2b.*) on the host filesystem of the upper layer, and
-// the disk used measurable as the size of upper/.
+// user xattrs (user.e2b.*) on the filesystem of the upper layer, and the
+// disk used measurable from the host (statfs of the sandbox's disk, or the
+// size of upper/ for a sandbox without one).
 
 // mountOverlay mounts lower (read-only) under upper/work at target.
 func mountOverlay(lower, upper, work, target string) error {
@@ -86,6 +87,8 @@ func unmount(target string) error {
 
 // diskUsage is the disk space, in bytes, allocated to the files under dir
 // (what du(1) reports), so sparse files count for what they really use.
+// Only for sandboxes without a disk of their own: a walk costs a stat per
+// file, statfs of a disk costs one call.
 func diskUsage(dir string) (uint64, error) {
 	var total uint64
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {

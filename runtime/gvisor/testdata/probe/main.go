@@ -68,6 +68,26 @@ func main() {
 		}
 		fmt.Fprint(w, "ok")
 	})
+	mux.HandleFunc("/dd", func(w http.ResponseWriter, r *http.Request) {
+		// dd if=/dev/urandom of=path bs=1M count=mb conv=fsync: the error,
+		// if any, of the write, fsync or close that failed; the sentry may
+		// hold written pages and only meet the host's error at the flush.
+		q := r.URL.Query()
+		mb, _ := strconv.Atoi(q.Get("mb"))
+		n, err := fill(q.Get("path"), mb)
+		if err != nil {
+			http.Error(w, fmt.Sprintf("after %d MiB: %v", n, err), http.StatusInsufficientStorage)
+			return
+		}
+		fmt.Fprintf(w, "%d MiB", n)
+	})
+	mux.HandleFunc("/remove", func(w http.ResponseWriter, r *http.Request) {
+		if err := os.Remove(r.URL.Query().Get("path")); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		fmt.Fprint(w, "ok")
+	})
 	mux.HandleFunc("/read", func(w http.ResponseWriter, r *http.Request) {
 		data, err := os.ReadFile(r.URL.Query().Get("path"))
 		if err != nil {
@@ -172,4 +192,31 @@ func ptyRoundTrip() (string, error) {
 		return "", fmt.Errorf("read %q through the pty", buf[:k])
 	}
 	return name, nil
+}
+
+// fill writes mb MiB of non-zero data to path and syncs it; it returns how
+// many MiB were written before an error.
+func fill(path string, mb int) (int, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return 0, err
+	}
+	buf := make([]byte, 1<<20)
+	for i := range buf {
+		buf[i] = byte(i*7 + 1)
+	}
+	for i := 0; i < mb; i++ {
+		if _, err := f.Write(buf); err != nil {
+			f.Close()
+			return i, fmt.Errorf("write: %w", err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return mb, fmt.Errorf("fsync: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return mb, fmt.Errorf("close: %w", err)
+	}
+	return mb, nil
 }
