@@ -11,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cubicle-dev/cubicle/network/dns"
 	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/orchestrator"
 	"github.com/cubicle-dev/cubicle/runtime"
@@ -190,36 +189,11 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 // are the client's error. allowOut may name domains ("example.com",
 // "*.example.com"); denyOut only CIDRs and IPs, as in E2B.
 func parseEgress(allowInternet bool, allowOut, denyOut []string) (runtime.Egress, error) {
-	var cidrs, domains []string
-	for _, e := range allowOut {
-		if !isDomainEntry(e) {
-			cidrs = append(cidrs, e)
-			continue
-		}
-		d, err := dns.ParseDomain(e)
-		if err != nil {
-			return runtime.Egress{}, fmt.Errorf("%w: network: allowOut: %v", orchestrator.ErrInvalid, err)
-		}
-		domains = append(domains, d)
-	}
-	if len(domains) > policy.MaxRulesPerList {
-		return runtime.Egress{}, fmt.Errorf("%w: network: allowOut has %d domains, at most %d are allowed", orchestrator.ErrInvalid, len(domains), policy.MaxRulesPerList)
-	}
-	p, err := policy.ParseRules(cidrs, denyOut)
+	p, domains, err := policy.ParseRules(allowOut, denyOut)
 	if err != nil {
 		return runtime.Egress{}, fmt.Errorf("%w: network: %v", orchestrator.ErrInvalid, err)
 	}
 	return runtime.Egress{AllowInternet: allowInternet, AllowOut: p.AllowOut, AllowDomains: domains, DenyOut: p.DenyOut}, nil
-}
-
-// isDomainEntry tells a domain entry from an address one: addresses and
-// CIDRs have no letters (IPv6 ones have colons), domains have a letter
-// or a wildcard. What is neither is left to the address parser's error.
-func isDomainEntry(e string) bool {
-	if strings.ContainsAny(e, ":/") {
-		return false
-	}
-	return strings.IndexFunc(e, func(r rune) bool { return r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r == '*' }) >= 0
 }
 
 // networkUpdate is the body of PUT /sandboxes/{id}/network. It replaces the

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+
+	"github.com/cubicle-dev/cubicle/network/dns"
 )
 
 // MaxRulesPerList bounds AllowOut and DenyOut each, so one sandbox cannot
@@ -12,12 +14,6 @@ import (
 const MaxRulesPerList = 1024
 
 var (
-	// ErrDomainRule is returned by ParseRules for a domain entry
-	// (example.com, *.example.com). E2B allows them in allowOut, where
-	// they are enforced by cubicle's resolver (package network/dns), which
-	// opens their answers with Manager.Learn; callers split them out
-	// before ParseRules. In denyOut E2B allows none.
-	ErrDomainRule = errors.New("policy: a domain is not a CIDR rule")
 	// ErrBadRule is returned for an entry that is neither a CIDR, an IP nor
 	// a domain, for a domain in denyOut (E2B allows only CIDRs and IPs
 	// there), and for lists longer than MaxRulesPerList.
@@ -46,43 +42,62 @@ type Policy struct {
 	DenyOut       []netip.Prefix
 }
 
-// ParseRules parses E2B's network.allowOut and network.denyOut lists: each
-// entry a CIDR ("10.0.0.0/8") or a bare IP ("1.1.1.1", taken as a /32).
-// Host bits of a CIDR are masked off. A domain entry returns an error
-// wrapping ErrDomainRule; anything else unparsable, ErrBadRule.
-// The result has AllowInternet=true; the caller sets it from
-// allow_internet_access.
-func ParseRules(allowOut, denyOut []string) (Policy, error) {
-	p := Policy{AllowInternet: true}
-	var err error
-	if p.AllowOut, err = parseList("allowOut", allowOut, true); err != nil {
-		return Policy{}, err
+// ParseRules parses E2B's network.allowOut and network.denyOut lists. An
+// entry is a CIDR ("10.0.0.0/8", host bits masked off), a bare IP
+// ("1.1.1.1", taken as a /32) or, in allowOut only, a domain
+// ("example.com", "*.example.com"; see dns.ParseDomain). Domains are not
+// the program's business: they come back apart, normalised, for the
+// sandbox's resolver, which opens their answers with Manager.Learn. The
+// Policy has AllowInternet=true; the caller sets it from
+// allow_internet_access. Bad entries return ErrBadRule or ErrIPv6Rule.
+func ParseRules(allowOut, denyOut []string) (p Policy, domains []string, err error) {
+	p = Policy{AllowInternet: true}
+	if p.AllowOut, domains, err = parseList("allowOut", allowOut, true); err != nil {
+		return Policy{}, nil, err
 	}
-	if p.DenyOut, err = parseList("denyOut", denyOut, false); err != nil {
-		return Policy{}, err
+	if p.DenyOut, _, err = parseList("denyOut", denyOut, false); err != nil {
+		return Policy{}, nil, err
 	}
-	return p, nil
+	return p, domains, nil
 }
 
-func parseList(field string, entries []string, domainsAllowed bool) ([]netip.Prefix, error) {
+func parseList(field string, entries []string, domainsAllowed bool) (pfxs []netip.Prefix, domains []string, err error) {
 	if len(entries) > MaxRulesPerList {
-		return nil, fmt.Errorf("%w: %s has %d entries, at most %d are allowed", ErrBadRule, field, len(entries), MaxRulesPerList)
+		return nil, nil, fmt.Errorf("%w: %s has %d entries, at most %d are allowed", ErrBadRule, field, len(entries), MaxRulesPerList)
 	}
-	var out []netip.Prefix
 	for _, e := range entries {
-		pfx, err := parseEntry(strings.TrimSpace(e))
-		if errors.Is(err, ErrDomainRule) && !domainsAllowed {
-			err = fmt.Errorf("%w: %s accepts only CIDRs and IPs, not the domain %q", ErrBadRule, field, e)
+		e = strings.TrimSpace(e)
+		if !isAddress(e) {
+			d, err := dns.ParseDomain(e)
+			switch {
+			case err != nil:
+				return nil, nil, fmt.Errorf("%s: %w: %q is not a CIDR, an IP or a domain (%v)", field, ErrBadRule, e, err)
+			case !domainsAllowed:
+				return nil, nil, fmt.Errorf("%s: %w: only CIDRs and IPs are accepted, not the domain %q", field, ErrBadRule, e)
+			}
+			domains = append(domains, d)
+			continue
 		}
+		pfx, err := parseAddress(e)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", field, err)
+			return nil, nil, fmt.Errorf("%s: %w", field, err)
 		}
-		out = append(out, pfx)
+		pfxs = append(pfxs, pfx)
 	}
-	return out, nil
+	return pfxs, domains, nil
 }
 
-func parseEntry(e string) (netip.Prefix, error) {
+// isAddress tells an address entry from a domain: CIDRs have a slash, IPs
+// parse. Anything else is a domain or nothing.
+func isAddress(e string) bool {
+	if strings.Contains(e, "/") {
+		return true
+	}
+	_, err := netip.ParseAddr(e)
+	return err == nil
+}
+
+func parseAddress(e string) (netip.Prefix, error) {
 	var pfx netip.Prefix
 	if strings.Contains(e, "/") {
 		p, err := netip.ParsePrefix(e)
@@ -90,12 +105,9 @@ func parseEntry(e string) (netip.Prefix, error) {
 			return netip.Prefix{}, fmt.Errorf("%w: %q: %v", ErrBadRule, e, err)
 		}
 		pfx = p.Masked()
-	} else if a, err := netip.ParseAddr(e); err == nil {
-		pfx = netip.PrefixFrom(a, a.BitLen())
-	} else if isDomain(e) {
-		return netip.Prefix{}, fmt.Errorf("%w: %q", ErrDomainRule, e)
 	} else {
-		return netip.Prefix{}, fmt.Errorf("%w: %q is not a CIDR, an IP or a domain", ErrBadRule, e)
+		a := netip.MustParseAddr(e) // isAddress parsed it
+		pfx = netip.PrefixFrom(a, a.BitLen())
 	}
 	if pfx.Addr().Is4In6() {
 		pfx = netip.PrefixFrom(pfx.Addr().Unmap(), pfx.Bits()-96)
@@ -104,26 +116,6 @@ func parseEntry(e string) (netip.Prefix, error) {
 		return netip.Prefix{}, fmt.Errorf("%w: %q", ErrIPv6Rule, e)
 	}
 	return pfx, nil
-}
-
-// isDomain reports whether e looks like an E2B domain entry: "example.com"
-// or "*.example.com", labels of letters, digits and hyphens (RFC 1123).
-func isDomain(e string) bool {
-	e = strings.TrimPrefix(e, "*.")
-	if len(e) == 0 || len(e) > 253 || !strings.Contains(e, ".") {
-		return false
-	}
-	for _, label := range strings.Split(strings.TrimSuffix(e, "."), ".") {
-		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return false
-		}
-		for _, c := range label {
-			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 func (p Policy) validate() error {

@@ -483,6 +483,10 @@ func (r *Runtime) prepareEgress(att network.Attachment) error {
 	return nil
 }
 
+// releaseEgress takes the sandbox's device out of enforcement before its
+// devices go. cubicle serve's pool releases devices in its OnDestroy hook
+// as well; Release is idempotent, and this call is what covers a pool made
+// without the hooks.
 func (r *Runtime) releaseEgress(id string) error {
 	if r.egress == nil {
 		return nil
