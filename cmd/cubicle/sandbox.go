@@ -39,6 +39,17 @@ func (c *clientFlags) client() (*client.Client, error) {
 	return client.New(c.apiURL, c.sandboxURL, c.apiKey), nil
 }
 
+// connect reaches a running sandbox by ID, for the commands that act in
+// one (exec, shell).
+func (c *clientFlags) connect(ctx context.Context, id string) (*client.Client, client.Sandbox, error) {
+	cl, err := c.client()
+	if err != nil {
+		return nil, client.Sandbox{}, err
+	}
+	sb, err := cl.Connect(ctx, id, 5*time.Minute)
+	return cl, sb, err
+}
+
 func sandboxCmd() *cobra.Command {
 	var cf clientFlags
 	cmd := &cobra.Command{Use: "sandbox", Aliases: []string{"sb"}, Short: "Create, list, use and kill sandboxes"}
@@ -126,11 +137,7 @@ func sandboxCmd() *cobra.Command {
 		Short: "Run a command in a sandbox (with bash -l -c) and exit with its status",
 		Args:  cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := cf.client()
-			if err != nil {
-				return err
-			}
-			sb, err := c.Connect(cmd.Context(), args[0], 5*time.Minute)
+			c, sb, err := cf.connect(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -149,11 +156,7 @@ func sandboxCmd() *cobra.Command {
 		Short: "Open an interactive shell (PTY) in a sandbox",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := cf.client()
-			if err != nil {
-				return err
-			}
-			sb, err := c.Connect(cmd.Context(), args[0], 5*time.Minute)
+			c, sb, err := cf.connect(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
