@@ -1,5 +1,5 @@
-// Package store persists cubicle's control-plane state — API keys and sandbox
-// records — in SQLite (modernc.org/sqlite, pure Go), so that nothing is lost
+// Package store persists cubicle's control-plane state — API keys, sandbox
+// records and sandboxes' lifecycle events — in SQLite (modernc.org/sqlite, pure Go), so that nothing is lost
 // when `cubicle serve` restarts.
 package store
 
@@ -42,6 +42,16 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 	id          TEXT PRIMARY KEY,
 	record      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS events (
+	id          INTEGER PRIMARY KEY AUTOINCREMENT,
+	sandbox_id  TEXT NOT NULL,
+	template_id TEXT NOT NULL,
+	api_key_id  TEXT NOT NULL,
+	type        TEXT NOT NULL,
+	reason      TEXT NOT NULL,
+	at          INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, id);
 `
 
 // Open opens (creating if needed) the database in dir.
@@ -260,6 +270,83 @@ func (s *Store) ListSandboxes(ctx context.Context) ([]Sandbox, error) {
 			return nil, fmt.Errorf("store: decode sandbox %s: %w", id, err)
 		}
 		out = append(out, sb)
+	}
+	return out, rows.Err()
+}
+
+// Event types: how a sandbox ended.
+const (
+	// EventKilled: a client killed it (Reason EventReasonRequest) or its
+	// timeout ran out (EventReasonTimeout).
+	EventKilled = "killed"
+	// EventDied: it stopped on its own; Reason says why ("oom", "exited",
+	// "unresponsive").
+	EventDied = "died"
+)
+
+// Reasons of EventKilled.
+const (
+	EventReasonRequest = "request"
+	EventReasonTimeout = "timeout"
+)
+
+// Event is one lifecycle event of a sandbox. The template and the API key
+// are copied from the sandbox's record, which is gone once it ended, so
+// that events can be shown to their owner only.
+type Event struct {
+	ID         int64     `json:"id"`
+	SandboxID  string    `json:"sandboxID"`
+	TemplateID string    `json:"templateID"`
+	APIKeyID   string    `json:"apiKeyID,omitempty"`
+	Type       string    `json:"type"`
+	Reason     string    `json:"reason,omitempty"`
+	Time       time.Time `json:"timestamp"`
+}
+
+// AddEvent appends an event; its ID and, when zero, its Time are set here.
+func (s *Store) AddEvent(ctx context.Context, e Event) (Event, error) {
+	if e.Time.IsZero() {
+		e.Time = time.Now().UTC()
+	}
+	res, err := s.db.ExecContext(ctx,
+		`INSERT INTO events (sandbox_id, template_id, api_key_id, type, reason, at) VALUES (?, ?, ?, ?, ?, ?)`,
+		e.SandboxID, e.TemplateID, e.APIKeyID, e.Type, e.Reason, e.Time.UnixNano())
+	if err != nil {
+		return e, fmt.Errorf("store: add %s event of sandbox %s: %w", e.Type, e.SandboxID, err)
+	}
+	e.ID, _ = res.LastInsertId()
+	return e, nil
+}
+
+// ListEvents returns events oldest first: those of sandboxID, or of every
+// sandbox when it is empty, with an ID above after, at most limit of them
+// (no limit when limit <= 0).
+func (s *Store) ListEvents(ctx context.Context, sandboxID string, after int64, limit int) ([]Event, error) {
+	q := `SELECT id, sandbox_id, template_id, api_key_id, type, reason, at FROM events WHERE id > ?`
+	args := []any{after}
+	if sandboxID != "" {
+		q += ` AND sandbox_id = ?`
+		args = append(args, sandboxID)
+	}
+	q += ` ORDER BY id`
+	if limit > 0 {
+		q += ` LIMIT ?`
+		args = append(args, limit)
+	}
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("store: list events: %w", err)
+	}
+	defer rows.Close()
+	var out []Event
+	for rows.Next() {
+		var e Event
+		var at int64
+		if err := rows.Scan(&e.ID, &e.SandboxID, &e.TemplateID, &e.APIKeyID, &e.Type, &e.Reason, &at); err != nil {
+			return nil, fmt.Errorf("store: scan event: %w", err)
+		}
+		e.Time = time.Unix(0, at).UTC()
+		out = append(out, e)
 	}
 	return out, rows.Err()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 )
@@ -111,5 +112,61 @@ func TestSandboxesSurviveReopen(t *testing.T) {
 	}
 	if got, _ := s.ListSandboxes(ctx); len(got) != 0 {
 		t.Fatalf("record still there after delete: %v", got)
+	}
+}
+
+func TestEvents(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
+	for _, e := range []Event{
+		{SandboxID: "a", TemplateID: "base", APIKeyID: "k1", Type: EventKilled, Reason: EventReasonRequest, Time: at},
+		{SandboxID: "b", TemplateID: "base", Type: EventDied, Reason: "oom"},
+		{SandboxID: "a", TemplateID: "base", APIKeyID: "k1", Type: EventDied, Reason: "exited"},
+	} {
+		if _, err := s.AddEvent(ctx, e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	// Events outlive a restart.
+	if s, err = Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	all, err := s.ListEvents(ctx, "", 0, 0)
+	if err != nil || len(all) != 3 {
+		t.Fatalf("ListEvents = %+v, %v", all, err)
+	}
+	if all[0].Time != at || all[0].APIKeyID != "k1" || all[0].Reason != EventReasonRequest || all[1].Time.IsZero() {
+		t.Fatalf("first events read back as %+v, %+v", all[0], all[1])
+	}
+	for _, tc := range []struct {
+		sandbox     string
+		after       int64
+		limit       int
+		wantReasons string
+	}{
+		{"a", 0, 0, "request exited"},
+		{"b", 0, 0, "oom"},
+		{"", all[0].ID, 0, "oom exited"},
+		{"", 0, 2, "request oom"},
+		{"c", 0, 0, ""},
+	} {
+		got, err := s.ListEvents(ctx, tc.sandbox, tc.after, tc.limit)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var reasons []string
+		for _, e := range got {
+			reasons = append(reasons, e.Reason)
+		}
+		if r := strings.Join(reasons, " "); r != tc.wantReasons {
+			t.Errorf("ListEvents(%q, %d, %d) reasons = %q, want %q", tc.sandbox, tc.after, tc.limit, r, tc.wantReasons)
+		}
 	}
 }
