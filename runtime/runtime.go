@@ -95,8 +95,28 @@ type EgressCounters struct {
 	DroppedPackets, DroppedBytes uint64
 }
 
+// Reasons a sandbox stopped on its own, as Exit.Reason gives them.
+const (
+	// ExitOOM: the host killed the sandbox for exceeding its memory limit.
+	ExitOOM = "oom"
+	// ExitExited: the sandbox's processes ended or were killed (a crash,
+	// its first process exiting, a kill from outside the server).
+	ExitExited = "exited"
+)
+
+// Exit says why a sandbox stopped without the runtime being asked to stop
+// it.
+type Exit struct {
+	ID string
+	// Reason is ExitOOM or ExitExited.
+	Reason string
+	// Detail is what else the runtime knows (an exit status), for logs.
+	Detail string
+}
+
 // Runtime is one isolation backend. All methods are safe for concurrent use
-// on different sandboxes; callers serialise calls for one sandbox.
+// on different sandboxes; callers serialise calls for one sandbox, except
+// Wait, which runs alongside the others.
 type Runtime interface {
 	// Name is the backend's name, e.g. "gvisor".
 	Name() string
@@ -120,4 +140,12 @@ type Runtime interface {
 	// SetEgress replaces the sandbox's outbound policy; it takes effect on
 	// the next packet. A new sandbox starts with DefaultEgress.
 	SetEgress(ctx context.Context, id string, e Egress) error
+	// Wait blocks until the sandbox stops running, and says why, or until
+	// ctx is done (ctx's error). It answers at once for a sandbox that has
+	// stopped already, and ErrNotFound for one the runtime does not hold.
+	// A paused sandbox has not stopped. It must work for sandboxes started
+	// by an earlier run of the server, which are not this process's
+	// children. A sandbox that Kill destroys stops too; callers that
+	// killed it ignore that Exit.
+	Wait(ctx context.Context, id string) (Exit, error)
 }

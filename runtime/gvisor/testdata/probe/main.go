@@ -154,6 +154,18 @@ func main() {
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		fmt.Fprint(w, "ok")
 	})
+	mux.HandleFunc("/exit", func(w http.ResponseWriter, r *http.Request) {
+		// The sandbox's first process ends, as a crashed envd does.
+		os.Exit(3)
+	})
+	mux.HandleFunc("/statfs", func(w http.ResponseWriter, r *http.Request) {
+		var st unix.Statfs_t
+		if err := unix.Statfs(r.URL.Query().Get("path"), &st); err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		fmt.Fprint(w, st.Blocks*uint64(st.Bsize))
+	})
 	fmt.Println("probe listening")
 	log.Fatal(http.ListenAndServe(":49983", mux))
 }
