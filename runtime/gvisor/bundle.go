@@ -43,6 +43,17 @@ var capabilities = []string{
 	"CAP_AUDIT_WRITE", "CAP_SETFCAP",
 }
 
+// shmSizeKiB is the size of a sandbox's /dev/shm: half its memory, which is
+// what Linux gives a tmpfs by default (and so what /dev/shm is in an E2B
+// sandbox, a VM of that memory). A tmpfs under gVisor lives in the
+// sentry's memory, charged to the sandbox's memory cgroup; without a size
+// it advertises the host's memory, and filling it gets the whole sandbox
+// OOM-killed instead of a write failing with ENOSPC. Docker's 64 MiB is
+// famously too small for browsers and data loaders.
+func shmSizeKiB(memoryMB int) int {
+	return max(memoryMB, 1) << 10 / 2
+}
+
 // spec builds the OCI runtime spec of a sandbox whose bundle is dir and
 // whose network is att.
 func (r *Runtime) spec(cfg runtime.Config, dir string, att network.Attachment) *specs.Spec {
@@ -73,7 +84,7 @@ func (r *Runtime) spec(cfg runtime.Config, dir string, att network.Attachment) *
 			// A devpts of its own gives the sandbox /dev/ptmx and /dev/pts/N
 			// for the PTYs of envd's process API.
 			{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"}},
-			{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "nodev", "mode=1777"}},
+			{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%dk", shmSizeKiB(cfg.MemoryMB))}},
 			// /tmp lives on the sandbox's disk, as in E2B sandboxes, so what
 			// users write there counts as disk, not memory. runsc mounts a
 			// tmpfs over an empty /tmp that the spec does not mount itself;
