@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/cubicle-dev/cubicle/runtime"
+	"github.com/cubicle-dev/cubicle/store"
 )
 
 // Kill destroys a sandbox, running or paused. Its open connections are cut
@@ -17,7 +18,7 @@ func (o *Orchestrator) Kill(ctx context.Context, id string) error {
 	}
 	sb.mu.Lock()
 	defer sb.mu.Unlock()
-	return o.killLocked(ctx, sb, "killed")
+	return o.killLocked(ctx, sb, store.EventKilled, store.EventReasonRequest)
 }
 
 // killLocked is Kill with sb.mu held. The sandbox stops existing for
@@ -26,7 +27,9 @@ func (o *Orchestrator) Kill(ctx context.Context, id string) error {
 // takes longer than the kill takes to answer (runsc kill + delete, unmount,
 // netlink). A teardown cut short by a crash is finished by the next start's
 // reconciliation, which destroys runtime sandboxes that have no record.
-func (o *Orchestrator) killLocked(ctx context.Context, sb *Sandbox, why string) error {
+// The end is recorded as an event of type event (store.EventKilled or
+// store.EventDied) with reason.
+func (o *Orchestrator) killLocked(ctx context.Context, sb *Sandbox, event, reason string) error {
 	if sb.gone {
 		return fmt.Errorf("%w: %s", ErrNotFound, sb.rec.ID)
 	}
@@ -42,7 +45,11 @@ func (o *Orchestrator) killLocked(ctx context.Context, sb *Sandbox, why string) 
 		o.log.Error("deleting sandbox record", "sandbox", id, "err", err)
 	}
 	o.destroyAsync(id)
-	o.log.Info("sandbox "+why, "sandbox", id)
+	if _, err := o.opts.Store.AddEvent(ctx, store.Event{SandboxID: id, TemplateID: sb.rec.TemplateID,
+		APIKeyID: sb.rec.APIKeyID, Type: event, Reason: reason}); err != nil {
+		o.log.Error("recording sandbox event", "sandbox", id, "event", event, "err", err)
+	}
+	o.log.Info("sandbox ended", "sandbox", id, "event", event, "reason", reason)
 	return nil
 }
 
@@ -70,6 +77,7 @@ func (o *Orchestrator) pauseLocked(ctx context.Context, sb *Sandbox) error {
 		return fmt.Errorf("orchestrator: pause %s: %w", sb.rec.ID, err)
 	}
 	sb.rec.State = StatePaused
+	sb.stateEpoch++
 	if err := o.opts.Store.PutSandbox(ctx, sb.rec); err != nil {
 		return err
 	}
@@ -105,6 +113,8 @@ func (o *Orchestrator) resumeLocked(ctx context.Context, sb *Sandbox, timeout ti
 		return fmt.Errorf("orchestrator: resume %s: %w", sb.rec.ID, err)
 	}
 	sb.rec.State = StateRunning
+	sb.stateEpoch++
+	sb.probeFails = 0
 	sb.rec.EndAt = time.Now().UTC().Add(timeout)
 	if err := o.opts.Store.PutSandbox(ctx, sb.rec); err != nil {
 		return err
@@ -234,7 +244,7 @@ func (o *Orchestrator) expire(sb *Sandbox) {
 			return
 		}
 	}
-	if err := o.killLocked(ctx, sb, "expired"); err != nil {
+	if err := o.killLocked(ctx, sb, store.EventKilled, store.EventReasonTimeout); err != nil {
 		o.log.Error("killing expired sandbox", "sandbox", sb.rec.ID, "err", err)
 	}
 }

@@ -1,7 +1,8 @@
 // Package orchestrator owns the lifecycle of sandboxes: it creates them from
 // pooled, pre-started slots, initialises their envd, enforces timeouts
-// (kill or auto-pause), pauses and resumes them, samples their metrics, and
-// finds running sandboxes again when the server restarts. It knows nothing
+// (kill or auto-pause), pauses and resumes them, samples their metrics,
+// ends the ones that die on their own (watch.go), and finds running
+// sandboxes again when the server restarts. It knows nothing
 // of HTTP; the api and proxy packages drive it.
 //
 // Concurrency: Orchestrator.mu guards the sandboxes map and the pools map
@@ -108,6 +109,13 @@ type Sandbox struct {
 	addr    netip.Addr
 	gone    bool // killed; the record is being or has been removed
 	metrics metricsRing
+	// life is the watch on its runtime sandbox; set before the Sandbox is
+	// shared, never changed.
+	life *life
+	// stateEpoch counts pauses and resumes, so that a health probe that
+	// raced one is ignored; probeFails counts failed probes in a row.
+	stateEpoch int
+	probeFails int
 }
 
 // Info is a consistent copy of a sandbox's record and address.
@@ -177,9 +185,10 @@ func New(ctx context.Context, opts Options) (*Orchestrator, error) {
 			o.log.Warn("no pool for template", "template", t, "err", err)
 		}
 	}
-	o.wg.Add(2)
+	o.wg.Add(3)
 	go o.reapLoop()
 	go o.sampleLoop()
+	go o.probeLoop()
 	return o, nil
 }
 
@@ -208,8 +217,8 @@ func (o *Orchestrator) Close(ctx context.Context) error {
 }
 
 // reconcile makes memory, store and runtime agree after a start: records
-// whose sandbox is still alive are adopted, records whose sandbox is gone are
-// dropped, and runtime sandboxes with no record (pool slots of an earlier
+// whose sandbox is still alive are adopted (and watched, like the ones this
+// run starts), records whose sandbox is gone are dropped, and runtime sandboxes with no record (pool slots of an earlier
 // run, or half-created ones) are destroyed.
 func (o *Orchestrator) reconcile(ctx context.Context) error {
 	recs, err := o.opts.Store.ListSandboxes(ctx)
@@ -254,7 +263,7 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 		if err := o.opts.Runtime.SetEgress(ctx, rec.ID, eg); err != nil {
 			o.log.Warn("restoring egress policy of adopted sandbox", "sandbox", rec.ID, "err", err)
 		}
-		sb := &Sandbox{rec: rec, addr: rs.Addr}
+		sb := &Sandbox{rec: rec, addr: rs.Addr, life: o.watch(rec.ID, nil)}
 		o.sandboxes[rec.ID] = sb
 		o.log.Info("adopted sandbox", "sandbox", rec.ID, "state", rec.State, "endAt", rec.EndAt)
 	}
@@ -345,7 +354,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 			}
 		}
 		tEgress = time.Now()
-		err = o.envd.init(ctx, slot.Addr, initRequest{
+		err = o.initEnvd(ctx, slot, initRequest{
 			EnvVars:     env,
 			AccessToken: token,
 			Timestamp:   time.Now().UTC(),
@@ -355,10 +364,10 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 			break
 		}
 		o.destroyAsync(slot.ID)
-		if !slot.pooled || attempt > 0 || ctx.Err() != nil {
+		if !slot.pooled || attempt >= maxPooledTries || ctx.Err() != nil {
 			return Info{}, fmt.Errorf("orchestrator: initialise envd of %s: %w", slot.ID, err)
 		}
-		o.log.Warn("pooled sandbox failed to initialise; starting another", "sandbox", slot.ID, "err", err)
+		o.log.Warn("pooled sandbox failed to initialise; taking another", "sandbox", slot.ID, "err", err)
 	}
 	rec := store.Sandbox{
 		ID:              slot.ID,
@@ -392,7 +401,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		o.destroyAsync(slot.ID)
 		return Info{}, err
 	}
-	sb := &Sandbox{rec: rec, addr: slot.Addr}
+	sb := &Sandbox{rec: rec, addr: slot.Addr, life: slot.life}
 	o.mu.Lock()
 	if o.closed {
 		o.mu.Unlock()
@@ -400,11 +409,36 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 	}
 	o.sandboxes[rec.ID] = sb
 	o.mu.Unlock()
+	// A sandbox that died while it was being handed out: its watch found
+	// no Sandbox to end, so it is ended here (see died).
+	if slot.life.isDead() {
+		o.endDead(sb, slot.life.exit.Reason, slot.life.exit.Detail)
+		return Info{}, fmt.Errorf("orchestrator: sandbox %s died as it started (%s)", rec.ID, slot.life.exit.Reason)
+	}
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	o.log.Info("sandbox created", "sandbox", rec.ID, "template", rec.TemplateID, "pooled", slot.pooled,
 		"ms", ms(time.Since(now)), "takeMs", ms(tTaken.Sub(now)), "egressMs", ms(tEgress.Sub(tTaken)),
 		"initMs", ms(tInit.Sub(tEgress)), "storeMs", ms(time.Since(tInit)))
 	return sb.Info(), nil
+}
+
+// maxPooledTries bounds how many pooled slots one Create tries after the
+// first fails to initialise; a cold start comes once the pool is empty.
+const maxPooledTries = 3
+
+// pooledInitTimeout bounds envd's /init in a pooled slot, which answers in
+// milliseconds when it is alive: a slot that died in ways its watch has
+// not seen yet must not hold the create for long.
+const pooledInitTimeout = 2 * time.Second
+
+// initEnvd initialises a slot's envd for its user.
+func (o *Orchestrator) initEnvd(ctx context.Context, s slot, req initRequest) error {
+	if s.pooled {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, pooledInitTimeout)
+		defer cancel()
+	}
+	return o.envd.init(ctx, s.Addr, req)
 }
 
 // destroyAsync kills a runtime sandbox off the request path.

@@ -27,7 +27,7 @@ import (
 // real envd (this repository's cubicle binary, built by TestMain) in a
 // minimal root filesystem: nothing of the sandbox is faked.
 
-var envdBin string
+var envdBin, faultsBin string
 
 func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
@@ -40,11 +40,14 @@ func TestMain(m *testing.M) {
 		os.Exit(2)
 	}
 	envdBin = filepath.Join(dir, "cubicle")
-	build := exec.Command("go", "build", "-o", envdBin, "../cmd/cubicle")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building cubicle: %v\n%s", err, out)
-		os.Exit(2)
+	faultsBin = filepath.Join(dir, "faults")
+	for bin, pkg := range map[string]string{envdBin: "../cmd/cubicle", faultsBin: "./testdata/faults"} {
+		build := exec.Command("go", "build", "-o", bin, pkg)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", pkg, err, out)
+			os.Exit(2)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -52,7 +55,7 @@ func TestMain(m *testing.M) {
 }
 
 // minimalRootFS is enough for envd: the dirs it mounts over and a passwd
-// with the default user.
+// with the default user; and /faults (testdata/faults).
 func minimalRootFS(t *testing.T) string {
 	root := t.TempDir()
 	for _, d := range []string{"proc", "dev", "tmp", "sys", "etc", "home/user", "root", "run"} {
@@ -70,6 +73,13 @@ func minimalRootFS(t *testing.T) string {
 		if err := os.WriteFile(filepath.Join(root, name), []byte(body), 0o644); err != nil {
 			t.Fatal(err)
 		}
+	}
+	faults, err := os.ReadFile(faultsBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "faults"), faults, 0o755); err != nil {
+		t.Fatal(err)
 	}
 	return root
 }
@@ -89,6 +99,7 @@ type world struct {
 	dataDir string
 	st      *store.Store
 	rt      *gvisor.Runtime
+	net     *network.Pool
 	tmpls   templates
 	evicted chan string
 }
@@ -113,6 +124,7 @@ func (w *world) runtime(t *testing.T, subnet string) *gvisor.Runtime {
 	if err != nil {
 		t.Fatal(err)
 	}
+	w.net = pool
 	stateDir := filepath.Join(w.dataDir, "gvisor")
 	rt, err := gvisor.New(gvisor.Options{StateDir: stateDir, Network: pool, CgroupParent: "/cubicle-orchestrator-test",
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})

@@ -16,10 +16,15 @@ type slot struct {
 	ID     string
 	Addr   netip.Addr
 	pooled bool
+	// life is the watch on the slot's sandbox, started with it.
+	life *life
 }
 
 // pool keeps up to size slots of one template ready. A slot is handed out by
-// a channel receive, so no slot can ever go to two callers.
+// a channel receive, so no slot can ever go to two callers. A slot whose
+// sandbox died while it waited is never handed out: whoever receives it
+// (take, or the filler's sweep when the watch reports the death) destroys
+// it instead.
 type pool struct {
 	o     *Orchestrator
 	tmpl  Template
@@ -58,15 +63,50 @@ func (o *Orchestrator) poolFor(idOrAlias string) (*pool, error) {
 	return p, nil
 }
 
-// take hands out a ready slot, or starts one cold when none is ready.
+// take hands out a ready slot that is alive, or starts one cold when none
+// is ready.
 func (p *pool) take(ctx context.Context) (slot, error) {
 	defer p.wake()
-	select {
-	case s := <-p.ready:
-		return s, nil
-	default:
+	for {
+		select {
+		case s := <-p.ready:
+			if s.life.isDead() {
+				p.drop(s)
+				continue
+			}
+			return s, nil
+		default:
+		}
+		return p.start(ctx, false)
 	}
-	return p.start(ctx, false)
+}
+
+// drop destroys a dead slot that the caller received from ready.
+func (p *pool) drop(s slot) {
+	p.o.log.Warn("pooled sandbox died; dropping it", "sandbox", s.ID, "template", p.tmpl.ID, "reason", s.life.exit.Reason)
+	p.o.destroyAsync(s.ID)
+}
+
+// sweep drops the dead slots from ready. Live ones go back; there is room
+// for them, as nothing else adds to ready more slots than it has room for.
+func (p *pool) sweep() {
+	for range len(p.ready) {
+		var s slot
+		select {
+		case s = <-p.ready:
+		default:
+			return
+		}
+		if s.life.isDead() {
+			p.drop(s)
+			continue
+		}
+		select {
+		case p.ready <- s:
+		default:
+			p.o.destroyAsync(s.ID) // cannot happen; never leak a sandbox
+		}
+	}
 }
 
 func (p *pool) wake() {
@@ -110,6 +150,7 @@ func (p *pool) fill() {
 		case <-p.o.ctx.Done():
 			return
 		case <-p.kick:
+			p.sweep()
 		case err := <-done:
 			running--
 			if err == nil {
@@ -146,11 +187,12 @@ func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
 	if err != nil {
 		return slot{}, fmt.Errorf("orchestrator: start %s sandbox: %w", p.tmpl.ID, err)
 	}
+	l := p.o.watch(id, p)
 	if err := p.prepare(ctx, rs.Addr); err != nil {
 		p.o.destroyAsync(id)
 		return slot{}, fmt.Errorf("orchestrator: new sandbox %s: %w", id, err)
 	}
-	return slot{ID: id, Addr: rs.Addr, pooled: pooled}, nil
+	return slot{ID: id, Addr: rs.Addr, pooled: pooled, life: l}, nil
 }
 
 // prepare waits for envd and brings up the template's start command, so
