@@ -289,6 +289,11 @@ func TestSDK(t *testing.T) {
 	runNode(t, "sandbox.test.mjs", "commands.test.mjs", "pty.test.mjs", "files.test.mjs", "lifecycle.test.mjs", "network.test.mjs")
 }
 
+// TestSDKDeadSandboxes: sandboxes that die under the SDK (dead.test.mjs).
+func TestSDKDeadSandboxes(t *testing.T) {
+	runNode(t, "dead.test.mjs")
+}
+
 func TestSDKv1(t *testing.T) {
 	runNode(t, "v1.test.mjs")
 }
