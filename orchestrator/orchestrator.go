@@ -237,7 +237,20 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 		rs, ok := alive[rec.ID]
 		delete(alive, rec.ID)
 		if !ok || rs.State == runtime.StateStopped {
-			o.log.Info("dropping record of a sandbox that is gone", "sandbox", rec.ID)
+			// It died while no server watched it.
+			reason := runtime.ExitExited
+			if ok {
+				wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				if ex, err := o.opts.Runtime.Wait(wctx, rec.ID); err == nil {
+					reason = ex.Reason
+				}
+				cancel()
+			}
+			o.log.Info("dropping record of a sandbox that is gone", "sandbox", rec.ID, "reason", reason)
+			if _, err := o.opts.Store.AddEvent(ctx, store.Event{SandboxID: rec.ID, TemplateID: rec.TemplateID,
+				APIKeyID: rec.APIKeyID, Type: store.EventDied, Reason: reason}); err != nil {
+				o.log.Error("recording sandbox event", "sandbox", rec.ID, "err", err)
+			}
 			if ok {
 				if err := o.opts.Runtime.Kill(ctx, rec.ID); err != nil {
 					o.log.Warn("cleaning up stopped sandbox", "sandbox", rec.ID, "err", err)

@@ -157,7 +157,8 @@ func TestDeadPoolSlotsAreNotHandedOut(t *testing.T) {
 }
 
 // TestAdoptedSandboxesAreWatched: a sandbox started by an earlier server
-// is not this one's child; its death is seen all the same.
+// is not this one's child; its death is seen all the same. One that died
+// while no server ran is not adopted, and its death is an event too.
 func TestAdoptedSandboxesAreWatched(t *testing.T) {
 	w := newWorld(t, "100.89.5.0/24")
 	o := w.orchestrator(t, 0)
@@ -165,7 +166,14 @@ func TestAdoptedSandboxesAreWatched(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	downtime, err := o.Create(context.Background(), CreateRequest{Template: "tiny", Timeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := o.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Kill(sentryPID(t, downtime.ID), unix.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	w.rt = w.runtime(t, "100.89.5.0/24")
@@ -174,6 +182,16 @@ func TestAdoptedSandboxesAreWatched(t *testing.T) {
 	if _, err := o.Get(in.ID); err != nil {
 		t.Fatalf("not adopted: %v", err)
 	}
+	// runsc may still list it as running: then it is adopted and its
+	// watch ends it at once.
+	waitForWithin(t, deathBound, "the sandbox that died while the server was down to be ended", func() bool {
+		_, err := o.Get(downtime.ID)
+		return err != nil
+	})
+	if evs, _ := w.st.ListEvents(context.Background(), downtime.ID, 0, 0); len(evs) != 1 || evs[0].Type != store.EventDied || evs[0].Reason != runtime.ExitExited {
+		t.Fatalf("events of the sandbox that died while the server was down = %+v", evs)
+	}
+	w.waitReleased(t, downtime.ID)
 	if err := unix.Kill(sentryPID(t, in.ID), unix.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
