@@ -123,14 +123,16 @@ func (o *Orchestrator) dieLocked(sb *Sandbox, reason, detail string) {
 
 // Probing envd. A sandbox whose processes run but whose envd does not
 // answer /health is as dead to its user as one that exited. Probes are
-// generous, as a busy sandbox (a CPU quota spent, a loaded host) must not
-// be taken for a dead one: probeFailures consecutive failures of a
-// probeTimeout each, probeInterval apart, about 10 to 20 s in all.
+// generous, as a busy sandbox (a CPU quota spent, a loaded 2-core CI host
+// running twenty cold starts) must not be taken for a dead one:
+// probeFailures consecutive failures of up to probeTimeout each, rounds
+// probeInterval apart, about 20 to 25 s in all. Deaths the kernel tells of
+// (exit, OOM) do not wait for this: the runtime's Wait reports them.
 // Paused sandboxes are not probed.
 const (
-	probeInterval = 3 * time.Second
-	probeTimeout  = 3 * time.Second
-	probeFailures = 3
+	probeInterval = 4 * time.Second
+	probeTimeout  = 5 * time.Second
+	probeFailures = 4
 )
 
 // probeLoop probes every running sandbox's envd each probeInterval.
