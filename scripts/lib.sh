@@ -1,13 +1,14 @@
 # Shared by the scripts in this folder: paths, versions and the root check.
 # Sourced, not run.
 
-# The gVisor release cubicle is tested with. runsc must be built static: a
-# cgo build fails at sandbox start.
-RUNSC_MODULE=gvisor.dev/gvisor/runsc
-RUNSC_VERSION=v0.0.0-20260905035102-160fafc42237
-STATICCHECK_VERSION=v0.8.2
-
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# The gVisor release cubicle is tested with, read from the file the Go code
+# embeds (runtime/gvisor: RunscVersion), so the two cannot disagree. runsc
+# must be built static: a cgo build fails at sandbox start.
+RUNSC_MODULE=gvisor.dev/gvisor/runsc
+RUNSC_VERSION=$(tr -d '[:space:]' <"$REPO/runtime/gvisor/runsc.version")
+STATICCHECK_VERSION=v0.8.2
 export CUBICLE_CACHE_DIR=${CUBICLE_CACHE_DIR:-/var/cache/cubicle}
 export PATH=/usr/local/go/bin:$PATH:$(go env GOPATH 2>/dev/null || echo /root/go)/bin
 
@@ -22,5 +23,6 @@ as_root() {
 	fi
 }
 
-# runsc_path prints where the pinned runsc lives in the cache.
+# runsc_path prints where the pinned runsc lives in the cache: the path
+# runtime/gvisor.RunscPath gives, where `cubicle serve` looks by default.
 runsc_path() { echo "$CUBICLE_CACHE_DIR/runsc/$RUNSC_VERSION/runsc"; }
