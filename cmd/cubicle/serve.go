@@ -130,7 +130,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	p := &parts{log: log, linkPrefix: c.linkPrefix, pool: k.prefix}
 	defer func() {
 		if err != nil {
-			log.Error("start failed; undoing what it made", "err", err)
+			log.Error("stopping on an error; undoing what this start made", "err", err)
 		}
 		err = errors.Join(err, p.close())
 	}()
