@@ -153,7 +153,8 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	}
 
 	// Pins that exist already belong to sandboxes an earlier server left
-	// running (or to one that crashed): they are kept whatever happens.
+	// running (or to one that crashed): a start that fails before the
+	// runtime can say which sandboxes run keeps them.
 	p.pinsExisted = exists(p.pinDir())
 	p.egressStarted = true
 	// The egress goroutines (host address following, sweeping) stop
