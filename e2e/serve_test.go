@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -13,6 +14,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 
+	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/policy"
 )
 
@@ -40,9 +42,19 @@ func leftovers(t *testing.T, linkPrefix, dataDir string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The pool names devices and namespaces <link prefix><slot>; the fake
+	// internet's cbeinet is not the server's.
+	ours := regexp.MustCompile("^" + regexp.QuoteMeta(linkPrefix) + "[0-9]+$")
 	for _, l := range links {
-		if strings.HasPrefix(l.Attrs().Name, linkPrefix) {
+		if ours.MatchString(l.Attrs().Name) {
 			left = append(left, "device "+l.Attrs().Name)
+		}
+	}
+	if ents, err := os.ReadDir(network.DefaultNetnsDir); err == nil {
+		for _, e := range ents {
+			if ours.MatchString(e.Name()) {
+				left = append(left, "namespace "+filepath.Join(network.DefaultNetnsDir, e.Name()))
+			}
 		}
 	}
 	b, err := os.ReadFile("/proc/self/mountinfo")
