@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/cubicle-dev/cubicle/client"
+	"github.com/cubicle-dev/cubicle/network/policy"
 )
 
 // TestRestartKeepsSandboxes stops cubicle serve with SIGTERM and starts it
@@ -42,6 +45,11 @@ func TestRestartKeepsSandboxes(t *testing.T) {
 
 	if err := srv.stop(); err != nil {
 		t.Fatal(err)
+	}
+	// Sandboxes still run: their egress policy stays pinned while the
+	// server is down (see TestServeStopsClean for the case with none).
+	if _, err := os.Stat(filepath.Join(policy.DefaultPinRoot, e2eLinkPrefix)); err != nil {
+		t.Errorf("egress pins gone while sandboxes run: %v", err)
 	}
 	if err := srv.start(); err != nil {
 		t.Fatal(err)

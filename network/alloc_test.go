@@ -181,3 +181,30 @@ func TestCheckOverlap(t *testing.T) {
 		})
 	}
 }
+
+// TestOptionsCheck: what NewPool refuses, Check refuses too, without root
+// and without touching the host (a server checks its flags with it first).
+func TestOptionsCheck(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts Options
+		want error
+	}{
+		{"defaults", Options{}, nil},
+		{"e2e's", Options{Prefix: netip.MustParsePrefix("100.90.0.0/16"), LinkPrefix: "cbe", Spares: 8}, nil},
+		{"digit in link prefix", Options{LinkPrefix: "rel2"}, ErrBadPrefix},
+		{"upper case link prefix", Options{LinkPrefix: "Cb"}, ErrBadPrefix},
+		{"names over IFNAMSIZ", Options{LinkPrefix: "muchtoolongname"}, ErrBadPrefix},
+		{"host bits set", Options{Prefix: netip.MustParsePrefix("100.90.0.1/16")}, ErrBadPrefix},
+		{"IPv6 prefix", Options{Prefix: netip.MustParsePrefix("fd00::/64")}, ErrBadPrefix},
+		{"smaller than a /30", Options{Prefix: netip.MustParsePrefix("100.90.0.0/31")}, ErrBadPrefix},
+		{"negative spares", Options{Spares: -1}, ErrBadOptions},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.opts.Check()
+			if (tc.want == nil) != (err == nil) || (tc.want != nil && !errors.Is(err, tc.want)) {
+				t.Fatalf("Check() = %v, want %v", err, tc.want)
+			}
+		})
+	}
+}

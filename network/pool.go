@@ -132,13 +132,7 @@ var (
 	validLinkPrefix = regexp.MustCompile(`^[a-z]+$`)
 )
 
-// NewPool makes a pool over opts.Prefix. It refuses, with an *OverlapError,
-// a prefix that overlaps any address or route of the host. It adopts the
-// host-end links an earlier Pool with the same LinkPrefix left (a server
-// restart), so their addresses are not handed out again, and removes that
-// Pool's spares and any devices it left half made. With opts.Spares it
-// starts making spares in the background; Close stops that.
-func NewPool(opts Options) (*Pool, error) {
+func (opts Options) withDefaults() Options {
 	if !opts.Prefix.IsValid() {
 		opts.Prefix = DefaultPrefix
 	}
@@ -151,22 +145,49 @@ func NewPool(opts Options) (*Pool, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	return opts
+}
+
+// Check says whether NewPool would accept opts as given (zero fields take
+// their defaults), without touching the host: a server checks its flags
+// with it before it does anything. Overlaps with the host's networks are
+// NewPool's to find.
+func (opts Options) Check() error {
+	opts = opts.withDefaults()
 	if opts.Mode != ModeVeth && opts.Mode != ModeTap {
-		return nil, fmt.Errorf("%w: unknown mode %v", ErrBadOptions, opts.Mode)
+		return fmt.Errorf("%w: unknown mode %v", ErrBadOptions, opts.Mode)
 	}
 	if opts.Spares < 0 {
-		return nil, fmt.Errorf("%w: %d spares", ErrBadOptions, opts.Spares)
+		return fmt.Errorf("%w: %d spares", ErrBadOptions, opts.Spares)
+	}
+	alloc, err := newAllocator(opts.Prefix)
+	if err != nil {
+		return err
+	}
+	if !validLinkPrefix.MatchString(opts.LinkPrefix) {
+		return fmt.Errorf("%w: link prefix %q must be lower-case letters, so that the slot index after it parses back", ErrBadPrefix, opts.LinkPrefix)
+	}
+	if n := len(opts.LinkPrefix) + len(strconv.Itoa(alloc.slots-1)); n > ifNameMax {
+		return fmt.Errorf("%w: link prefix %q with up to %d slots makes %d-character names; Linux allows %d",
+			ErrBadPrefix, opts.LinkPrefix, alloc.slots, n, ifNameMax)
+	}
+	return nil
+}
+
+// NewPool makes a pool over opts.Prefix. It refuses, with an *OverlapError,
+// a prefix that overlaps any address or route of the host. It adopts the
+// host-end links an earlier Pool with the same LinkPrefix left (a server
+// restart), so their addresses are not handed out again, and removes that
+// Pool's spares and any devices it left half made. With opts.Spares it
+// starts making spares in the background; Close stops that.
+func NewPool(opts Options) (*Pool, error) {
+	opts = opts.withDefaults()
+	if err := opts.Check(); err != nil {
+		return nil, err
 	}
 	alloc, err := newAllocator(opts.Prefix)
 	if err != nil {
 		return nil, err
-	}
-	if n := len(opts.LinkPrefix) + len(strconv.Itoa(alloc.slots-1)); n > ifNameMax {
-		return nil, fmt.Errorf("%w: link prefix %q with up to %d slots makes %d-character names; Linux allows %d",
-			ErrBadPrefix, opts.LinkPrefix, alloc.slots, n, ifNameMax)
-	}
-	if !validLinkPrefix.MatchString(opts.LinkPrefix) {
-		return nil, fmt.Errorf("%w: link prefix %q must be lower-case letters, so that the slot index after it parses back", ErrBadPrefix, opts.LinkPrefix)
 	}
 	if err := os.MkdirAll(opts.NetnsDir, 0o755); err != nil {
 		return nil, fmt.Errorf("network: create netns dir: %w", err)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what cubicle needs on a Debian 12 machine: Debian packages
-# (debootstrap and friends), runsc built static from the pinned gVisor module
-# (cached by version outside the repo), and, with --test, the test tools
-# (staticcheck, the E2B npm SDKs).
+# (debootstrap and friends), Go when the machine has none new enough (the
+# pinned toolchain from the Go module proxy), runsc built static from the
+# pinned gVisor module (cached by version outside the repo), and, with
+# --test, the test tools: gcc and binutils (go test -race, the C test
+# guest), Node.js new enough for the E2B SDKs (the pinned one from the npm
+# registry when the machine's is older), staticcheck, the E2B npm SDKs.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 as_root "$@"
@@ -10,21 +13,16 @@ as_root "$@"
 with_tests=false
 [ "${1:-}" = --test ] && with_tests=true
 
-command -v go >/dev/null || { say "Go is not installed: put Go 1.26 at /usr/local/go (https://go.dev/dl)"; exit 1; }
-case "$(go env GOVERSION)" in
-go1.2[6-9]* | go1.[3-9]*) ;;
-*) say "Go $(go env GOVERSION) is too old: cubicle needs Go 1.26"; exit 1 ;;
-esac
-
 # e2fsprogs: mkfs.ext4 formats the sandboxes' disks (runtime/gvisor/disk.go).
-pkgs=(debootstrap ca-certificates iproute2 e2fsprogs)
-$with_tests && pkgs+=(nodejs npm)
+# curl, unzip: fetching Go and Node below.
+pkgs=(debootstrap ca-certificates iproute2 e2fsprogs curl unzip)
+# gcc: cgo for go test -race; gcc and binutils (objcopy): the VMM's C test
+# guest (vmm/testguest).
+$with_tests && pkgs+=(gcc libc6-dev binutils)
 # guest/codeinterp's tests drive real Jupyter kernels (Debian's python3, not a pyenv one).
 $with_tests && pkgs+=(python3-ipykernel python3-numpy python3-pandas python3-matplotlib python3-scipy)
 missing=()
 for p in "${pkgs[@]}"; do
-	# nodejs may come from another source than Debian; any working node will do.
-	if [ "$p" = nodejs ] || [ "$p" = npm ]; then command -v "${p/nodejs/node}" >/dev/null && continue; fi
 	dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -32,6 +30,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+if ! go_ok; then
+	say "Go ${GO_MIN} or later not found (have: $(go env GOVERSION 2>/dev/null || echo none))"
+	install_go
+	go_ok || { say "Go $GO_VERSION was installed into $(go_dir) but does not run"; exit 1; }
+fi
+say "go: $(command -v go) ($(go env GOVERSION))"
 
 runsc=$(runsc_path)
 if [ ! -x "$runsc" ]; then
@@ -45,6 +50,12 @@ fi
 say "runsc: $runsc"
 
 if $with_tests; then
+	if ! node_ok; then
+		say "Node.js $NODE_MIN or later with npm not found (have: $(node --version 2>/dev/null || echo none))"
+		install_node
+		node_ok || { say "Node $NODE_VERSION was installed into $(node_dir) but does not run"; exit 1; }
+	fi
+	say "node: $(command -v node) ($(node --version))"
 	gobin=$(go env GOPATH)/bin
 	if [ ! -x "$gobin/staticcheck" ] || ! "$gobin/staticcheck" -version 2>/dev/null | grep -q "${STATICCHECK_VERSION#v}"; then
 		say "installing staticcheck $STATICCHECK_VERSION"

@@ -8,4 +8,5 @@ source "$(dirname "$0")/lib.sh"
 as_root "$@"
 bash "$REPO/scripts/deps.sh"
 bash "$REPO/scripts/build.sh"
-exec "$REPO/bin/cubicle" serve --runsc "$(runsc_path)" "$@"
+# serve finds the runsc deps.sh built under $CUBICLE_CACHE_DIR by itself.
+exec "$REPO/bin/cubicle" serve "$@"

@@ -7,6 +7,8 @@ source "$(dirname "$0")/lib.sh"
 as_root "$@"
 cd "$REPO"
 bash scripts/deps.sh --test
+# Again: deps.sh may have installed Go or Node, which lib.sh puts on PATH.
+source scripts/lib.sh
 bash scripts/build.sh
 
 say "gofmt, go vet, staticcheck"

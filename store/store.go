@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -54,9 +55,19 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, id);
 `
 
-// Open opens (creating if needed) the database in dir.
+// fileMode is the mode of the database and its -wal and -shm files: they
+// hold API key hashes and envd access tokens, for root's eyes only.
+const fileMode = 0o600
+
+// Open opens (creating if needed) the database in dir. The database is
+// made 0600, and one that an older version left readable to others is made
+// so again (SQLite gives the -wal and -shm files the database's mode when
+// it makes them; existing ones are tightened here too).
 func Open(dir string) (*Store, error) {
 	path := filepath.Join(dir, "cubicle.db")
+	if err := private(path); err != nil {
+		return nil, err
+	}
 	// WAL lets the API read while the reaper writes; busy_timeout absorbs the
 	// short write contention between them.
 	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=busy_timeout(5000)&_pragma=synchronous(NORMAL)&_pragma=foreign_keys(1)"
@@ -71,6 +82,31 @@ func Open(dir string) (*Store, error) {
 		return nil, fmt.Errorf("store: apply schema to %s: %w", path, err)
 	}
 	return &Store{db: db}, nil
+}
+
+// private creates path with fileMode if it is missing, and takes the
+// group's and others' access away from it and its -wal and -shm files.
+func private(path string) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, fileMode)
+	if err != nil {
+		return fmt.Errorf("store: open %s: %w", path, err)
+	}
+	f.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		fi, err := os.Stat(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("store: %w", err)
+		}
+		if fi.Mode().Perm()&0o077 != 0 {
+			if err := os.Chmod(p, fi.Mode().Perm()&fileMode); err != nil {
+				return fmt.Errorf("store: make %s private: %w", p, err)
+			}
+		}
+	}
+	return nil
 }
 
 // Close closes the database.

@@ -3,6 +3,8 @@ package store
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -169,4 +171,59 @@ func TestEvents(t *testing.T) {
 			t.Errorf("ListEvents(%q, %d, %d) reasons = %q, want %q", tc.sandbox, tc.after, tc.limit, r, tc.wantReasons)
 		}
 	}
+}
+
+// TestFilesArePrivate: the database and its -wal and -shm files hold
+// secrets; they are 0600 when made, and an older install's 0644 files are
+// tightened at open.
+func TestFilesArePrivate(t *testing.T) {
+	check := func(dir string) {
+		t.Helper()
+		for _, name := range []string{"cubicle.db", "cubicle.db-wal", "cubicle.db-shm"} {
+			fi, err := os.Stat(filepath.Join(dir, name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m := fi.Mode().Perm(); m&0o077 != 0 {
+				t.Errorf("%s is %v, want no access for group and others", name, m)
+			}
+		}
+	}
+	ctx := context.Background()
+	t.Run("new", func(t *testing.T) {
+		dir := t.TempDir()
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		if _, _, err := s.CreateAPIKey(ctx, "k"); err != nil {
+			t.Fatal(err)
+		}
+		check(dir)
+	})
+	t.Run("existing", func(t *testing.T) {
+		dir := t.TempDir()
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.CreateAPIKey(ctx, "k"); err != nil {
+			t.Fatal(err)
+		}
+		// What an older version left: files readable by everyone, the -wal
+		// and -shm still there (as after a crash).
+		for _, name := range []string{"cubicle.db", "cubicle.db-wal", "cubicle.db-shm"} {
+			if err := os.Chmod(filepath.Join(dir, name), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s2, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s2.Close()
+		s.Close()
+		check(dir)
+	})
 }

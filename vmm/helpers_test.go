@@ -7,12 +7,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/cubicle-dev/cubicle/internal/testenv"
 	"github.com/cubicle-dev/cubicle/vmm/boot"
 	"github.com/cubicle-dev/cubicle/vmm/kvm"
 	"github.com/cubicle-dev/cubicle/vmm/testguest"
@@ -22,14 +22,6 @@ import (
 // emulated on PVM hosts (a few million instructions per second), so this is
 // generous; a test that hits it fails with the console output.
 const waitTimeout = 30 * time.Second
-
-// needKVM skips the test when the host has no KVM at all.
-func needKVM(t testing.TB) {
-	t.Helper()
-	if _, err := os.Stat(kvm.DevicePath); errors.Is(err, os.ErrNotExist) {
-		t.Skip("no /dev/kvm on this host: the VMM tests need KVM")
-	}
-}
 
 // guestImages builds (or fetches from the cache) the test guest.
 func guestImages(t testing.TB) *testguest.Images {
@@ -124,7 +116,7 @@ func (o guestOpts) cmdline() string {
 // closed when the test ends.
 func bootGuest(t testing.TB, o guestOpts) (*VM, *console) {
 	t.Helper()
-	needKVM(t)
+	testenv.RequireKVM(t)
 	if o.mem == 0 {
 		o.mem = 64 << 20
 	}

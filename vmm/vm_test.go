@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cubicle-dev/cubicle/internal/testenv"
 	"github.com/cubicle-dev/cubicle/vmm/boot"
 	"github.com/cubicle-dev/cubicle/vmm/kvm"
 	"golang.org/x/sys/unix"
@@ -218,7 +219,7 @@ func TestEmulationFailure(t *testing.T) {
 
 // TestGarbageKernelRejected feeds LoadKernel things that are not kernels.
 func TestGarbageKernelRejected(t *testing.T) {
-	needKVM(t)
+	testenv.RequireKVM(t)
 	elfImg, err := os.ReadFile(guestImages(t).ELF)
 	if err != nil {
 		t.Fatal(err)

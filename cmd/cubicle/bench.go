@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cubicle-dev/cubicle/client"
+	"github.com/cubicle-dev/cubicle/runtime/gvisor"
 )
 
 func benchCmd() *cobra.Command {
@@ -79,7 +80,7 @@ template's root filesystem, in the same invocation, as the baseline.`,
 				return err
 			}
 			if coldN > 0 {
-				rs, rerr := findRunsc(runsc, cacheDir)
+				rs, rerr := gvisor.FindRunsc(runsc, cacheDir)
 				if rerr == nil {
 					var cold []time.Duration
 					cold, rerr = coldRunsc(cmd.Context(), rs, filepath.Join(dataDir, "templates", tmpl, "rootfs"), coldN)

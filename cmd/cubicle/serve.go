@@ -5,12 +5,12 @@ import (
 	"debug/elf"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -20,6 +20,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+	"golang.org/x/term"
 
 	"github.com/cubicle-dev/cubicle/api"
 	"github.com/cubicle-dev/cubicle/guest/envd"
@@ -62,8 +63,9 @@ func serveCmd() *cobra.Command {
 		Use:   "serve",
 		Short: "Run the E2B-compatible API and sandbox proxy",
 		Long: `serve runs cubicle: the E2B control-plane API, the sandbox data-plane proxy,
-and the orchestrator. At first start it builds the default template "base" and
-creates an API key, and prints the environment an E2B SDK needs.`,
+and the orchestrator. At first start it builds the default template "base";
+started from a terminal it creates the first API key and prints it. It
+prints the environment an E2B SDK needs.`,
 		RunE: func(cmd *cobra.Command, args []string) error { return serve(cmd.Context(), c) },
 	}
 	f := cmd.Flags()
@@ -74,7 +76,7 @@ creates an API key, and prints the environment an E2B SDK needs.`,
 	f.StringVar(&c.publicHost, "public-host", envOr("CUBICLE_PUBLIC_HOST", "localhost"), "host name clients use to reach this server, for the printed URLs (env CUBICLE_PUBLIC_HOST)")
 	f.StringVar(&c.domain, "domain", envOr("CUBICLE_DOMAIN", "cubicle.localhost"), "sandbox domain: the proxy routes <port>-<sandboxID>.<domain> (env CUBICLE_DOMAIN)")
 	f.IntVar(&c.poolSize, "pool-size", envInt("CUBICLE_POOL_SIZE", 4), "pre-started sandboxes kept ready per template (env CUBICLE_POOL_SIZE)")
-	f.StringVar(&c.runsc, "runsc", envOr("CUBICLE_RUNSC", ""), "path of runsc (env CUBICLE_RUNSC; default: PATH, then <cache-dir>/bin/runsc)")
+	f.StringVar(&c.runsc, "runsc", envOr("CUBICLE_RUNSC", ""), "path of runsc (env CUBICLE_RUNSC; default: the pinned build scripts/deps.sh makes in <cache-dir>/runsc/<version>/runsc, then PATH)")
 	f.StringVar(&c.platform, "platform", envOr("CUBICLE_GVISOR_PLATFORM", "systrap"), "gVisor platform (env CUBICLE_GVISOR_PLATFORM)")
 	f.StringVar(&c.netPrefix, "network-prefix", envOr("CUBICLE_NETWORK_PREFIX", network.DefaultPrefix.String()), "address range for sandbox networks (env CUBICLE_NETWORK_PREFIX)")
 	f.StringVar(&c.linkPrefix, "link-prefix", envOr("CUBICLE_LINK_PREFIX", network.DefaultLinkPrefix), "names the host's sandbox devices and namespaces; servers sharing a host need distinct ones (env CUBICLE_LINK_PREFIX)")
@@ -96,48 +98,52 @@ func envInt(key string, def int) int {
 	return def
 }
 
+// ensureDir makes dir private to root (0700), tightening an existing one
+// made looser by an older version: it holds the state database, whose
+// API key hashes and envd tokens are secrets.
 func ensureDir(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", dir, err)
 	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		if err := os.Chmod(dir, fi.Mode().Perm()&0o700); err != nil {
+			return fmt.Errorf("make %s private: %w", dir, err)
+		}
+	}
 	return nil
 }
 
-func serve(ctx context.Context, c serveConfig) error {
-	log := newLogger(c.logLevel)
-	if os.Geteuid() != 0 {
-		return errors.New("serve needs root: it creates network namespaces, cgroups and gVisor sandboxes")
+// serve runs the server until ctx ends. It checks every flag before it
+// makes anything (check), and whatever it made is undone when it stops,
+// after a failed start as after a clean stop (see parts.close), except what
+// sandboxes still running need.
+func serve(ctx context.Context, c serveConfig) (err error) {
+	k, err := c.check()
+	if err != nil {
+		return err
 	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: k.logLevel}))
+	p := &parts{log: log, linkPrefix: c.linkPrefix, pool: k.prefix}
+	defer func() {
+		if err != nil {
+			log.Error("stopping on an error; undoing what this start made", "err", err)
+		}
+		err = errors.Join(err, p.close())
+	}()
+
 	if err := ensureDir(c.dataDir); err != nil {
 		return err
 	}
-	unlock, err := lockDataDir(c.dataDir)
-	if err != nil {
+	if p.unlock, err = lockDataDir(c.dataDir); err != nil {
 		return err
 	}
-	defer unlock()
-	self, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("finding my own binary: %w", err)
-	}
-	if err := checkStatic(self); err != nil {
+	if p.st, err = openStore(c.dataDir); err != nil {
 		return err
 	}
-	runsc, err := findRunsc(c.runsc, c.cacheDir)
-	if err != nil {
-		return err
-	}
-
-	st, err := openStore(c.dataDir)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	apiKey, err := firstAPIKey(ctx, st)
-	if err != nil {
-		return err
-	}
-
 	templates, err := ensureBaseTemplate(ctx, c)
 	if err != nil {
 		return err
@@ -146,33 +152,24 @@ func serve(ctx context.Context, c serveConfig) error {
 		return err
 	}
 
-	prefix, err := netip.ParsePrefix(c.netPrefix)
-	if err != nil {
-		return fmt.Errorf("--network-prefix: %w", err)
-	}
+	// Pins that exist already belong to sandboxes an earlier server left
+	// running (or to one that crashed): a start that fails before the
+	// runtime can say which sandboxes run keeps them.
+	p.pinsExisted = exists(p.pinDir())
+	p.egressStarted = true
 	// The egress goroutines (host address following, sweeping) stop
-	// before the policy manager closes: deferred calls run last first.
+	// before the policy manager closes (parts.close).
 	egressCtx, stopEgress := context.WithCancel(ctx)
-	pm, err := startEgress(egressCtx, prefix, c.linkPrefix, log.With("component", "egress"))
-	if err != nil {
-		stopEgress()
+	p.stopEgress = stopEgress
+	if p.pm, err = startEgress(egressCtx, k.prefix, c.linkPrefix, log.With("component", "egress")); err != nil {
 		return err
 	}
-	// Close keeps the pinned maps and attached programs: sandboxes stay
-	// confined while the server is down, and the next start adopts them.
-	defer pm.Close()
-	defer stopEgress()
-	upstreams, err := c.dnsUpstreams()
-	if err != nil {
+	if p.enforcer, err = egress.New(p.pm, dns.Options{Upstreams: k.upstreams, Logger: log.With("component", "dns")}); err != nil {
 		return err
 	}
-	enforcer, err := egress.New(pm, dns.Options{Upstreams: upstreams, Logger: log.With("component", "dns")})
-	if err != nil {
-		return err
-	}
-	defer enforcer.Close()
-	netPool, err := network.NewPool(network.Options{
-		Prefix: prefix, LinkPrefix: c.linkPrefix, Spares: c.netSpares,
+	enforcer := p.enforcer
+	p.netPool, err = network.NewPool(network.Options{
+		Prefix: k.prefix, LinkPrefix: c.linkPrefix, Spares: c.netSpares,
 		// Devices are put under the default policy as they are made, off
 		// the create path; Create then only switches the policy.
 		OnCreate:  func(a network.Attachment) error { return enforcer.Prepare(a, runtime.DefaultEgress) },
@@ -182,13 +179,11 @@ func serve(ctx context.Context, c serveConfig) error {
 	if err != nil {
 		return err
 	}
-	// Spares go before the resolver stops (deferred calls run last first).
-	defer netPool.Close()
-	rt, err := gvisor.New(gvisor.Options{
-		Runsc:    runsc,
+	p.rt, err = gvisor.New(gvisor.Options{
+		Runsc:    k.runsc,
 		StateDir: filepath.Join(c.dataDir, "gvisor"),
-		Network:  netPool,
-		Egress:   enforcer,
+		Network:  p.netPool,
+		Egress:   p.enforcer,
 		Platform: c.platform,
 		Logger:   log.With("component", "gvisor"),
 	})
@@ -198,11 +193,11 @@ func serve(ctx context.Context, c serveConfig) error {
 
 	resolver := &routes{}
 	px := proxy.New(resolver, c.domain, log.With("component", "proxy"))
-	orch, err := orchestrator.New(ctx, orchestrator.Options{
-		Runtime:       rt,
-		Store:         st,
+	p.orch, err = orchestrator.New(ctx, orchestrator.Options{
+		Runtime:       p.rt,
+		Store:         p.st,
 		Templates:     templates,
-		Envd:          self,
+		Envd:          k.self,
 		EnvdArgs:      []string{"envd"},
 		PoolSize:      c.poolSize,
 		PoolTemplates: []string{template.BaseID, template.CodeInterpreterAlias},
@@ -213,33 +208,39 @@ func serve(ctx context.Context, c serveConfig) error {
 	if err != nil {
 		return err
 	}
-	resolver.orch = orch
+	resolver.orch = p.orch
 
 	apiSrv := &http.Server{
 		Handler: api.New(api.Options{
-			Orchestrator: orch, Store: st, EnvdVersion: envd.Version, Logger: log.With("component", "api"),
+			Orchestrator: p.orch, Store: p.st, EnvdVersion: envd.Version, Logger: log.With("component", "api"),
 		}),
 		ReadHeaderTimeout: 30 * time.Second,
 	}
 	proxySrv := px.Server("")
 	apiLn, err := net.Listen("tcp", c.apiAddr)
 	if err != nil {
-		orch.Close(context.Background())
 		return fmt.Errorf("API listen on %s: %w", c.apiAddr, err)
 	}
+	p.listeners = append(p.listeners, apiLn)
 	proxyLn, err := net.Listen("tcp", c.proxyAddr)
 	if err != nil {
-		apiLn.Close()
-		orch.Close(context.Background())
 		return fmt.Errorf("proxy listen on %s: %w", c.proxyAddr, err)
 	}
+	p.listeners = append(p.listeners, proxyLn)
+	// The first key is made last, once nothing but printing it is left,
+	// and only for a terminal: see firstAPIKey.
+	apiKey, err := firstAPIKey(ctx, p.st, os.Stdout)
+	if err != nil {
+		return err
+	}
+	p.servers = []*http.Server{apiSrv, proxySrv}
 	errc := make(chan error, 2)
 	go func() { errc <- apiSrv.Serve(apiLn) }()
 	go func() { errc <- proxySrv.Serve(proxyLn) }()
 
 	apiURL := "http://" + net.JoinHostPort(c.publicHost, portOf(apiLn))
 	sandboxURL := "http://" + net.JoinHostPort(c.publicHost, portOf(proxyLn))
-	printBanner(os.Stdout, apiURL, sandboxURL, c.domain, apiKey)
+	printBanner(os.Stdout, banner{apiURL: apiURL, sandboxURL: sandboxURL, domain: c.domain, dataDir: c.dataDir, apiKey: apiKey})
 	if c.readyFile != "" {
 		ready := fmt.Sprintf("api=%s\nproxy=%s\n", apiLn.Addr(), proxyLn.Addr())
 		if err := os.WriteFile(c.readyFile, []byte(ready), 0o600); err != nil {
@@ -249,15 +250,104 @@ func serve(ctx context.Context, c serveConfig) error {
 
 	select {
 	case <-ctx.Done():
+		log.Info("shutting down")
 	case err = <-errc:
 		log.Error("server stopped", "err", err)
 	}
-	log.Info("shutting down; sandboxes keep running and are adopted at the next start")
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	return err
+}
+
+// parts are what serve has made so far, for close to undo. Fields are set
+// as each part is made; nil ones were not.
+type parts struct {
+	log        *slog.Logger
+	linkPrefix string
+	pool       netip.Prefix
+
+	unlock func()
+	st     *store.Store
+	// pinsExisted says the egress policy's pins were there before this
+	// start: an earlier server's sandboxes may rely on them.
+	pinsExisted   bool
+	egressStarted bool
+	stopEgress    context.CancelFunc
+	pm            *policy.Manager
+	enforcer      *egress.Enforcer
+	netPool       *network.Pool
+	rt            *gvisor.Runtime
+	orch          *orchestrator.Orchestrator
+	listeners     []net.Listener
+	servers       []*http.Server
+}
+
+func (p *parts) pinDir() string { return filepath.Join(policy.DefaultPinRoot, p.linkPrefix) }
+
+// close undoes what serve made, last made first. Sandboxes that are still
+// running or paused (users' sandboxes; pooled ones are drained) keep what
+// confines them, the pinned egress policy and the NAT table, for the next
+// start to adopt; with none left, nothing of the server stays in the
+// kernel. The same rule holds after a failed start, where pins that were
+// there before it are an earlier server's and stay.
+func (p *parts) close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	apiSrv.Shutdown(sctx)
-	proxySrv.Shutdown(sctx)
-	return errors.Join(err, orch.Close(sctx))
+	var errs []error
+	for _, s := range p.servers {
+		errs = append(errs, s.Shutdown(ctx))
+	}
+	for _, l := range p.listeners {
+		l.Close() // already closed by Shutdown when served
+	}
+	if p.orch != nil {
+		errs = append(errs, p.orch.Close(ctx))
+	}
+	// Spares go before the resolver stops.
+	if p.netPool != nil {
+		errs = append(errs, p.netPool.Close())
+	}
+	if p.enforcer != nil {
+		errs = append(errs, p.enforcer.Close())
+	}
+	if p.stopEgress != nil {
+		p.stopEgress()
+	}
+	keep := p.pinsExisted
+	if p.rt != nil {
+		left, err := p.rt.List(ctx)
+		keep = err != nil || len(left) > 0
+		if err != nil {
+			errs = append(errs, err)
+		} else if len(left) > 0 {
+			p.log.Info("sandboxes keep running, confined, and are adopted at the next start", "sandboxes", len(left))
+		}
+		errs = append(errs, p.rt.Close())
+	}
+	switch {
+	case !p.egressStarted:
+	case keep:
+		if p.pm != nil {
+			p.pm.Close()
+		}
+	default:
+		if p.pm != nil {
+			errs = append(errs, p.pm.Remove())
+		} else if err := os.RemoveAll(p.pinDir()); err != nil {
+			errs = append(errs, err) // a policy.New that failed half-way
+		}
+		errs = append(errs, nat.Disable(nat.Options{Pool: p.pool, Table: p.linkPrefix, NetNS: netns.None()}))
+	}
+	if p.st != nil {
+		errs = append(errs, p.st.Close())
+	}
+	if p.unlock != nil {
+		p.unlock()
+	}
+	return errors.Join(errs...)
+}
+
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
 }
 
 // startEgress loads the eBPF egress policy (pinned under
@@ -332,6 +422,9 @@ func (c serveConfig) dnsUpstreams() ([]netip.AddrPort, error) {
 			}
 			ap = netip.AddrPortFrom(a, 53)
 		}
+		if ap.Port() == 0 || ap.Addr().IsUnspecified() {
+			return nil, fmt.Errorf("--dns-upstream: %q is not a server's address", f)
+		}
 		out = append(out, ap)
 	}
 	return out, nil
@@ -360,30 +453,48 @@ func portOf(ln net.Listener) string {
 	return port
 }
 
-func printBanner(w *os.File, apiURL, sandboxURL, domain, apiKey string) {
-	key := apiKey
+// banner is what printBanner shows.
+type banner struct {
+	apiURL, sandboxURL, domain, dataDir string
+	// apiKey is the first API key, made by this start; "" when keys
+	// existed or stdout is not a terminal.
+	apiKey string
+}
+
+func printBanner(w io.Writer, b banner) {
+	key := b.apiKey
 	if key == "" {
-		key = "<your key; `cubicle keys create` makes one>"
+		key = "<your key>"
 	}
 	fmt.Fprintf(w, `
 cubicle is serving.
   API:         %s
   sandbox URL: %s
   domain:      %s
-`, apiURL, sandboxURL, domain)
-	if apiKey != "" {
-		fmt.Fprintf(w, "  API key:     %s   (shown once; stored hashed)\n", apiKey)
+`, b.apiURL, b.sandboxURL, b.domain)
+	if b.apiKey != "" {
+		fmt.Fprintf(w, "  API key:     %s   (shown once; stored hashed)\n", b.apiKey)
+	} else {
+		fmt.Fprintf(w, "  API key:     make one with `cubicle keys create --data-dir %s` (printed once)\n", b.dataDir)
 	}
 	fmt.Fprintf(w, `
 Point the E2B SDK at it:
   export E2B_API_URL=%s E2B_SANDBOX_URL=%s E2B_DOMAIN=%s E2B_API_KEY=%s
 
-`, apiURL, sandboxURL, domain, key)
+`, b.apiURL, b.sandboxURL, b.domain, key)
 }
 
 // firstAPIKey makes the first API key when there is none, so that a fresh
-// install is usable at once; it returns "" when keys already exist.
-func firstAPIKey(ctx context.Context, st *store.Store) (string, error) {
+// install started by hand is usable at once, and returns it for printing;
+// it returns "" when keys already exist. It makes none when out is not a
+// terminal: there the banner would put the secret into a log (a journal,
+// a file), so the banner tells the operator to run `cubicle keys create`,
+// which prints a key to whoever asked for it. Writing the key to a file
+// instead would leave a plain-text secret behind that nothing removes.
+func firstAPIKey(ctx context.Context, st *store.Store, out *os.File) (string, error) {
+	if !term.IsTerminal(int(out.Fd())) {
+		return "", nil
+	}
 	n, err := st.CountActiveAPIKeys(ctx)
 	if err != nil || n > 0 {
 		return "", err
@@ -406,18 +517,4 @@ func checkStatic(path string) error {
 		}
 	}
 	return nil
-}
-
-func findRunsc(flag, cacheDir string) (string, error) {
-	if flag != "" {
-		return flag, nil
-	}
-	if p, err := exec.LookPath("runsc"); err == nil {
-		return p, nil
-	}
-	p := filepath.Join(cacheDir, "bin", "runsc")
-	if _, err := os.Stat(p); err == nil {
-		return p, nil
-	}
-	return "", fmt.Errorf("runsc not found in PATH or %s: run scripts/deps.sh, or pass --runsc", p)
 }

@@ -54,6 +54,7 @@
 package gvisor
 
 import (
+	_ "embed"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,6 +67,7 @@ import (
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/runtime"
+	"github.com/cubicle-dev/cubicle/template"
 )
 
 // Name is the backend's name.
@@ -74,10 +76,19 @@ const Name = "gvisor"
 // platforms are the values of Options.Platform runsc accepts.
 var platforms = []string{"systrap", "ptrace", "kvm"}
 
+// runscVersionFile is the one place the pinned gVisor version is written:
+// scripts/lib.sh reads the same file to build runsc.
+//
+//go:embed runsc.version
+var runscVersionFile string
+
 // RunscVersion is the gVisor module version the runtime is built and
 // tested against (see shared/DESIGN.md). A cgo build of runsc fails at
 // sandbox start.
-const RunscVersion = "v0.0.0-20260905035102-160fafc42237"
+var RunscVersion = strings.TrimSpace(runscVersionFile)
+
+// RunscModule is the Go package runsc is built from, at RunscVersion.
+const RunscModule = "gvisor.dev/gvisor/runsc"
 
 // DefaultCgroupParent is the cgroup, in every controller's hierarchy, under
 // which each sandbox gets a cgroup named after its ID.
@@ -112,9 +123,8 @@ func (e *RunscError) Unwrap() error { return e.Err }
 
 // Options configures a Runtime.
 type Options struct {
-	// Runsc is the runsc binary. Empty means $CUBICLE_RUNSC, then runsc on
-	// $PATH, then the project's build location
-	// $XDG_CACHE_HOME/cubicle/bin/runsc (~/.cache/cubicle/bin/runsc).
+	// Runsc is the runsc binary. Empty means what FindRunsc finds with
+	// the default cache directory.
 	Runsc string
 	// StateDir holds the sandboxes' bundles and runsc's state; typically a
 	// directory under the server's data dir. Required.
@@ -185,8 +195,8 @@ func New(opts Options) (*Runtime, error) {
 	if opts.Platform == "" {
 		opts.Platform = "systrap"
 	}
-	if !contains(platforms, opts.Platform) {
-		return nil, fmt.Errorf("%w: platform %q is not one of %v", ErrInvalidConfig, opts.Platform, platforms)
+	if err := CheckPlatform(opts.Platform); err != nil {
+		return nil, err
 	}
 	if opts.CgroupParent == "" {
 		opts.CgroupParent = DefaultCgroupParent
@@ -197,7 +207,7 @@ func New(opts Options) (*Runtime, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	runsc, err := findRunsc(opts.Runsc)
+	runsc, err := FindRunsc(opts.Runsc, "")
 	if err != nil {
 		return nil, err
 	}
@@ -231,10 +241,21 @@ func New(opts Options) (*Runtime, error) {
 	return r, nil
 }
 
-// findRunsc resolves Options.Runsc as documented there. An explicit path
-// or $CUBICLE_RUNSC that does not work is an error, not a reason to pick
-// some other binary.
-func findRunsc(path string) (string, error) {
+// RunscPath is where scripts/deps.sh puts the pinned runsc under a cache
+// directory (template.DefaultCacheDir when empty), one directory per version.
+func RunscPath(cacheDir string) string {
+	if cacheDir == "" {
+		cacheDir = template.DefaultCacheDir()
+	}
+	return filepath.Join(cacheDir, "runsc", RunscVersion, "runsc")
+}
+
+// FindRunsc is the one runsc finder: path when given, else $CUBICLE_RUNSC,
+// else the pinned build under cacheDir (RunscPath), else runsc on $PATH.
+// The pinned build comes before $PATH because it is the version cubicle is
+// tested with. An explicit path or $CUBICLE_RUNSC that does not work is an
+// error, not a reason to pick some other binary.
+func FindRunsc(path, cacheDir string) (string, error) {
 	var candidates []string
 	switch {
 	case path != "":
@@ -242,18 +263,24 @@ func findRunsc(path string) (string, error) {
 	case os.Getenv("CUBICLE_RUNSC") != "":
 		candidates = []string{os.Getenv("CUBICLE_RUNSC")}
 	default:
-		candidates = []string{"runsc"}
-		if dir, err := os.UserCacheDir(); err == nil {
-			candidates = append(candidates, filepath.Join(dir, "cubicle", "bin", "runsc"))
-		}
+		candidates = []string{RunscPath(cacheDir), "runsc"}
 	}
 	for _, c := range candidates {
 		if p, err := exec.LookPath(c); err == nil {
 			return filepath.Abs(p)
 		}
 	}
-	return "", fmt.Errorf("%w (tried %s); build it static with CGO_ENABLED=0 go install gvisor.dev/gvisor/runsc@%s and set $CUBICLE_RUNSC",
-		ErrRunscNotFound, strings.Join(candidates, ", "), RunscVersion)
+	return "", fmt.Errorf("%w (tried %s): run scripts/deps.sh, which builds it static into %s, or set --runsc or $CUBICLE_RUNSC",
+		ErrRunscNotFound, strings.Join(candidates, ", "), RunscPath(cacheDir))
+}
+
+// CheckPlatform says whether runsc accepts p as its --platform, so that a
+// server can refuse a bad one before doing anything.
+func CheckPlatform(p string) error {
+	if !contains(platforms, p) {
+		return fmt.Errorf("%w: platform %q is not one of %v", ErrInvalidConfig, p, platforms)
+	}
+	return nil
 }
 
 // Name implements runtime.Runtime.

@@ -370,17 +370,30 @@ func TestCreateFailureCleansUp(t *testing.T) {
 
 func TestFindRunsc(t *testing.T) {
 	t.Setenv("CUBICLE_RUNSC", "/nonexistent/runsc")
-	if _, err := findRunsc(""); !errors.Is(err, ErrRunscNotFound) || !strings.Contains(err.Error(), "/nonexistent/runsc") {
+	if _, err := FindRunsc("", ""); !errors.Is(err, ErrRunscNotFound) || !strings.Contains(err.Error(), "/nonexistent/runsc") {
 		t.Fatalf("bad $CUBICLE_RUNSC: err %v, want ErrRunscNotFound naming it", err)
 	}
 	exe := filepath.Join(t.TempDir(), "runsc")
 	os.WriteFile(exe, []byte("#!/bin/sh\n"), 0o755)
 	t.Setenv("CUBICLE_RUNSC", exe)
-	if got, err := findRunsc(""); err != nil || got != exe {
+	if got, err := FindRunsc("", ""); err != nil || got != exe {
 		t.Fatalf("findRunsc via env = %q, %v", got, err)
 	}
-	if _, err := findRunsc("/nonexistent/explicit"); !errors.Is(err, ErrRunscNotFound) {
+	if _, err := FindRunsc("/nonexistent/explicit", ""); !errors.Is(err, ErrRunscNotFound) {
 		t.Fatalf("explicit bad path: err %v", err)
+	}
+	// Without a path or $CUBICLE_RUNSC: the pinned build scripts/deps.sh
+	// makes under the cache directory.
+	t.Setenv("CUBICLE_RUNSC", "")
+	cache := t.TempDir()
+	pinned := RunscPath(cache)
+	if !strings.Contains(pinned, RunscVersion) || RunscVersion == "" {
+		t.Fatalf("RunscPath(%q) = %q, want it keyed by version %q", cache, pinned, RunscVersion)
+	}
+	os.MkdirAll(filepath.Dir(pinned), 0o755)
+	os.WriteFile(pinned, []byte("#!/bin/sh\n"), 0o755)
+	if got, err := FindRunsc("", cache); err != nil || got != pinned {
+		t.Fatalf("FindRunsc with a pinned build = %q, %v; want %q", got, err, pinned)
 	}
 }
 

@@ -52,7 +52,7 @@ func requireRunsc(tb testing.TB) {
 	var why string
 	if os.Geteuid() != 0 {
 		why = "these tests need root (namespaces, mounts, cgroups)"
-	} else if _, err := findRunsc(""); err != nil {
+	} else if _, err := FindRunsc("", ""); err != nil {
 		why = err.Error()
 	} else {
 		return
@@ -133,10 +133,6 @@ func (w tbWriter) Write(p []byte) (int, error) {
 
 func (e *env) cleanup() {
 	ctx := context.Background()
-	// runsc keeps one empty network namespace for all gofers under its
-	// root (--gofer-network-namespace=null); it is shared, not a
-	// sandbox's, so it goes with the test's state dir.
-	defer unmount(filepath.Join(e.rt.runscRoot, "null-netns"))
 	sbs, err := e.rt.List(ctx)
 	if err != nil {
 		e.tb.Errorf("List at cleanup: %v", err)
@@ -147,6 +143,15 @@ func (e *env) cleanup() {
 		}
 	}
 	e.checkNoLeaks()
+	// runsc keeps one empty network namespace for all gofers under its
+	// root (--gofer-network-namespace=null), stacked by concurrent
+	// creates; it is shared, not a sandbox's: Close removes every layer.
+	if err := e.rt.Close(); err != nil {
+		e.tb.Errorf("Close: %v", err)
+	}
+	for _, m := range mountsUnder(e.tb, e.rt.runscRoot) {
+		e.tb.Errorf("mount left after Close: %s", m)
+	}
 }
 
 // checkNoLeaks asserts that nothing of any sandbox is left: no sandbox

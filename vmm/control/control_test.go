@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/internal/testenv"
 	"github.com/cubicle-dev/cubicle/vmm"
 	"github.com/cubicle-dev/cubicle/vmm/jailer"
 	"github.com/cubicle-dev/cubicle/vmm/kvm"
@@ -44,13 +45,6 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
-}
-
-func needKVM(t testing.TB) {
-	t.Helper()
-	if _, err := os.Stat(kvm.DevicePath); errors.Is(err, os.ErrNotExist) {
-		t.Skip("no /dev/kvm on this host: the VMM tests need KVM")
-	}
 }
 
 // spawnConfig makes this test binary the VMM process.
@@ -151,7 +145,7 @@ func newDisk(t testing.TB, dir, name, tag string) *os.File {
 // stop; then a second process restores the snapshot cold, and the guest
 // carries on with new devices.
 func TestProcessLifecycle(t *testing.T) {
-	needKVM(t)
+	testenv.RequireKVM(t)
 	imgs, err := testguest.Build()
 	if err != nil {
 		t.Fatal(err)
@@ -320,10 +314,8 @@ func (c *consoleBuf) wait(t testing.TB, s string) {
 // jail — and run their guests. The processes are confined (seccomp on,
 // no capabilities) while they do so.
 func TestJailedPool(t *testing.T) {
-	needKVM(t)
-	if os.Geteuid() != 0 {
-		t.Skip("the jailer needs root")
-	}
+	testenv.RequireKVM(t)
+	testenv.RequireRoot(t, "jails the VMM: namespaces, chroot, mknod")
 	dir := t.TempDir()
 	tmplDir := filepath.Join(dir, "template")
 	if err := os.Mkdir(tmplDir, 0o755); err != nil {
@@ -391,7 +383,7 @@ func TestJailedPool(t *testing.T) {
 // the protocol's shape, mapped back to the VMM's sentinels, and the
 // server carries on.
 func TestProtocolErrors(t *testing.T) {
-	needKVM(t)
+	testenv.RequireKVM(t)
 	sys, err := kvm.Open()
 	if err != nil {
 		t.Fatal(err)

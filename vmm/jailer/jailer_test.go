@@ -18,6 +18,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cubicle-dev/cubicle/internal/testenv"
 )
 
 // modeEnv makes the test binary a jailed child (see child).
@@ -122,9 +124,7 @@ func allowed() int {
 // jailed starts the test binary as a jailed child in mode.
 func jailed(t *testing.T, mode string) (*exec.Cmd, *Jail, *bufio.Reader, io.WriteCloser) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("the jailer needs root")
-	}
+	testenv.RequireRoot(t, "jails a process: namespaces, chroot, mknod")
 	root := filepath.Join(t.TempDir(), "root")
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), modeEnv+"="+mode, "GORACE=atexit_sleep_ms=0")
@@ -277,6 +277,8 @@ func TestSeccompKills(t *testing.T) {
 
 // TestSeccompAllows: what a VMM needs still works in the jail.
 func TestSeccompAllows(t *testing.T) {
+	// The jail makes its own /dev/kvm node; what is behind it is the host's.
+	testenv.RequireKVM(t)
 	cmd, _, out, _ := jailed(t, "allowed")
 	said, _ := io.ReadAll(out)
 	if err := cmd.Wait(); err != nil || string(said) != "ok\n" {

@@ -4,19 +4,18 @@ package kvm
 
 import (
 	"errors"
-	"os"
 	"slices"
 	"testing"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cubicle-dev/cubicle/internal/testenv"
 )
 
 func openKVM(t *testing.T) *System {
 	t.Helper()
-	if _, err := os.Stat(DevicePath); errors.Is(err, os.ErrNotExist) {
-		t.Skip("no /dev/kvm on this host")
-	}
+	testenv.RequireKVM(t)
 	s, err := Open()
 	if err != nil {
 		t.Fatal(err)
