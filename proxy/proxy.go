@@ -30,8 +30,8 @@ type Route struct {
 	Addr netip.Addr
 	// Paused sandboxes get a 502 unless Wake brings them back.
 	Paused bool
-	// TrafficToken, when set, is demanded in E2B-Traffic-Access-Token on
-	// every port but envd's.
+	// TrafficToken, when set, is demanded in TrafficTokenHeader on every
+	// port but envd's (network.allowPublicTraffic false).
 	TrafficToken string
 	// AccessToken is envd's token; used only to match signed /files URLs
 	// that arrive without sandbox headers.
@@ -135,6 +135,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadGateway, id, msgNotFound)
 		return
 	}
+	// Before anything else, a paused sandbox's wake-up included: a request
+	// that may not reach the sandbox must not resume it either.
+	if msg, ok := trafficAllowed(route, port, r); !ok {
+		writeError(w, http.StatusForbidden, id, msg)
+		return
+	}
 	if route.Paused {
 		if !p.resolver.Wake(r.Context(), id) {
 			writeError(w, http.StatusBadGateway, id, msgPaused)
@@ -144,10 +150,6 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusBadGateway, id, msgNotFound)
 			return
 		}
-	}
-	if route.TrafficToken != "" && port != EnvdPort && !tokenEqual(r.Header.Get("E2B-Traffic-Access-Token"), route.TrafficToken) {
-		writeError(w, http.StatusForbidden, id, "missing or wrong E2B-Traffic-Access-Token: this sandbox does not allow public traffic")
-		return
 	}
 	tc, _ := r.Context().Value(connKey{}).(*trackedConn)
 	if tc != nil {
@@ -163,6 +165,28 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	_ = http.NewResponseController(w).EnableFullDuplex()
 	ctx := context.WithValue(r.Context(), targetKey{}, routeTarget{id: id, addr: route.Addr, port: port})
 	p.rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// TrafficTokenHeader carries a sandbox's traffic access token, as the SDKs
+// send it (the code interpreter's calls) and E2B's proxy reads it.
+const TrafficTokenHeader = "E2B-Traffic-Access-Token"
+
+// trafficAllowed enforces network.allowPublicTraffic false: every port but
+// envd's demands the sandbox's traffic access token. envd's port is exempt,
+// as in E2B: envd checks its own access token, and the SDKs never send the
+// traffic token there. On refusal it returns E2B's message for the case.
+func trafficAllowed(route Route, port int, r *http.Request) (string, bool) {
+	if route.TrafficToken == "" || port == EnvdPort {
+		return "", true
+	}
+	got := r.Header.Values(TrafficTokenHeader)
+	switch {
+	case len(got) == 0 || got[0] == "":
+		return "Sandbox is secured with traffic access token. Token header '" + strings.ToLower(TrafficTokenHeader) + "' is missing", false
+	case len(got) > 1 || !tokenEqual(got[0], route.TrafficToken):
+		return "Sandbox is secured with traffic access token. Provided token in header '" + strings.ToLower(TrafficTokenHeader) + "' is invalid", false
+	}
+	return "", true
 }
 
 // routeOf finds the sandbox and port a request is for.

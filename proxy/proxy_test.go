@@ -355,3 +355,101 @@ func TestFullDuplex(t *testing.T) {
 		t.Fatalf("end of response: %q, %v", rest, err)
 	}
 }
+
+// TestTrafficToken checks network.allowPublicTraffic false as E2B's proxy
+// enforces it: 403 with E2B's body on every sandbox port without the traffic
+// token or with a wrong one, envd's port exempt, and a paused sandbox not
+// woken by a request that may not reach it.
+func TestTrafficToken(t *testing.T) {
+	port := upstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello "+r.URL.Path)
+	}))
+	ps := strconv.Itoa(port)
+	const (
+		private = "tttttttttttttttttttt"
+		sleeper = "ssssssssssssssssssss" // paused, wakes on traffic
+	)
+	tb := &table{routes: map[string]Route{
+		private: {Addr: loopback, TrafficToken: "secret"},
+		sleeper: {Addr: loopback, Paused: true, AccessToken: "wakeable", TrafficToken: "secret"},
+	}}
+	_, base := startProxy(t, tb)
+
+	for _, tc := range []struct {
+		name     string
+		host     string
+		headers  [][2]string
+		wantCode int
+		wantMsg  string
+	}{
+		{"missing, by headers", "", [][2]string{{"E2b-Sandbox-Id", private}, {"E2b-Sandbox-Port", ps}}, 403, "'e2b-traffic-access-token' is missing"},
+		{"missing, by host", ps + "-" + private + ".sb.test", nil, 403, "is missing"},
+		{"empty", ps + "-" + private + ".sb.test", [][2]string{{"e2b-traffic-access-token", ""}}, 403, "is missing"},
+		{"wrong", ps + "-" + private + ".sb.test", [][2]string{{"e2b-traffic-access-token", "secreT"}}, 403, "'e2b-traffic-access-token' is invalid"},
+		{"a prefix", ps + "-" + private + ".sb.test", [][2]string{{"e2b-traffic-access-token", "secre"}}, 403, "is invalid"},
+		{"twice", ps + "-" + private + ".sb.test", [][2]string{{"e2b-traffic-access-token", "secret"}, {"e2b-traffic-access-token", "other"}}, 403, "is invalid"},
+		{"the envd token instead", ps + "-" + private + ".sb.test", [][2]string{{"X-Access-Token", "secret"}}, 403, "is missing"},
+		{"given, as the SDK sends it", ps + "-" + private + ".sb.test", [][2]string{{"e2b-traffic-access-token", "secret"}}, 200, ""},
+		{"paused, no token: not woken", ps + "-" + sleeper + ".sb.test", nil, 403, "is missing"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", base+"/p", nil)
+			req.Host = tc.host
+			for _, h := range tc.headers {
+				req.Header.Add(h[0], h[1])
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.wantCode {
+				t.Fatalf("got %d %q, want %d", resp.StatusCode, body, tc.wantCode)
+			}
+			if tc.wantCode == 200 {
+				if string(body) != "hello /p" {
+					t.Fatalf("body %q", body)
+				}
+				return
+			}
+			var e errorBody
+			if err := json.Unmarshal(body, &e); err != nil || e.Code != 403 || !strings.Contains(e.Message, tc.wantMsg) {
+				t.Fatalf("error body %q, want E2B's 403 with %q", body, tc.wantMsg)
+			}
+			if id, _, _ := parseHost(tc.host, "sb.test"); id != "" && e.SandboxID != id {
+				t.Fatalf("sandboxId %q", e.SandboxID)
+			}
+		})
+	}
+	if len(tb.woken) != 0 {
+		t.Fatalf("woken by refused traffic: %v", tb.woken)
+	}
+
+	// envd's port is exempt: envd checks its own token. Nothing listens on
+	// 49983 here, so the request gets as far as the port-closed answer.
+	req, _ := http.NewRequest("GET", base+"/health", nil)
+	req.Host = strconv.Itoa(EnvdPort) + "-" + private + ".sb.test"
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusForbidden {
+		t.Fatal("envd's port demanded the traffic token")
+	}
+
+	// With the token, the paused sandbox wakes and answers.
+	req, _ = http.NewRequest("GET", base+"/w", nil)
+	req.Host = ps + "-" + sleeper + ".sb.test"
+	req.Header.Set("e2b-traffic-access-token", "secret")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "hello /w" || len(tb.woken) != 1 {
+		t.Fatalf("paused, with the token: %d %q, woken %v", resp.StatusCode, body, tb.woken)
+	}
+}

@@ -65,7 +65,7 @@ func codeinterpCmd() *cobra.Command {
 	// What a data-science cell imports first, imported before the server
 	// reports ready, so that its first use costs nothing.
 	f.StringVar(&preload, "preload", "numpy,pandas,matplotlib.pyplot", "comma-separated Python modules the default context imports at start")
-	f.StringVar(&envdURL, "envd-url", "http://127.0.0.1:49983", "envd inside this sandbox, for the sandbox's environment (empty: none)")
+	f.StringVar(&envdURL, "envd-url", "http://127.0.0.1:49983", "envd inside this sandbox: it checks access tokens and holds the sandbox's environment (empty: every request but /health is refused)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

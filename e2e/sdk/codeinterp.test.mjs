@@ -3,6 +3,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { Sandbox, NotFoundError, TimeoutError } from '@e2b/code-interpreter'
+import { viaHost } from './helpers.mjs'
 
 const PNG_MAGIC = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])
 
@@ -144,4 +145,54 @@ test('code interpreter', async (t) => {
     assert.equal(res.status, 400)
     assert.match(await res.text(), /Only one of context_id or language/)
   })
+
+  await t.test('nobody without the access token runs code, nor a cross-site page', async () => {
+    const marker = `/tmp/stranger-${Date.now()}`
+    const body = JSON.stringify({ code: `open('${marker}', 'w').close()` })
+    const post = (headers) => fetch(`${process.env.E2B_SANDBOX_URL}/execute`, {
+      method: 'POST',
+      headers: { 'E2b-Sandbox-Id': sbx.sandboxId, 'E2b-Sandbox-Port': '49999', ...headers },
+      body,
+    })
+    const json = { 'Content-Type': 'application/json' }
+    for (const [name, headers, status] of [
+      ['no token', json, 401],
+      ['a wrong token', { ...json, 'X-Access-Token': 'wrong' }, 401],
+      ['text/plain with the token', { 'Content-Type': 'text/plain', 'X-Access-Token': sbx.envdAccessToken }, 415],
+    ]) {
+      const res = await post(headers)
+      assert.equal(res.status, status, `${name}: ${res.status} ${await res.text()}`)
+    }
+    // What a web page can send cross-site: a text/plain POST to the host
+    // name, no custom headers.
+    for (const headers of [{ 'content-type': 'text/plain;charset=UTF-8' }, { 'content-type': 'application/x-www-form-urlencoded' }]) {
+      const res = await viaHost(sbx, 49999, { method: 'POST', path: '/execute', headers, body })
+      assert.equal(res.status, 401, `cross-site ${headers['content-type']}: ${res.status} ${res.text}`)
+      assert.match(res.text, /Unauthorized/)
+    }
+    const listed = await viaHost(sbx, 49999, { path: '/contexts', headers: { 'x-access-token': 'wrong' } })
+    assert.equal(listed.status, 401)
+    assert.equal(await sbx.files.exists(marker), false, 'a refused request ran its code')
+    // The SDK's own calls still work.
+    assert.equal((await sbx.runCode('6 * 7')).text, '42')
+    assert.ok((await sbx.listCodeContexts()).length > 0)
+  })
+})
+
+test('code interpreter with allowPublicTraffic false', async (t) => {
+  const sbx = await Sandbox.create({ network: { allowPublicTraffic: false }, timeoutMs: 300_000 })
+  t.after(() => sbx.kill().catch(() => {}))
+  assert.ok(sbx.trafficAccessToken)
+  // The SDK sends both tokens with runCode, the traffic token with the rest.
+  assert.equal((await sbx.runCode('6 * 7')).text, '42')
+  const ctx = await sbx.createCodeContext({ language: 'bash' })
+  assert.ok((await sbx.listCodeContexts()).some((c) => c.id === ctx.id))
+  await sbx.removeCodeContext(ctx)
+  // The envd token alone does not pass the proxy.
+  const res = await fetch(`${process.env.E2B_SANDBOX_URL}/execute`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', 'E2b-Sandbox-Id': sbx.sandboxId, 'E2b-Sandbox-Port': '49999', 'X-Access-Token': sbx.envdAccessToken },
+    body: JSON.stringify({ code: '1' }),
+  })
+  assert.equal(res.status, 403)
 })

@@ -28,3 +28,28 @@ export async function waitFor(cond, { timeoutMs = 10_000, stepMs = 100, what = '
   }
   throw new Error(`timed out waiting for ${what}${last ? `; last error: ${last.message}` : ''}`)
 }
+
+// viaHost sends a request to the proxy addressed the way a browser would
+// address it, by host name alone (<port>-<sandboxID>.<domain>), with no SDK
+// headers: node:http lets the Host header be set, which fetch does not.
+export async function viaHost(sbx, port, { method = 'GET', path = '/', headers = {}, body } = {}) {
+  const { request } = await import('node:http')
+  const proxy = new URL(process.env.E2B_SANDBOX_URL)
+  return new Promise((resolve, reject) => {
+    const req = request({
+      host: proxy.hostname,
+      port: proxy.port,
+      method,
+      path,
+      headers: { host: sbx.getHost(port), ...headers },
+    }, (res) => {
+      let text = ''
+      res.setEncoding('utf8')
+      res.on('data', (c) => { text += c })
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, text }))
+    })
+    req.on('error', reject)
+    if (body !== undefined) req.write(body)
+    req.end()
+  })
+}

@@ -23,4 +23,39 @@
 // The server starts the default Python context before it answers GET /health,
 // so a template whose ready command polls /health hands out sandboxes whose
 // first runCode pays no kernel start-up.
+//
+// # Who may use it
+//
+// Port 49999 is reachable through the proxy by anyone who knows the sandbox's
+// id, and ids show up in host names and logs, so the server demands what
+// envd demands: the sandbox's access token in X-Access-Token, which the SDKs
+// send with POST /execute. Only GET /health is open (the template's ready
+// command polls it).
+//
+// The token does not exist when the server starts: the template's start
+// command runs in a pooled sandbox, and envd's /init gives the sandbox its
+// token only when it is handed out. Rather than receive a copy (a file or a
+// socket envd writes to, which must then be guarded, kept in step across a
+// second /init, and kept out of snapshots), the server asks envd, on
+// loopback, whether a presented token is the one (envd's GET /auth: 204, 401,
+// or 503 while it has none). envd stays the only holder of the secret and
+// compares in constant time; a token changed by a later /init counts at
+// once; and a server started by any user, before or after /init, needs
+// nothing from the template. The cost is one loopback request per call,
+// small beside a cell.
+//
+// While envd has no token (a pooled sandbox) every request but /health is
+// refused: 401 without a token, 503 "Authentication unavailable" with one.
+// If envd cannot be asked at all the answer is also 503: it fails closed.
+//
+// The SDKs (JS 2.8, Python alike) send no token with their context calls
+// (create, list, restart, remove); those are admitted without one once the
+// sandbox is handed out, and refused with a wrong one. They manage kernels
+// but run no code: a context runs code only through POST /execute.
+//
+// POST, PUT and PATCH must carry Content-Type application/json (415
+// otherwise). The SDKs always send it; a web page cannot send it cross-site
+// without a CORS preflight, which this server never grants, so a page a user
+// visits cannot drive the interpreter with a "simple" text/plain or form POST.
+// Refusals are plain text, like the server's other errors, and not cached.
 package codeinterp

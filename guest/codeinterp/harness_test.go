@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cubicle-dev/cubicle/guest/envd"
 )
 
 // testPython is the interpreter the tests drive: Debian's, where
@@ -41,11 +45,71 @@ func needKernel(t testing.TB, modules ...string) {
 type testServer struct {
 	*Server
 	url string
+	// token is the sandbox's access token; client sends it.
+	token  string
+	client *http.Client
 }
 
+// testEnvd is a real envd, as the interpreter finds it in a sandbox.
+type testEnvd struct {
+	url string
+}
+
+func startEnvd(t testing.TB) *testEnvd {
+	t.Helper()
+	ed, err := envd.NewServer(envd.Options{
+		RunDir:   "-",
+		SetClock: func(time.Time) error { return nil },
+		Logger:   slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	es := httptest.NewServer(ed.Handler())
+	t.Cleanup(func() {
+		es.Close()
+		ed.Close(context.Background())
+	})
+	return &testEnvd{url: es.URL}
+}
+
+// init sends envd the /init the orchestrator sends when it hands the
+// sandbox out.
+func (e *testEnvd) init(t testing.TB, token string, env map[string]string) {
+	t.Helper()
+	body, _ := json.Marshal(map[string]any{"accessToken": token, "envVars": env})
+	resp, err := http.Post(e.url+"/init", "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("envd /init: %s", resp.Status)
+	}
+}
+
+// newToken returns a random access token.
+func newToken(t testing.TB) string {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// newTestServer starts a server. Without opts.EnvdURL it also starts an envd
+// and initialises it with a token, as a handed-out sandbox is; with one, the
+// caller owns envd's /init and sets the token (setToken).
 func newTestServer(t testing.TB, opts Options) *testServer {
 	t.Helper()
 	needKernel(t)
+	var token string
+	if opts.EnvdURL == "" {
+		e := startEnvd(t)
+		token = newToken(t)
+		e.init(t, token, nil)
+		opts.EnvdURL = e.url
+	}
 	if opts.Python == "" {
 		opts.Python = testPython
 	}
@@ -67,7 +131,21 @@ func newTestServer(t testing.TB, opts Options) *testServer {
 		hs.Close()
 		s.Close()
 	})
-	return &testServer{Server: s, url: hs.URL}
+	ts := &testServer{Server: s, url: hs.URL, token: token}
+	ts.client = &http.Client{Transport: tokenTransport{ts}}
+	return ts
+}
+
+// tokenTransport adds the server's current token to requests that carry
+// none, as the SDK does.
+type tokenTransport struct{ s *testServer }
+
+func (tt tokenTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if tt.s.token != "" && r.Header.Get(accessTokenHeader) == "" {
+		r = r.Clone(r.Context())
+		r.Header.Set(accessTokenHeader, tt.s.token)
+	}
+	return http.DefaultTransport.RoundTrip(r)
 }
 
 // testWriter sends log lines to t.Log, so they show only for failing tests.
@@ -132,7 +210,8 @@ func (s *testServer) abandon(t testing.TB, body any) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.url+"/execute", bytes.NewReader(j))
-	resp, err := http.DefaultClient.Do(req)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := s.client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +243,7 @@ func (s *testServer) post(t testing.TB, path string, body any) *http.Response {
 		}
 		r = bytes.NewReader(j)
 	}
-	resp, err := http.Post(s.url+path, "application/json", r)
+	resp, err := s.client.Post(s.url+path, "application/json", r)
 	if err != nil {
 		t.Fatalf("POST %s: %v", path, err)
 	}
@@ -174,7 +253,10 @@ func (s *testServer) post(t testing.TB, path string, body any) *http.Response {
 func (s *testServer) do(t testing.TB, method, path string) (int, string) {
 	t.Helper()
 	req, _ := http.NewRequest(method, s.url+path, nil)
-	resp, err := http.DefaultClient.Do(req)
+	if method == http.MethodPost {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := s.client.Do(req)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, path, err)
 	}

@@ -264,7 +264,8 @@ func TestBadRequests(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.method+" "+tt.path+" "+tt.body, func(t *testing.T) {
 			req, _ := http.NewRequest(tt.method, s.url+tt.path, strings.NewReader(tt.body))
-			resp, err := http.DefaultClient.Do(req)
+			req.Header.Set("Content-Type", "application/json")
+			resp, err := s.client.Do(req)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -35,11 +35,13 @@ type Options struct {
 	// Cwd is the working directory of contexts created without one.
 	// Default /home/user when it exists (E2B's), else the current one.
 	Cwd string
-	// EnvdURL is envd's base URL inside the sandbox. When set, the
-	// sandbox's environment (what Sandbox.create's envs and envd's /init
-	// set) is fetched from its /envs with the caller's access token and
+	// EnvdURL is envd's base URL inside the sandbox. envd checks the
+	// access token of every request but GET /health (its GET /auth), and
+	// the sandbox's environment (what Sandbox.create's envs and envd's
+	// /init set) is fetched from its /envs with the caller's token and
 	// applied to every context, since the kernels start before the
-	// sandbox is handed out. Empty: no such sync.
+	// sandbox is handed out. Empty: no token can be checked, so every
+	// request but GET /health is refused with 503.
 	EnvdURL string
 	// StartTimeout bounds a kernel's start. Default 60 s (gVisor makes
 	// the first Python start slow).
@@ -190,7 +192,8 @@ func Run(ctx context.Context, addr string, opts Options) error {
 	return errors.Join(err, srv.Shutdown(sctx))
 }
 
-// Handler returns the HTTP API (shared/e2b-protocol.md §4).
+// Handler returns the HTTP API (shared/e2b-protocol.md §4), behind the
+// access-token and content-type checks (auth.go).
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", s.health)
@@ -202,7 +205,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		plain(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path))
 	})
-	return mux
+	return s.guard(mux)
 }
 
 func (s *Server) health(w http.ResponseWriter, _ *http.Request) {

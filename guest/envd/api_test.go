@@ -233,3 +233,42 @@ func TestMalformedRPC(t *testing.T) {
 		t.Errorf("envd stopped serving: %v", err)
 	}
 }
+
+// TestVerifyToken checks GET /auth, which the sandbox's other servers ask
+// whether a presented token is the sandbox's: 503 before /init gave one, then
+// 204 for it and 401 for anything else, never cached by a proxy.
+func TestVerifyToken(t *testing.T) {
+	e := newEnv(t)
+	auth := func(hdr map[string]string) *http.Response {
+		t.Helper()
+		res := e.do(http.MethodGet, "/auth", nil, hdr)
+		if cc := res.Header.Get("Cache-Control"); cc != "no-store" {
+			t.Errorf("Cache-Control %q", cc)
+		}
+		return res
+	}
+	for _, hdr := range []map[string]string{nil, {AccessTokenHeader: "anything"}} {
+		if code, msg := jsonError(t, auth(hdr)); code != http.StatusServiceUnavailable || !strings.Contains(msg, "/init") {
+			t.Errorf("before /init with %v: %d %q", hdr, code, msg)
+		}
+	}
+	postInit(t, e, `{"accessToken":"right-token"}`)
+	if res := auth(map[string]string{AccessTokenHeader: "right-token"}); res.StatusCode != http.StatusNoContent {
+		t.Errorf("the right token: %d %s", res.StatusCode, readBody(t, res))
+	}
+	for _, hdr := range []map[string]string{nil, {AccessTokenHeader: ""}, {AccessTokenHeader: "wrong-token"}, {AccessTokenHeader: "right-toke"}, {AccessTokenHeader: "right-tokenX"}} {
+		if code, _ := jsonError(t, auth(hdr)); code != http.StatusUnauthorized {
+			t.Errorf("%v: %d, want 401", hdr, code)
+		}
+	}
+	// A second /init with the token changes it: the old one stops counting.
+	if res := e.do(http.MethodPost, "/init", strings.NewReader(`{"accessToken":"next-token"}`), map[string]string{AccessTokenHeader: "right-token"}); res.StatusCode != http.StatusNoContent {
+		t.Fatalf("changing the token: %d", res.StatusCode)
+	}
+	if code, _ := jsonError(t, auth(map[string]string{AccessTokenHeader: "right-token"})); code != http.StatusUnauthorized {
+		t.Errorf("the old token after a change: %d", code)
+	}
+	if res := auth(map[string]string{AccessTokenHeader: "next-token"}); res.StatusCode != http.StatusNoContent {
+		t.Errorf("the new token: %d", res.StatusCode)
+	}
+}

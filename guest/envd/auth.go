@@ -30,6 +30,7 @@ var (
 	ErrUnauthorized         = errors.New("unauthorized access, please provide a valid access token or method signing if supported")
 	errInitUnauthorized     = errors.New("envd is already initialized: /init needs the current access token in " + AccessTokenHeader)
 	errNoSignatureOperation = errors.New("no signature operation for this method")
+	errNoTokenYet           = errors.New("no access token is set yet: envd awaits /init")
 )
 
 // Signature operations, by HTTP method of /files.
@@ -138,6 +139,26 @@ func (s *Server) authorizeFiles(r *http.Request) error {
 	return VerifySignature(r.URL.Query(), op, tok, time.Now())
 }
 
+// verifyToken is GET /auth: it answers 204 when X-Access-Token is the
+// sandbox's access token, 401 when it is not, and 503 while /init has set no
+// token. It lets the sandbox's other servers (the code interpreter on 49999)
+// demand the same token as envd without ever holding a copy of it: envd stays
+// the one place the secret lives, a token set or changed by a later /init
+// counts at once, and nothing is written to disk. It tells a caller nothing
+// that any other authenticated route would not.
+func (s *Server) verifyToken(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Cache-Control", "no-store")
+	if s.token.get() == "" {
+		jsonhttp.Error(w, http.StatusServiceUnavailable, errNoTokenYet.Error())
+		return
+	}
+	if !s.token.matches(r.Header.Get(AccessTokenHeader)) {
+		jsonhttp.Error(w, http.StatusUnauthorized, ErrUnauthorized.Error())
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
 // isRPC reports whether a request is for one of the Connect services, whose errors
 // must be in the Connect protocol's shape rather than envd's JSON.
 func isRPC(r *http.Request) bool {
@@ -145,13 +166,15 @@ func isRPC(r *http.Request) bool {
 }
 
 // authorize enforces the access token. Exempt: GET /health (the proxy probes it),
-// POST /init (checks the token itself, see init) and /files (token or signature).
+// POST /init and GET /auth (they check the token themselves: init, verifyToken)
+// and /files (token or signature).
 func (s *Server) authorize(next http.Handler) http.Handler {
 	rpcErrors := connect.NewErrorWriter()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.URL.Path == "/health" && (r.Method == http.MethodGet || r.Method == http.MethodHead),
-			r.URL.Path == "/init" && r.Method == http.MethodPost:
+			r.URL.Path == "/init" && r.Method == http.MethodPost,
+			r.URL.Path == "/auth" && r.Method == http.MethodGet:
 		case r.URL.Path == "/files":
 			if err := s.authorizeFiles(r); err != nil {
 				jsonhttp.Error(w, http.StatusUnauthorized, err.Error())

@@ -1,7 +1,9 @@
 // Package envd is cubicle's implementation of envd, the daemon that runs as the first
 // process inside every sandbox and serves the E2B envd protocol on TCP port 49983:
 // the Process and Filesystem Connect RPC services plus plain HTTP (/health, /init,
-// /files, /envs, /metrics), so that the official E2B SDKs work against it unchanged.
+// /files, /envs, /metrics), so that the official E2B SDKs work against it unchanged,
+// and GET /auth, which tells the sandbox's other servers whether a token is the
+// sandbox's access token (see verifyToken).
 //
 // The host calls Run (or NewServer and Serve) inside the sandbox. As PID 1, Run
 // becomes a minimal init (see RunInit) and serves from a re-executed child.
@@ -137,6 +139,7 @@ func NewServer(opts Options) (*Server, error) {
 	mux.HandleFunc("GET /health", s.health)
 	mux.HandleFunc("POST /init", s.init)
 	mux.HandleFunc("GET /envs", s.envs)
+	mux.HandleFunc("GET /auth", s.verifyToken)
 	mux.HandleFunc("GET /metrics", s.serveMetrics)
 	mux.Handle("/files", s.files)
 	mux.HandleFunc("/", notFound)
