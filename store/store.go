@@ -25,7 +25,8 @@ var ErrNotFound = errors.New("store: not found")
 
 // Store is a handle on the state database. It is safe for concurrent use.
 type Store struct {
-	db *sql.DB
+	db     *sql.DB
+	sealer *sealer
 }
 
 // schema is applied at every open; statements are idempotent.
@@ -44,12 +45,20 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 );
 `
 
-// Open opens (creating if needed) the database in dir.
+// Open opens (creating if needed) the database in dir, and the key that
+// seals sandbox tokens in it (see seal.go). Records written by earlier
+// versions, with their tokens in clear, are sealed on the way.
 func Open(dir string) (*Store, error) {
+	sl, err := loadSealer(dir)
+	if err != nil {
+		return nil, err
+	}
 	path := filepath.Join(dir, "cubicle.db")
 	// WAL lets the API read while the reaper writes; busy_timeout absorbs the
-	// short write contention between them.
-	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=busy_timeout(5000)&_pragma=synchronous(NORMAL)&_pragma=foreign_keys(1)"
+	// short write contention between them. secure_delete zeroes what a
+	// write replaces, so that no earlier version of a record (a token in
+	// clear, before sealing) lingers in the file's free space.
+	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=busy_timeout(5000)&_pragma=synchronous(NORMAL)&_pragma=foreign_keys(1)&_pragma=secure_delete(ON)"
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
@@ -60,7 +69,43 @@ func Open(dir string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: apply schema to %s: %w", path, err)
 	}
-	return &Store{db: db}, nil
+	st := &Store{db: db, sealer: sl}
+	if err := st.sealLegacy(context.Background()); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return st, nil
+}
+
+// sealLegacy rewrites the records that hold tokens in clear (written
+// before tokens were sealed), and checks that every sealed one opens with
+// this key: a wrong key is reported now, not at the first restart's
+// reconciliation.
+func (s *Store) sealLegacy(ctx context.Context) error {
+	rows, err := s.sandboxRows(ctx)
+	if err != nil {
+		return err
+	}
+	rewrote := false
+	for _, r := range rows {
+		sb, legacy, err := s.decode(r.id, r.rec)
+		if err != nil {
+			return err
+		}
+		if legacy {
+			if err := s.PutSandbox(ctx, sb); err != nil {
+				return err
+			}
+			rewrote = true
+		}
+	}
+	if rewrote {
+		// The replaced versions are in the write-ahead log too.
+		if _, err := s.db.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+			return fmt.Errorf("store: checkpoint after sealing tokens: %w", err)
+		}
+	}
+	return nil
 }
 
 // Close closes the database.
@@ -199,29 +244,78 @@ type Sandbox struct {
 	EndAt      time.Time `json:"endAt"`
 	// TimeoutSeconds is the timeout the sandbox was created with; traffic
 	// that wakes an auto-resume sandbox gives it this long again.
-	TimeoutSeconds  int               `json:"timeoutSeconds"`
-	CPUCount        int               `json:"cpuCount"`
-	MemoryMB        int               `json:"memoryMB"`
-	DiskSizeMB      int               `json:"diskSizeMB"`
-	Metadata        map[string]string `json:"metadata,omitempty"`
-	EnvdAccessToken string            `json:"envdAccessToken"`
-	TrafficToken    string            `json:"trafficAccessToken,omitempty"`
-	AutoPause       bool              `json:"autoPause"`
-	AutoResume      bool              `json:"autoResume"`
-	AllowInternet   bool              `json:"allowInternetAccess"`
-	Network         json.RawMessage   `json:"network,omitempty"`
+	TimeoutSeconds int               `json:"timeoutSeconds"`
+	CPUCount       int               `json:"cpuCount"`
+	MemoryMB       int               `json:"memoryMB"`
+	DiskSizeMB     int               `json:"diskSizeMB"`
+	Metadata       map[string]string `json:"metadata,omitempty"`
+	// The tokens are never written in clear: PutSandbox seals them.
+	EnvdAccessToken string          `json:"envdAccessToken,omitempty"`
+	TrafficToken    string          `json:"trafficAccessToken,omitempty"`
+	AutoPause       bool            `json:"autoPause"`
+	AutoResume      bool            `json:"autoResume"`
+	AllowInternet   bool            `json:"allowInternetAccess"`
+	Network         json.RawMessage `json:"network,omitempty"`
 	// Egress is the policy in force, parsed; nil is runtime.DefaultEgress.
 	// A restarted server gives it back to the runtime (the resolver half
 	// of it lives in memory only).
-	Egress   *runtime.Egress `json:"egress,omitempty"`
-	Addr     string          `json:"addr"`
-	Runtime  string          `json:"runtime"`
-	APIKeyID string          `json:"apiKeyID,omitempty"`
+	Egress  *runtime.Egress `json:"egress,omitempty"`
+	Addr    string          `json:"addr"`
+	Runtime string          `json:"runtime"`
+	// APIKeyID is the key that created the sandbox; Owner is who may see
+	// and use it (the key today, its team once keys have teams). Records
+	// written before owners existed are owned by their key.
+	APIKeyID string `json:"apiKeyID,omitempty"`
+	Owner    string `json:"owner,omitempty"`
+}
+
+// storedSandbox is a record as written: its tokens sealed, none in clear.
+type storedSandbox struct {
+	Sandbox
+	SealedTokens string `json:"sealedTokens,omitempty"`
+}
+
+func (s *Store) encode(sb Sandbox) ([]byte, error) {
+	st := storedSandbox{Sandbox: sb}
+	if sb.EnvdAccessToken != "" || sb.TrafficToken != "" {
+		plain, err := json.Marshal(sealedTokens{Envd: sb.EnvdAccessToken, Traffic: sb.TrafficToken})
+		if err != nil {
+			return nil, err
+		}
+		st.SealedTokens = s.sealer.seal(sb.ID, plain)
+		st.EnvdAccessToken, st.TrafficToken = "", ""
+	}
+	return json.Marshal(st)
+}
+
+// decode reads a stored record; legacy reports tokens found in clear.
+func (s *Store) decode(id, rec string) (sb Sandbox, legacy bool, err error) {
+	var st storedSandbox
+	if err := json.Unmarshal([]byte(rec), &st); err != nil {
+		return Sandbox{}, false, fmt.Errorf("store: decode sandbox %s: %w", id, err)
+	}
+	sb = st.Sandbox
+	legacy = sb.EnvdAccessToken != "" || sb.TrafficToken != ""
+	if st.SealedTokens != "" {
+		plain, err := s.sealer.open(sb.ID, st.SealedTokens)
+		if err != nil {
+			return Sandbox{}, false, fmt.Errorf("store: sandbox %s: %w", id, err)
+		}
+		var t sealedTokens
+		if err := json.Unmarshal(plain, &t); err != nil {
+			return Sandbox{}, false, fmt.Errorf("store: sandbox %s: sealed tokens: %w", id, err)
+		}
+		sb.EnvdAccessToken, sb.TrafficToken = t.Envd, t.Traffic
+	}
+	if sb.Owner == "" {
+		sb.Owner = sb.APIKeyID
+	}
+	return sb, legacy, nil
 }
 
 // PutSandbox inserts or replaces a sandbox record.
 func (s *Store) PutSandbox(ctx context.Context, sb Sandbox) error {
-	b, err := json.Marshal(sb)
+	b, err := s.encode(sb)
 	if err != nil {
 		return fmt.Errorf("store: encode sandbox %s: %w", sb.ID, err)
 	}
@@ -242,24 +336,38 @@ func (s *Store) DeleteSandbox(ctx context.Context, id string) error {
 	return nil
 }
 
-// ListSandboxes returns every sandbox record.
-func (s *Store) ListSandboxes(ctx context.Context) ([]Sandbox, error) {
+type sandboxRow struct{ id, rec string }
+
+func (s *Store) sandboxRows(ctx context.Context) ([]sandboxRow, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT id, record FROM sandboxes`)
 	if err != nil {
 		return nil, fmt.Errorf("store: list sandboxes: %w", err)
 	}
 	defer rows.Close()
-	var out []Sandbox
+	var out []sandboxRow
 	for rows.Next() {
-		var id, rec string
-		if err := rows.Scan(&id, &rec); err != nil {
+		var r sandboxRow
+		if err := rows.Scan(&r.id, &r.rec); err != nil {
 			return nil, fmt.Errorf("store: scan sandbox: %w", err)
 		}
-		var sb Sandbox
-		if err := json.Unmarshal([]byte(rec), &sb); err != nil {
-			return nil, fmt.Errorf("store: decode sandbox %s: %w", id, err)
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// ListSandboxes returns every sandbox record.
+func (s *Store) ListSandboxes(ctx context.Context) ([]Sandbox, error) {
+	rows, err := s.sandboxRows(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Sandbox, 0, len(rows))
+	for _, r := range rows {
+		sb, _, err := s.decode(r.id, r.rec)
+		if err != nil {
+			return nil, err
 		}
 		out = append(out, sb)
 	}
-	return out, rows.Err()
+	return out, nil
 }
