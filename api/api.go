@@ -64,15 +64,19 @@ func (s *Server) routes() {
 	m.Handle("POST /v2/sandboxes", auth(s.create(2)))
 	m.Handle("GET /sandboxes", auth(http.HandlerFunc(s.listV1)))
 	m.Handle("GET /v2/sandboxes", auth(http.HandlerFunc(s.listV2)))
-	m.Handle("GET /sandboxes/{id}", auth(http.HandlerFunc(s.get)))
-	m.Handle("DELETE /sandboxes/{id}", auth(http.HandlerFunc(s.kill)))
-	m.Handle("POST /sandboxes/{id}/connect", auth(http.HandlerFunc(s.connect)))
-	m.Handle("POST /v2/sandboxes/{id}/connect", auth(http.HandlerFunc(s.connect)))
-	m.Handle("POST /sandboxes/{id}/timeout", auth(http.HandlerFunc(s.setTimeout)))
-	m.Handle("POST /sandboxes/{id}/refreshes", auth(http.HandlerFunc(s.refresh)))
-	m.Handle("POST /sandboxes/{id}/pause", auth(http.HandlerFunc(s.pause)))
-	m.Handle("POST /sandboxes/{id}/resume", auth(http.HandlerFunc(s.resume)))
-	m.Handle("GET /sandboxes/{id}/metrics", auth(http.HandlerFunc(s.metrics)))
+	// Every route that names a sandbox goes through sandboxRoute: the tenant
+	// wall (owner.go).
+	sandboxRoute := func(pattern string, h sandboxHandler) { m.Handle(pattern, auth(s.owned(h))) }
+	sandboxRoute("GET /sandboxes/{id}", s.get)
+	sandboxRoute("DELETE /sandboxes/{id}", s.kill)
+	sandboxRoute("POST /sandboxes/{id}/connect", s.connect)
+	sandboxRoute("POST /v2/sandboxes/{id}/connect", s.connect)
+	sandboxRoute("POST /sandboxes/{id}/timeout", s.setTimeout)
+	sandboxRoute("POST /sandboxes/{id}/refreshes", s.refresh)
+	sandboxRoute("POST /sandboxes/{id}/pause", s.pause)
+	sandboxRoute("POST /sandboxes/{id}/resume", s.resume)
+	sandboxRoute("GET /sandboxes/{id}/metrics", s.metrics)
+	sandboxRoute("PUT /sandboxes/{id}/network", s.updateNetwork)
 
 	// Not yet served: answered plainly rather than with a fake result.
 	notYet := func(what string) http.Handler {
@@ -80,10 +84,15 @@ func (s *Server) routes() {
 			writeError(w, http.StatusNotImplemented, what+" is not implemented by this cubicle server yet")
 		}))
 	}
-	m.Handle("PUT /sandboxes/{id}/network", auth(http.HandlerFunc(s.updateNetwork)))
-	m.Handle("POST /sandboxes/{id}/snapshots", notYet("sandbox snapshots"))
+	// Those naming a sandbox say so only to its owner.
+	notYetFor := func(what string) sandboxHandler {
+		return func(w http.ResponseWriter, r *http.Request, _ orchestrator.Info) {
+			writeError(w, http.StatusNotImplemented, what+" is not implemented by this cubicle server yet")
+		}
+	}
+	sandboxRoute("POST /sandboxes/{id}/snapshots", notYetFor("sandbox snapshots"))
 	m.Handle("GET /snapshots", notYet("sandbox snapshots"))
-	m.Handle("POST /sandboxes/{id}/fork", notYet("forking sandboxes"))
+	sandboxRoute("POST /sandboxes/{id}/fork", notYetFor("forking sandboxes"))
 	for _, p := range []string{"/templates", "/templates/", "/v2/templates", "/v2/templates/", "/v3/templates", "/v3/templates/"} {
 		m.Handle(p, notYet("building templates through the API"))
 	}
@@ -125,7 +134,8 @@ func (s *Server) authenticated(next http.Handler) http.Handler {
 			writeError(w, http.StatusInternalServerError, "cannot verify API key")
 			return
 		}
-		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), apiKeyCtx{}, k.ID)))
+		ctx := context.WithValue(r.Context(), apiKeyCtx{}, k.ID)
+		next.ServeHTTP(w, r.WithContext(context.WithValue(ctx, ownerCtx{}, ownerOf(k))))
 	})
 }
 
