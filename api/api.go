@@ -13,6 +13,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
+	"strconv"
 	"time"
 
 	"github.com/cubicle-dev/cubicle/orchestrator"
@@ -34,14 +36,23 @@ type Options struct {
 	// Domain, when set, is returned as the sandbox domain so that SDKs build
 	// <port>-<id>.<domain> URLs.
 	Domain string
-	Logger *slog.Logger
+	// TrustedProxies are the peers whose X-Forwarded-For is believed when
+	// the failed-authentication limit finds a request's source; by default
+	// none is, and the peer's own address counts.
+	TrustedProxies []netip.Prefix
+	// CORSOrigins are the browser origins allowed to call the API; "*" is
+	// any. Nil means DefaultCORSOrigins.
+	CORSOrigins []string
+	Logger      *slog.Logger
 }
 
 // Server is the control-plane HTTP handler.
 type Server struct {
-	opts Options
-	log  *slog.Logger
-	mux  *http.ServeMux
+	opts    Options
+	log     *slog.Logger
+	mux     *http.ServeMux
+	authLim *authLimiter
+	cors    corsPolicy
 }
 
 // New returns the API handler.
@@ -49,7 +60,10 @@ func New(opts Options) *Server {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux()}
+	if opts.CORSOrigins == nil {
+		opts.CORSOrigins = DefaultCORSOrigins
+	}
+	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux(), authLim: newAuthLimiter(), cors: newCORSPolicy(opts.CORSOrigins)}
 	s.routes()
 	return s
 }
@@ -103,13 +117,7 @@ func (s *Server) routes() {
 
 // ServeHTTP serves the API.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	// CORS open, as E2B's API: browsers running the SDK must reach it.
-	w.Header().Set("Access-Control-Allow-Origin", "*")
-	if r.Method == http.MethodOptions {
-		w.Header().Set("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
-		w.Header().Set("Access-Control-Allow-Headers", "*")
-		w.Header().Set("Access-Control-Expose-Headers", "X-Next-Token, X-Total-Running")
-		w.WriteHeader(http.StatusNoContent)
+	if s.cors.handle(w, r) {
 		return
 	}
 	s.mux.ServeHTTP(w, r)
@@ -121,7 +129,15 @@ func (s *Server) authenticated(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		key := r.Header.Get("X-API-KEY")
 		if key == "" {
+			// Not a guess: costs nothing, and is not counted, so that a web
+			// page cannot spend a visitor's budget with simple requests.
 			writeError(w, http.StatusUnauthorized, "missing API key: send it in the X-API-KEY header")
+			return
+		}
+		src := sourceOf(r, s.opts.TrustedProxies)
+		if ok, wait := s.authLim.take(src, time.Now()); !ok {
+			w.Header().Set("Retry-After", strconv.Itoa(int(wait/time.Second)+1))
+			writeError(w, http.StatusTooManyRequests, "too many requests with invalid API keys from this address: retry later")
 			return
 		}
 		k, err := s.opts.Store.VerifyAPIKey(r.Context(), key)
@@ -129,6 +145,7 @@ func (s *Server) authenticated(next http.Handler) http.Handler {
 			writeError(w, http.StatusUnauthorized, "invalid API key")
 			return
 		}
+		s.authLim.refund(src)
 		if err != nil {
 			s.log.Error("verifying API key", "err", err)
 			writeError(w, http.StatusInternalServerError, "cannot verify API key")

@@ -166,6 +166,12 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 		Metadata:      body.Metadata,
 		EnvVars:       body.EnvVars,
 	}
+	if err := checkMap("metadata", body.Metadata, metadataLimits); err != nil {
+		return orchestrator.CreateRequest{}, err
+	}
+	if err := checkMap("envVars", body.EnvVars, envVarLimits); err != nil {
+		return orchestrator.CreateRequest{}, err
+	}
 	if req.AutoResume && !req.AutoPause {
 		return orchestrator.CreateRequest{}, fmt.Errorf("%w: autoResume requires autoPause", orchestrator.ErrInvalid)
 	}
@@ -183,6 +189,53 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 	}
 	req.Egress = &egress
 	return req, nil
+}
+
+// mapLimits bound a string map a client sends at create.
+type mapLimits struct {
+	keys     int // entries
+	keyLen   int // bytes of one key
+	valueLen int // bytes of one value
+	total    int // bytes of all keys and values
+	envNames bool
+}
+
+// The bounds on metadata and environment variables. Metadata is kept in
+// memory, in the store and in every list answer, so it is small: labels,
+// not documents (E2B's SDKs use it for a handful of tags). Environment
+// variables reach every process of the sandbox; they may be larger (a
+// certificate, a token), but not a way to ship files, which the files API
+// is for.
+var (
+	metadataLimits = mapLimits{keys: 64, keyLen: 256, valueLen: 2048, total: 16 << 10}
+	envVarLimits   = mapLimits{keys: 256, keyLen: 256, valueLen: 32 << 10, total: 256 << 10, envNames: true}
+)
+
+// checkMap applies limits to one of the create body's maps.
+func checkMap(name string, m map[string]string, l mapLimits) error {
+	if len(m) > l.keys {
+		return fmt.Errorf("%w: %s: %d entries; at most %d are allowed", orchestrator.ErrInvalid, name, len(m), l.keys)
+	}
+	total := 0
+	for k, v := range m {
+		switch {
+		case k == "":
+			return fmt.Errorf("%w: %s: an empty key", orchestrator.ErrInvalid, name)
+		case len(k) > l.keyLen:
+			return fmt.Errorf("%w: %s: key %.32q… is %d bytes; at most %d are allowed", orchestrator.ErrInvalid, name, k, len(k), l.keyLen)
+		case len(v) > l.valueLen:
+			return fmt.Errorf("%w: %s: the value of %.64q is %d bytes; at most %d are allowed", orchestrator.ErrInvalid, name, k, len(v), l.valueLen)
+		case l.envNames && strings.ContainsAny(k, "=\x00"):
+			return fmt.Errorf("%w: %s: %.64q is not a variable name (it holds '=' or NUL)", orchestrator.ErrInvalid, name, k)
+		case l.envNames && strings.ContainsRune(v, 0):
+			return fmt.Errorf("%w: %s: the value of %.64q holds a NUL byte", orchestrator.ErrInvalid, name, k)
+		}
+		total += len(k) + len(v)
+	}
+	if total > l.total {
+		return fmt.Errorf("%w: %s: %d bytes in all; at most %d are allowed", orchestrator.ErrInvalid, name, total, l.total)
+	}
+	return nil
 }
 
 // parseEgress turns E2B's network fields into a runtime policy; bad entries

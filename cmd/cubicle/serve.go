@@ -54,6 +54,9 @@ type serveConfig struct {
 	maxTimeout  time.Duration
 	logLevel    string
 	readyFile   string
+	// corsOrigins and trustedProxies configure the API (serve_api.go).
+	corsOrigins    string
+	trustedProxies string
 }
 
 func serveCmd() *cobra.Command {
@@ -84,6 +87,7 @@ creates an API key, and prints the environment an E2B SDK needs.`,
 	f.DurationVar(&c.maxTimeout, "max-timeout", 24*time.Hour, "longest sandbox timeout a client may ask for")
 	f.StringVar(&c.logLevel, "log-level", envOr("CUBICLE_LOG_LEVEL", "info"), "debug, info, warn or error (env CUBICLE_LOG_LEVEL)")
 	f.StringVar(&c.readyFile, "ready-file", "", "write the API and proxy addresses here once serving (for scripts and tests)")
+	apiFlags(f, &c)
 	return cmd
 }
 
@@ -107,6 +111,10 @@ func serve(ctx context.Context, c serveConfig) error {
 	log := newLogger(c.logLevel)
 	if os.Geteuid() != 0 {
 		return errors.New("serve needs root: it creates network namespaces, cgroups and gVisor sandboxes")
+	}
+	corsOrigins, trustedProxies, err := c.apiOptions()
+	if err != nil {
+		return err
 	}
 	if err := ensureDir(c.dataDir); err != nil {
 		return err
@@ -218,6 +226,7 @@ func serve(ctx context.Context, c serveConfig) error {
 	apiSrv := &http.Server{
 		Handler: api.New(api.Options{
 			Orchestrator: orch, Store: st, EnvdVersion: envd.Version, Logger: log.With("component", "api"),
+			CORSOrigins: corsOrigins, TrustedProxies: trustedProxies,
 		}),
 		ReadHeaderTimeout: 30 * time.Second,
 	}
