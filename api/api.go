@@ -13,6 +13,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
+	"strconv"
 	"time"
 
 	"github.com/cubicle-dev/cubicle/orchestrator"
@@ -34,14 +36,23 @@ type Options struct {
 	// Domain, when set, is returned as the sandbox domain so that SDKs build
 	// <port>-<id>.<domain> URLs.
 	Domain string
-	Logger *slog.Logger
+	// TrustedProxies are the peers whose X-Forwarded-For is believed when
+	// the failed-authentication limit finds a request's source; by default
+	// none is, and the peer's own address counts.
+	TrustedProxies []netip.Prefix
+	// CORSOrigins are the browser origins allowed to call the API; "*" is
+	// any. Nil means DefaultCORSOrigins.
+	CORSOrigins []string
+	Logger      *slog.Logger
 }
 
 // Server is the control-plane HTTP handler.
 type Server struct {
-	opts Options
-	log  *slog.Logger
-	mux  *http.ServeMux
+	opts    Options
+	log     *slog.Logger
+	mux     *http.ServeMux
+	authLim *authLimiter
+	cors    corsPolicy
 }
 
 // New returns the API handler.
@@ -49,7 +60,10 @@ func New(opts Options) *Server {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux()}
+	if opts.CORSOrigins == nil {
+		opts.CORSOrigins = DefaultCORSOrigins
+	}
+	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux(), authLim: newAuthLimiter(), cors: newCORSPolicy(opts.CORSOrigins)}
 	s.routes()
 	return s
 }
@@ -64,15 +78,19 @@ func (s *Server) routes() {
 	m.Handle("POST /v2/sandboxes", auth(s.create(2)))
 	m.Handle("GET /sandboxes", auth(http.HandlerFunc(s.listV1)))
 	m.Handle("GET /v2/sandboxes", auth(http.HandlerFunc(s.listV2)))
-	m.Handle("GET /sandboxes/{id}", auth(http.HandlerFunc(s.get)))
-	m.Handle("DELETE /sandboxes/{id}", auth(http.HandlerFunc(s.kill)))
-	m.Handle("POST /sandboxes/{id}/connect", auth(http.HandlerFunc(s.connect)))
-	m.Handle("POST /v2/sandboxes/{id}/connect", auth(http.HandlerFunc(s.connect)))
-	m.Handle("POST /sandboxes/{id}/timeout", auth(http.HandlerFunc(s.setTimeout)))
-	m.Handle("POST /sandboxes/{id}/refreshes", auth(http.HandlerFunc(s.refresh)))
-	m.Handle("POST /sandboxes/{id}/pause", auth(http.HandlerFunc(s.pause)))
-	m.Handle("POST /sandboxes/{id}/resume", auth(http.HandlerFunc(s.resume)))
-	m.Handle("GET /sandboxes/{id}/metrics", auth(http.HandlerFunc(s.metrics)))
+	// Every route that names a sandbox goes through sandboxRoute: the tenant
+	// wall (owner.go).
+	sandboxRoute := func(pattern string, h sandboxHandler) { m.Handle(pattern, auth(s.owned(h))) }
+	sandboxRoute("GET /sandboxes/{id}", s.get)
+	sandboxRoute("DELETE /sandboxes/{id}", s.kill)
+	sandboxRoute("POST /sandboxes/{id}/connect", s.connect)
+	sandboxRoute("POST /v2/sandboxes/{id}/connect", s.connect)
+	sandboxRoute("POST /sandboxes/{id}/timeout", s.setTimeout)
+	sandboxRoute("POST /sandboxes/{id}/refreshes", s.refresh)
+	sandboxRoute("POST /sandboxes/{id}/pause", s.pause)
+	sandboxRoute("POST /sandboxes/{id}/resume", s.resume)
+	sandboxRoute("GET /sandboxes/{id}/metrics", s.metrics)
+	sandboxRoute("PUT /sandboxes/{id}/network", s.updateNetwork)
 
 	// Not yet served: answered plainly rather than with a fake result.
 	notYet := func(what string) http.Handler {
@@ -80,10 +98,15 @@ func (s *Server) routes() {
 			writeError(w, http.StatusNotImplemented, what+" is not implemented by this cubicle server yet")
 		}))
 	}
-	m.Handle("PUT /sandboxes/{id}/network", auth(http.HandlerFunc(s.updateNetwork)))
-	m.Handle("POST /sandboxes/{id}/snapshots", notYet("sandbox snapshots"))
+	// Those naming a sandbox say so only to its owner.
+	notYetFor := func(what string) sandboxHandler {
+		return func(w http.ResponseWriter, r *http.Request, _ orchestrator.Info) {
+			writeError(w, http.StatusNotImplemented, what+" is not implemented by this cubicle server yet")
+		}
+	}
+	sandboxRoute("POST /sandboxes/{id}/snapshots", notYetFor("sandbox snapshots"))
 	m.Handle("GET /snapshots", notYet("sandbox snapshots"))
-	m.Handle("POST /sandboxes/{id}/fork", notYet("forking sandboxes"))
+	sandboxRoute("POST /sandboxes/{id}/fork", notYetFor("forking sandboxes"))
 	for _, p := range []string{"/templates", "/templates/", "/v2/templates", "/v2/templates/", "/v3/templates", "/v3/templates/"} {
 		m.Handle(p, notYet("building templates through the API"))
 	}
@@ -94,13 +117,7 @@ func (s *Server) routes() {
 
 // ServeHTTP serves the API.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	// CORS open, as E2B's API: browsers running the SDK must reach it.
-	w.Header().Set("Access-Control-Allow-Origin", "*")
-	if r.Method == http.MethodOptions {
-		w.Header().Set("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
-		w.Header().Set("Access-Control-Allow-Headers", "*")
-		w.Header().Set("Access-Control-Expose-Headers", "X-Next-Token, X-Total-Running")
-		w.WriteHeader(http.StatusNoContent)
+	if s.cors.handle(w, r) {
 		return
 	}
 	s.mux.ServeHTTP(w, r)
@@ -112,7 +129,15 @@ func (s *Server) authenticated(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		key := r.Header.Get("X-API-KEY")
 		if key == "" {
+			// Not a guess: costs nothing, and is not counted, so that a web
+			// page cannot spend a visitor's budget with simple requests.
 			writeError(w, http.StatusUnauthorized, "missing API key: send it in the X-API-KEY header")
+			return
+		}
+		src := sourceOf(r, s.opts.TrustedProxies)
+		if ok, wait := s.authLim.take(src, time.Now()); !ok {
+			w.Header().Set("Retry-After", strconv.Itoa(int(wait/time.Second)+1))
+			writeError(w, http.StatusTooManyRequests, "too many requests with invalid API keys from this address: retry later")
 			return
 		}
 		k, err := s.opts.Store.VerifyAPIKey(r.Context(), key)
@@ -120,12 +145,14 @@ func (s *Server) authenticated(next http.Handler) http.Handler {
 			writeError(w, http.StatusUnauthorized, "invalid API key")
 			return
 		}
+		s.authLim.refund(src)
 		if err != nil {
 			s.log.Error("verifying API key", "err", err)
 			writeError(w, http.StatusInternalServerError, "cannot verify API key")
 			return
 		}
-		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), apiKeyCtx{}, k.ID)))
+		ctx := context.WithValue(r.Context(), apiKeyCtx{}, k.ID)
+		next.ServeHTTP(w, r.WithContext(context.WithValue(ctx, ownerCtx{}, ownerOf(k))))
 	})
 }
 

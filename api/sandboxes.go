@@ -166,6 +166,12 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 		Metadata:      body.Metadata,
 		EnvVars:       body.EnvVars,
 	}
+	if err := checkMap("metadata", body.Metadata, metadataLimits); err != nil {
+		return orchestrator.CreateRequest{}, err
+	}
+	if err := checkMap("envVars", body.EnvVars, envVarLimits); err != nil {
+		return orchestrator.CreateRequest{}, err
+	}
 	if req.AutoResume && !req.AutoPause {
 		return orchestrator.CreateRequest{}, fmt.Errorf("%w: autoResume requires autoPause", orchestrator.ErrInvalid)
 	}
@@ -183,6 +189,53 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 	}
 	req.Egress = &egress
 	return req, nil
+}
+
+// mapLimits bound a string map a client sends at create.
+type mapLimits struct {
+	keys     int // entries
+	keyLen   int // bytes of one key
+	valueLen int // bytes of one value
+	total    int // bytes of all keys and values
+	envNames bool
+}
+
+// The bounds on metadata and environment variables. Metadata is kept in
+// memory, in the store and in every list answer, so it is small: labels,
+// not documents (E2B's SDKs use it for a handful of tags). Environment
+// variables reach every process of the sandbox; they may be larger (a
+// certificate, a token), but not a way to ship files, which the files API
+// is for.
+var (
+	metadataLimits = mapLimits{keys: 64, keyLen: 256, valueLen: 2048, total: 16 << 10}
+	envVarLimits   = mapLimits{keys: 256, keyLen: 256, valueLen: 32 << 10, total: 256 << 10, envNames: true}
+)
+
+// checkMap applies limits to one of the create body's maps.
+func checkMap(name string, m map[string]string, l mapLimits) error {
+	if len(m) > l.keys {
+		return fmt.Errorf("%w: %s: %d entries; at most %d are allowed", orchestrator.ErrInvalid, name, len(m), l.keys)
+	}
+	total := 0
+	for k, v := range m {
+		switch {
+		case k == "":
+			return fmt.Errorf("%w: %s: an empty key", orchestrator.ErrInvalid, name)
+		case len(k) > l.keyLen:
+			return fmt.Errorf("%w: %s: key %.32q… is %d bytes; at most %d are allowed", orchestrator.ErrInvalid, name, k, len(k), l.keyLen)
+		case len(v) > l.valueLen:
+			return fmt.Errorf("%w: %s: the value of %.64q is %d bytes; at most %d are allowed", orchestrator.ErrInvalid, name, k, len(v), l.valueLen)
+		case l.envNames && strings.ContainsAny(k, "=\x00"):
+			return fmt.Errorf("%w: %s: %.64q is not a variable name (it holds '=' or NUL)", orchestrator.ErrInvalid, name, k)
+		case l.envNames && strings.ContainsRune(v, 0):
+			return fmt.Errorf("%w: %s: the value of %.64q holds a NUL byte", orchestrator.ErrInvalid, name, k)
+		}
+		total += len(k) + len(v)
+	}
+	if total > l.total {
+		return fmt.Errorf("%w: %s: %d bytes in all; at most %d are allowed", orchestrator.ErrInvalid, name, total, l.total)
+	}
+	return nil
 }
 
 // parseEgress turns E2B's network fields into a runtime policy; bad entries
@@ -204,7 +257,7 @@ type networkUpdate struct {
 	AllowInternet *bool    `json:"allow_internet_access"`
 }
 
-func (s *Server) updateNetwork(w http.ResponseWriter, r *http.Request) {
+func (s *Server) updateNetwork(w http.ResponseWriter, r *http.Request, sb orchestrator.Info) {
 	raw, err := readBody(r)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
@@ -220,7 +273,7 @@ func (s *Server) updateNetwork(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, err)
 		return
 	}
-	if err := s.opts.Orchestrator.SetNetwork(r.Context(), r.PathValue("id"), egress, raw); err != nil {
+	if err := s.opts.Orchestrator.SetNetwork(r.Context(), sb.ID, egress, raw); err != nil {
 		s.fail(w, err)
 		return
 	}
@@ -240,6 +293,7 @@ func (s *Server) create(version int) http.Handler {
 			return
 		}
 		req.APIKeyID, _ = r.Context().Value(apiKeyCtx{}).(string)
+		req.Owner = requestOwner(r.Context())
 		info, err := s.opts.Orchestrator.Create(r.Context(), req)
 		if err != nil {
 			s.fail(w, err)
@@ -249,13 +303,7 @@ func (s *Server) create(version int) http.Handler {
 	})
 }
 
-func (s *Server) get(w http.ResponseWriter, r *http.Request) {
-	sb, err := s.opts.Orchestrator.Get(r.PathValue("id"))
-	if err != nil {
-		s.fail(w, err)
-		return
-	}
-	in := sb.Info()
+func (s *Server) get(w http.ResponseWriter, r *http.Request, in orchestrator.Info) {
 	d := sandboxDetail{
 		listedSandbox:       s.listed(in),
 		EnvdAccessToken:     in.EnvdAccessToken,
@@ -273,8 +321,8 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, d)
 }
 
-func (s *Server) kill(w http.ResponseWriter, r *http.Request) {
-	if err := s.opts.Orchestrator.Kill(r.Context(), r.PathValue("id")); err != nil {
+func (s *Server) kill(w http.ResponseWriter, r *http.Request, sb orchestrator.Info) {
+	if err := s.opts.Orchestrator.Kill(r.Context(), sb.ID); err != nil {
 		s.fail(w, err)
 		return
 	}
@@ -285,7 +333,7 @@ type timeoutBody struct {
 	Timeout *int64 `json:"timeout"`
 }
 
-func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
+func (s *Server) connect(w http.ResponseWriter, r *http.Request, sb orchestrator.Info) {
 	var body timeoutBody
 	if err := decode(r, &body, true); err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
@@ -300,7 +348,7 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, err)
 		return
 	}
-	info, resumed, err := s.opts.Orchestrator.Connect(r.Context(), r.PathValue("id"), d)
+	info, resumed, err := s.opts.Orchestrator.Connect(r.Context(), sb.ID, d)
 	if err != nil {
 		s.fail(w, err)
 		return
@@ -312,7 +360,7 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, code, s.sandboxJSON(info))
 }
 
-func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request) {
+func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request, sb orchestrator.Info) {
 	var body timeoutBody
 	if err := decode(r, &body, false); err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
@@ -322,14 +370,14 @@ func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "timeout is required")
 		return
 	}
-	s.endIn(w, r, *body.Timeout)
+	s.endIn(w, r, sb.ID, *body.Timeout)
 }
 
 // endIn sets the sandbox's end time to now + n seconds and answers 204.
-func (s *Server) endIn(w http.ResponseWriter, r *http.Request, n int64) {
+func (s *Server) endIn(w http.ResponseWriter, r *http.Request, id string, n int64) {
 	d, err := seconds(n)
 	if err == nil {
-		err = s.opts.Orchestrator.SetTimeout(r.Context(), r.PathValue("id"), d)
+		err = s.opts.Orchestrator.SetTimeout(r.Context(), id, d)
 	}
 	if err != nil {
 		s.fail(w, err)
@@ -338,7 +386,7 @@ func (s *Server) endIn(w http.ResponseWriter, r *http.Request, n int64) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (s *Server) refresh(w http.ResponseWriter, r *http.Request) {
+func (s *Server) refresh(w http.ResponseWriter, r *http.Request, sb orchestrator.Info) {
 	var body struct {
 		Duration *int64 `json:"duration"`
 	}
@@ -350,10 +398,10 @@ func (s *Server) refresh(w http.ResponseWriter, r *http.Request) {
 	if body.Duration != nil {
 		n = *body.Duration
 	}
-	s.endIn(w, r, n)
+	s.endIn(w, r, sb.ID, n)
 }
 
-func (s *Server) pause(w http.ResponseWriter, r *http.Request) {
+func (s *Server) pause(w http.ResponseWriter, r *http.Request, sb orchestrator.Info) {
 	var body struct {
 		Memory *bool `json:"memory"`
 	}
@@ -361,14 +409,14 @@ func (s *Server) pause(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if err := s.opts.Orchestrator.Pause(r.Context(), r.PathValue("id")); err != nil {
+	if err := s.opts.Orchestrator.Pause(r.Context(), sb.ID); err != nil {
 		s.fail(w, err)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (s *Server) resume(w http.ResponseWriter, r *http.Request) {
+func (s *Server) resume(w http.ResponseWriter, r *http.Request, sb orchestrator.Info) {
 	var body struct {
 		Timeout   *int64 `json:"timeout"`
 		AutoPause *bool  `json:"autoPause"`
@@ -386,7 +434,7 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, err)
 		return
 	}
-	info, err := s.opts.Orchestrator.Resume(r.Context(), r.PathValue("id"), d)
+	info, err := s.opts.Orchestrator.Resume(r.Context(), sb.ID, d)
 	if err != nil {
 		s.fail(w, err)
 		return
@@ -414,7 +462,7 @@ type sandboxMetric struct {
 	EgressDroppedBytes   uint64 `json:"egressDroppedBytes"`
 }
 
-func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {
+func (s *Server) metrics(w http.ResponseWriter, r *http.Request, sb orchestrator.Info) {
 	q := r.URL.Query()
 	var start, end time.Time
 	for _, p := range []struct {
@@ -430,7 +478,7 @@ func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {
 			*p.t = time.Unix(n, 0)
 		}
 	}
-	ms, err := s.opts.Orchestrator.Metrics(r.Context(), r.PathValue("id"), start, end)
+	ms, err := s.opts.Orchestrator.Metrics(r.Context(), sb.ID, start, end)
 	if err != nil {
 		s.fail(w, err)
 		return
@@ -495,7 +543,7 @@ func (s *Server) listV1(w http.ResponseWriter, r *http.Request) {
 	}
 	f := listFilter{metadata: md, states: []string{orchestrator.StateRunning}}
 	out := []listedSandbox{}
-	for _, in := range s.sorted(false) {
+	for _, in := range s.sorted(r, false) {
 		if f.match(in) {
 			out = append(out, s.listed(in))
 		}
@@ -503,12 +551,9 @@ func (s *Server) listV1(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (s *Server) sorted(asc bool) []orchestrator.Info {
-	all := s.opts.Orchestrator.All()
-	infos := make([]orchestrator.Info, 0, len(all))
-	for _, sb := range all {
-		infos = append(infos, sb.Info())
-	}
+// sorted returns the caller's sandboxes in list order.
+func (s *Server) sorted(r *http.Request, asc bool) []orchestrator.Info {
+	infos := s.ownedSandboxes(r)
 	slices.SortFunc(infos, func(a, b orchestrator.Info) int {
 		c := a.StartedAt.Compare(b.StartedAt)
 		if c == 0 {
@@ -592,7 +637,7 @@ func (s *Server) listV2(w http.ResponseWriter, r *http.Request) {
 	running := 0
 	var last orchestrator.Info
 	more := false
-	for _, in := range s.sorted(asc) {
+	for _, in := range s.sorted(r, asc) {
 		if in.State == orchestrator.StateRunning {
 			running++
 		}

@@ -46,7 +46,7 @@ func (o *Orchestrator) killLocked(ctx context.Context, sb *Sandbox, event, reaso
 	}
 	o.destroyAsync(id)
 	if _, err := o.opts.Store.AddEvent(ctx, store.Event{SandboxID: id, TemplateID: sb.rec.TemplateID,
-		APIKeyID: sb.rec.APIKeyID, Type: event, Reason: reason}); err != nil {
+		Owner: sb.rec.Owner, Type: event, Reason: reason}); err != nil {
 		o.log.Error("recording sandbox event", "sandbox", id, "event", event, "err", err)
 	}
 	o.log.Info("sandbox ended", "sandbox", id, "event", event, "reason", reason)

@@ -248,7 +248,7 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 			}
 			o.log.Info("dropping record of a sandbox that is gone", "sandbox", rec.ID, "reason", reason)
 			if _, err := o.opts.Store.AddEvent(ctx, store.Event{SandboxID: rec.ID, TemplateID: rec.TemplateID,
-				APIKeyID: rec.APIKeyID, Type: store.EventDied, Reason: reason}); err != nil {
+				Owner: rec.Owner, Type: store.EventDied, Reason: reason}); err != nil {
 				o.log.Error("recording sandbox event", "sandbox", rec.ID, "err", err)
 			}
 			if ok {
@@ -329,6 +329,8 @@ type CreateRequest struct {
 	Metadata      map[string]string
 	EnvVars       map[string]string
 	APIKeyID      string
+	// Owner is who may see and use the sandbox (see store.Sandbox.Owner).
+	Owner string
 }
 
 // Create makes a sandbox ready to serve: from the template's pool when one is
@@ -382,13 +384,16 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		}
 		o.log.Warn("pooled sandbox failed to initialise; taking another", "sandbox", slot.ID, "err", err)
 	}
+	// The timeout runs from the moment the sandbox is ready to hand out,
+	// not from the request: a slow cold create must not eat into it.
+	handedOut := time.Now().UTC()
 	rec := store.Sandbox{
 		ID:              slot.ID,
 		TemplateID:      p.tmpl.ID,
 		Alias:           p.tmpl.Alias,
 		State:           StateRunning,
-		StartedAt:       now,
-		EndAt:           now.Add(req.Timeout),
+		StartedAt:       handedOut,
+		EndAt:           handedOut.Add(req.Timeout),
 		TimeoutSeconds:  int(req.Timeout / time.Second),
 		CPUCount:        p.tmpl.CPUCount,
 		MemoryMB:        p.tmpl.MemoryMB,
@@ -403,6 +408,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		Addr:            slot.Addr.String(),
 		Runtime:         o.opts.Runtime.Name(),
 		APIKeyID:        req.APIKeyID,
+		Owner:           req.Owner,
 	}
 	if !req.PublicTraffic {
 		rec.TrafficToken = newToken()

@@ -340,3 +340,32 @@ func TestCreateRejects(t *testing.T) {
 	}
 	var _ runtime.Runtime = w.rt
 }
+
+// TestTimeoutCountsFromHandOut creates a sandbox cold (no pool: the runtime
+// boots it on the request path, which takes a while) and checks that its
+// timeout runs from when it was handed out, not from the request.
+func TestTimeoutCountsFromHandOut(t *testing.T) {
+	w := newWorld(t, "100.89.3.0/24")
+	o := w.orchestrator(t, 0)
+	defer o.Close(context.Background())
+	const timeout = 30 * time.Second
+	called := time.Now()
+	info, err := o.Create(context.Background(), CreateRequest{Template: "tiny", Timeout: timeout})
+	returned := time.Now()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("cold create took %s", returned.Sub(called))
+	if left := info.EndAt.Sub(returned); left < timeout-time.Second {
+		t.Fatalf("the sandbox was handed out with %s left of its %s timeout", left, timeout)
+	}
+	if got := info.EndAt.Sub(info.StartedAt); got != timeout {
+		t.Fatalf("endAt - startedAt = %s, want %s", got, timeout)
+	}
+	// startedAt is the hand-out: nearer the answer than the request, since
+	// booting the sandbox takes far longer than recording it.
+	if info.StartedAt.Sub(called) <= returned.Sub(info.StartedAt) {
+		t.Fatalf("startedAt %s is the request's time (%s), not the hand-out's (%s)",
+			info.StartedAt.Format(time.StampMicro), called.Format(time.StampMicro), returned.Format(time.StampMicro))
+	}
+}

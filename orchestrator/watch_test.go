@@ -63,7 +63,7 @@ func TestDeadSandboxesEnd(t *testing.T) {
 		}, ReasonUnresponsive},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			in, err := o.Create(context.Background(), CreateRequest{Template: "tiny", Timeout: time.Hour, APIKeyID: "k1"})
+			in, err := o.Create(context.Background(), CreateRequest{Template: "tiny", Timeout: time.Hour, APIKeyID: "k1", Owner: "k1"})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -95,7 +95,7 @@ func TestDeadSandboxesEnd(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(evs) != 1 || evs[0].Type != store.EventDied || evs[0].Reason != tc.reason || evs[0].APIKeyID != "k1" || evs[0].TemplateID != "tiny" {
+			if len(evs) != 1 || evs[0].Type != store.EventDied || evs[0].Reason != tc.reason || evs[0].Owner != "k1" || evs[0].TemplateID != "tiny" {
 				t.Fatalf("events = %+v, want one %s event with reason %s", evs, store.EventDied, tc.reason)
 			}
 			if recs, _ := w.st.ListSandboxes(context.Background()); len(recs) != 0 {

@@ -183,6 +183,20 @@ func TestSignedFilesURLFindsItsSandbox(t *testing.T) {
 	if resp.StatusCode != 400 {
 		t.Fatalf("forged signature routed: %d", resp.StatusCode)
 	}
+	// A request that names a sandbox goes to that sandbox whatever its
+	// signature says: a's signature cannot carry a request into a, nor b's
+	// envd be asked with a's (b's envd refuses it: the signature is a's).
+	req, _ := http.NewRequest("GET", base+"/files?path=/tmp/f&signature="+sig, nil)
+	req.Header.Set("E2b-Sandbox-Id", "bbbbbbbbbbbbbbbbbbbb")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) == "file of /tmp/f" {
+		t.Fatalf("a's signed URL naming b was served by a")
+	}
 }
 
 func TestStreamingAndEvictResets(t *testing.T) {

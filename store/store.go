@@ -26,7 +26,8 @@ var ErrNotFound = errors.New("store: not found")
 
 // Store is a handle on the state database. It is safe for concurrent use.
 type Store struct {
-	db *sql.DB
+	db     *sql.DB
+	sealer *sealer
 }
 
 // schema is applied at every open; statements are idempotent.
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS events (
 	id          INTEGER PRIMARY KEY AUTOINCREMENT,
 	sandbox_id  TEXT NOT NULL,
 	template_id TEXT NOT NULL,
-	api_key_id  TEXT NOT NULL,
+	owner       TEXT NOT NULL,
 	type        TEXT NOT NULL,
 	reason      TEXT NOT NULL,
 	at          INTEGER NOT NULL
@@ -59,18 +60,26 @@ CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, id);
 // hold API key hashes and envd access tokens, for root's eyes only.
 const fileMode = 0o600
 
-// Open opens (creating if needed) the database in dir. The database is
-// made 0600, and one that an older version left readable to others is made
-// so again (SQLite gives the -wal and -shm files the database's mode when
-// it makes them; existing ones are tightened here too).
+// Open opens (creating if needed) the database in dir, and the key that
+// seals sandbox tokens in it (see seal.go). Records written by earlier
+// versions, with their tokens in clear, are sealed on the way. The database
+// is made 0600, and one that an older version left readable to others is
+// made so again (SQLite gives the -wal and -shm files the database's mode
+// when it makes them; existing ones are tightened here too).
 func Open(dir string) (*Store, error) {
+	sl, err := loadSealer(dir)
+	if err != nil {
+		return nil, err
+	}
 	path := filepath.Join(dir, "cubicle.db")
 	if err := private(path); err != nil {
 		return nil, err
 	}
 	// WAL lets the API read while the reaper writes; busy_timeout absorbs the
-	// short write contention between them.
-	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=busy_timeout(5000)&_pragma=synchronous(NORMAL)&_pragma=foreign_keys(1)"
+	// short write contention between them. secure_delete zeroes what a
+	// write replaces, so that no earlier version of a record (a token in
+	// clear, before sealing) lingers in the file's free space.
+	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=busy_timeout(5000)&_pragma=synchronous(NORMAL)&_pragma=foreign_keys(1)&_pragma=secure_delete(ON)"
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
@@ -81,7 +90,43 @@ func Open(dir string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: apply schema to %s: %w", path, err)
 	}
-	return &Store{db: db}, nil
+	st := &Store{db: db, sealer: sl}
+	if err := st.sealLegacy(context.Background()); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return st, nil
+}
+
+// sealLegacy rewrites the records that hold tokens in clear (written
+// before tokens were sealed), and checks that every sealed one opens with
+// this key: a wrong key is reported now, not at the first restart's
+// reconciliation.
+func (s *Store) sealLegacy(ctx context.Context) error {
+	rows, err := s.sandboxRows(ctx)
+	if err != nil {
+		return err
+	}
+	rewrote := false
+	for _, r := range rows {
+		sb, legacy, err := s.decode(r.id, r.rec)
+		if err != nil {
+			return err
+		}
+		if legacy {
+			if err := s.PutSandbox(ctx, sb); err != nil {
+				return err
+			}
+			rewrote = true
+		}
+	}
+	if rewrote {
+		// The replaced versions are in the write-ahead log too.
+		if _, err := s.db.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+			return fmt.Errorf("store: checkpoint after sealing tokens: %w", err)
+		}
+	}
+	return nil
 }
 
 // private creates path with fileMode if it is missing, and takes the
@@ -245,29 +290,78 @@ type Sandbox struct {
 	EndAt      time.Time `json:"endAt"`
 	// TimeoutSeconds is the timeout the sandbox was created with; traffic
 	// that wakes an auto-resume sandbox gives it this long again.
-	TimeoutSeconds  int               `json:"timeoutSeconds"`
-	CPUCount        int               `json:"cpuCount"`
-	MemoryMB        int               `json:"memoryMB"`
-	DiskSizeMB      int               `json:"diskSizeMB"`
-	Metadata        map[string]string `json:"metadata,omitempty"`
-	EnvdAccessToken string            `json:"envdAccessToken"`
-	TrafficToken    string            `json:"trafficAccessToken,omitempty"`
-	AutoPause       bool              `json:"autoPause"`
-	AutoResume      bool              `json:"autoResume"`
-	AllowInternet   bool              `json:"allowInternetAccess"`
-	Network         json.RawMessage   `json:"network,omitempty"`
+	TimeoutSeconds int               `json:"timeoutSeconds"`
+	CPUCount       int               `json:"cpuCount"`
+	MemoryMB       int               `json:"memoryMB"`
+	DiskSizeMB     int               `json:"diskSizeMB"`
+	Metadata       map[string]string `json:"metadata,omitempty"`
+	// The tokens are never written in clear: PutSandbox seals them.
+	EnvdAccessToken string          `json:"envdAccessToken,omitempty"`
+	TrafficToken    string          `json:"trafficAccessToken,omitempty"`
+	AutoPause       bool            `json:"autoPause"`
+	AutoResume      bool            `json:"autoResume"`
+	AllowInternet   bool            `json:"allowInternetAccess"`
+	Network         json.RawMessage `json:"network,omitempty"`
 	// Egress is the policy in force, parsed; nil is runtime.DefaultEgress.
 	// A restarted server gives it back to the runtime (the resolver half
 	// of it lives in memory only).
-	Egress   *runtime.Egress `json:"egress,omitempty"`
-	Addr     string          `json:"addr"`
-	Runtime  string          `json:"runtime"`
-	APIKeyID string          `json:"apiKeyID,omitempty"`
+	Egress  *runtime.Egress `json:"egress,omitempty"`
+	Addr    string          `json:"addr"`
+	Runtime string          `json:"runtime"`
+	// APIKeyID is the key that created the sandbox; Owner is who may see
+	// and use it (the key today, its team once keys have teams). Records
+	// written before owners existed are owned by their key.
+	APIKeyID string `json:"apiKeyID,omitempty"`
+	Owner    string `json:"owner,omitempty"`
+}
+
+// storedSandbox is a record as written: its tokens sealed, none in clear.
+type storedSandbox struct {
+	Sandbox
+	SealedTokens string `json:"sealedTokens,omitempty"`
+}
+
+func (s *Store) encode(sb Sandbox) ([]byte, error) {
+	st := storedSandbox{Sandbox: sb}
+	if sb.EnvdAccessToken != "" || sb.TrafficToken != "" {
+		plain, err := json.Marshal(sealedTokens{Envd: sb.EnvdAccessToken, Traffic: sb.TrafficToken})
+		if err != nil {
+			return nil, err
+		}
+		st.SealedTokens = s.sealer.seal(sb.ID, plain)
+		st.EnvdAccessToken, st.TrafficToken = "", ""
+	}
+	return json.Marshal(st)
+}
+
+// decode reads a stored record; legacy reports tokens found in clear.
+func (s *Store) decode(id, rec string) (sb Sandbox, legacy bool, err error) {
+	var st storedSandbox
+	if err := json.Unmarshal([]byte(rec), &st); err != nil {
+		return Sandbox{}, false, fmt.Errorf("store: decode sandbox %s: %w", id, err)
+	}
+	sb = st.Sandbox
+	legacy = sb.EnvdAccessToken != "" || sb.TrafficToken != ""
+	if st.SealedTokens != "" {
+		plain, err := s.sealer.open(sb.ID, st.SealedTokens)
+		if err != nil {
+			return Sandbox{}, false, fmt.Errorf("store: sandbox %s: %w", id, err)
+		}
+		var t sealedTokens
+		if err := json.Unmarshal(plain, &t); err != nil {
+			return Sandbox{}, false, fmt.Errorf("store: sandbox %s: sealed tokens: %w", id, err)
+		}
+		sb.EnvdAccessToken, sb.TrafficToken = t.Envd, t.Traffic
+	}
+	if sb.Owner == "" {
+		sb.Owner = sb.APIKeyID
+	}
+	return sb, legacy, nil
 }
 
 // PutSandbox inserts or replaces a sandbox record.
 func (s *Store) PutSandbox(ctx context.Context, sb Sandbox) error {
-	b, err := json.Marshal(sb)
+	b, err := s.encode(sb)
 	if err != nil {
 		return fmt.Errorf("store: encode sandbox %s: %w", sb.ID, err)
 	}
@@ -288,24 +382,21 @@ func (s *Store) DeleteSandbox(ctx context.Context, id string) error {
 	return nil
 }
 
-// ListSandboxes returns every sandbox record.
-func (s *Store) ListSandboxes(ctx context.Context) ([]Sandbox, error) {
+type sandboxRow struct{ id, rec string }
+
+func (s *Store) sandboxRows(ctx context.Context) ([]sandboxRow, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT id, record FROM sandboxes`)
 	if err != nil {
 		return nil, fmt.Errorf("store: list sandboxes: %w", err)
 	}
 	defer rows.Close()
-	var out []Sandbox
+	var out []sandboxRow
 	for rows.Next() {
-		var id, rec string
-		if err := rows.Scan(&id, &rec); err != nil {
+		var r sandboxRow
+		if err := rows.Scan(&r.id, &r.rec); err != nil {
 			return nil, fmt.Errorf("store: scan sandbox: %w", err)
 		}
-		var sb Sandbox
-		if err := json.Unmarshal([]byte(rec), &sb); err != nil {
-			return nil, fmt.Errorf("store: decode sandbox %s: %w", id, err)
-		}
-		out = append(out, sb)
+		out = append(out, r)
 	}
 	return out, rows.Err()
 }
@@ -326,14 +417,14 @@ const (
 	EventReasonTimeout = "timeout"
 )
 
-// Event is one lifecycle event of a sandbox. The template and the API key
+// Event is one lifecycle event of a sandbox. The template and the owner
 // are copied from the sandbox's record, which is gone once it ended, so
 // that events can be shown to their owner only.
 type Event struct {
 	ID         int64     `json:"id"`
 	SandboxID  string    `json:"sandboxID"`
 	TemplateID string    `json:"templateID"`
-	APIKeyID   string    `json:"apiKeyID,omitempty"`
+	Owner      string    `json:"owner,omitempty"`
 	Type       string    `json:"type"`
 	Reason     string    `json:"reason,omitempty"`
 	Time       time.Time `json:"timestamp"`
@@ -345,8 +436,8 @@ func (s *Store) AddEvent(ctx context.Context, e Event) (Event, error) {
 		e.Time = time.Now().UTC()
 	}
 	res, err := s.db.ExecContext(ctx,
-		`INSERT INTO events (sandbox_id, template_id, api_key_id, type, reason, at) VALUES (?, ?, ?, ?, ?, ?)`,
-		e.SandboxID, e.TemplateID, e.APIKeyID, e.Type, e.Reason, e.Time.UnixNano())
+		`INSERT INTO events (sandbox_id, template_id, owner, type, reason, at) VALUES (?, ?, ?, ?, ?, ?)`,
+		e.SandboxID, e.TemplateID, e.Owner, e.Type, e.Reason, e.Time.UnixNano())
 	if err != nil {
 		return e, fmt.Errorf("store: add %s event of sandbox %s: %w", e.Type, e.SandboxID, err)
 	}
@@ -358,7 +449,7 @@ func (s *Store) AddEvent(ctx context.Context, e Event) (Event, error) {
 // sandbox when it is empty, with an ID above after, at most limit of them
 // (no limit when limit <= 0).
 func (s *Store) ListEvents(ctx context.Context, sandboxID string, after int64, limit int) ([]Event, error) {
-	q := `SELECT id, sandbox_id, template_id, api_key_id, type, reason, at FROM events WHERE id > ?`
+	q := `SELECT id, sandbox_id, template_id, owner, type, reason, at FROM events WHERE id > ?`
 	args := []any{after}
 	if sandboxID != "" {
 		q += ` AND sandbox_id = ?`
@@ -378,11 +469,28 @@ func (s *Store) ListEvents(ctx context.Context, sandboxID string, after int64, l
 	for rows.Next() {
 		var e Event
 		var at int64
-		if err := rows.Scan(&e.ID, &e.SandboxID, &e.TemplateID, &e.APIKeyID, &e.Type, &e.Reason, &at); err != nil {
+		if err := rows.Scan(&e.ID, &e.SandboxID, &e.TemplateID, &e.Owner, &e.Type, &e.Reason, &at); err != nil {
 			return nil, fmt.Errorf("store: scan event: %w", err)
 		}
 		e.Time = time.Unix(0, at).UTC()
 		out = append(out, e)
 	}
 	return out, rows.Err()
+}
+
+// ListSandboxes returns every sandbox record.
+func (s *Store) ListSandboxes(ctx context.Context) ([]Sandbox, error) {
+	rows, err := s.sandboxRows(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Sandbox, 0, len(rows))
+	for _, r := range rows {
+		sb, _, err := s.decode(r.id, r.rec)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, sb)
+	}
+	return out, nil
 }

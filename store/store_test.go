@@ -126,9 +126,9 @@ func TestEvents(t *testing.T) {
 	}
 	at := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
 	for _, e := range []Event{
-		{SandboxID: "a", TemplateID: "base", APIKeyID: "k1", Type: EventKilled, Reason: EventReasonRequest, Time: at},
+		{SandboxID: "a", TemplateID: "base", Owner: "k1", Type: EventKilled, Reason: EventReasonRequest, Time: at},
 		{SandboxID: "b", TemplateID: "base", Type: EventDied, Reason: "oom"},
-		{SandboxID: "a", TemplateID: "base", APIKeyID: "k1", Type: EventDied, Reason: "exited"},
+		{SandboxID: "a", TemplateID: "base", Owner: "k1", Type: EventDied, Reason: "exited"},
 	} {
 		if _, err := s.AddEvent(ctx, e); err != nil {
 			t.Fatal(err)
@@ -144,7 +144,7 @@ func TestEvents(t *testing.T) {
 	if err != nil || len(all) != 3 {
 		t.Fatalf("ListEvents = %+v, %v", all, err)
 	}
-	if all[0].Time != at || all[0].APIKeyID != "k1" || all[0].Reason != EventReasonRequest || all[1].Time.IsZero() {
+	if all[0].Time != at || all[0].Owner != "k1" || all[0].Reason != EventReasonRequest || all[1].Time.IsZero() {
 		t.Fatalf("first events read back as %+v, %+v", all[0], all[1])
 	}
 	for _, tc := range []struct {

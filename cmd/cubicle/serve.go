@@ -55,6 +55,9 @@ type serveConfig struct {
 	maxTimeout  time.Duration
 	logLevel    string
 	readyFile   string
+	// corsOrigins and trustedProxies configure the API (serve_api.go).
+	corsOrigins    string
+	trustedProxies string
 }
 
 func serveCmd() *cobra.Command {
@@ -86,6 +89,7 @@ prints the environment an E2B SDK needs.`,
 	f.DurationVar(&c.maxTimeout, "max-timeout", 24*time.Hour, "longest sandbox timeout a client may ask for")
 	f.StringVar(&c.logLevel, "log-level", envOr("CUBICLE_LOG_LEVEL", "info"), "debug, info, warn or error (env CUBICLE_LOG_LEVEL)")
 	f.StringVar(&c.readyFile, "ready-file", "", "write the API and proxy addresses here once serving (for scripts and tests)")
+	apiFlags(f, &c)
 	return cmd
 }
 
@@ -213,6 +217,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	apiSrv := &http.Server{
 		Handler: api.New(api.Options{
 			Orchestrator: p.orch, Store: p.st, EnvdVersion: envd.Version, Logger: log.With("component", "api"),
+			CORSOrigins: k.corsOrigins, TrustedProxies: k.trustedProxies,
 		}),
 		ReadHeaderTimeout: 30 * time.Second,
 	}

@@ -35,6 +35,9 @@ type checked struct {
 	prefix    netip.Prefix
 	upstreams []netip.AddrPort
 	logLevel  slog.Level
+	// corsOrigins and trustedProxies are the API's (see apiOptions).
+	corsOrigins    []string
+	trustedProxies []netip.Prefix
 }
 
 // check verifies every flag, and what the start needs from the host,
@@ -70,6 +73,10 @@ func (c *serveConfig) check() (checked, error) {
 			return k, fmt.Errorf("--ready-file %s: its directory does not exist", c.readyFile)
 		}
 	}
+	var err error
+	if k.corsOrigins, k.trustedProxies, err = c.apiOptions(); err != nil {
+		return k, err
+	}
 	if err := checkListen(map[string]string{"--api-addr": c.apiAddr, "--proxy-addr": c.proxyAddr}); err != nil {
 		return k, err
 	}
@@ -88,7 +95,6 @@ func (c *serveConfig) check() (checked, error) {
 	if err := gvisor.CheckPlatform(c.platform); err != nil {
 		return k, fmt.Errorf("--platform: %w", err)
 	}
-	var err error
 	if k.prefix, err = netip.ParsePrefix(c.netPrefix); err != nil {
 		return k, fmt.Errorf("--network-prefix: %w", err)
 	}
