@@ -3,6 +3,7 @@ package policy
 import (
 	"context"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -110,6 +111,19 @@ func TestHostLAN(t *testing.T) {
 		}
 	}
 
+	// A device route this broad is a tunnel carrying the internet (a VPN
+	// set up by hand), not a LAN.
+	rlan, err := w.rh.LinkByName("r-lan")
+	must(t, err, "r-lan")
+	wide := &netlink.Route{LinkIndex: rlan.Attrs().Index, Dst: mustIPNet("0.0.0.0/1"), Scope: netlink.SCOPE_LINK}
+	must(t, w.rh.RouteAdd(wide), "wide on-link route")
+	lan, err = HostLAN(w.rh, testPool)
+	must(t, err, "HostLAN")
+	must(t, w.rh.RouteDel(wide), "drop wide route")
+	if slices.Contains(lan, netip.MustParsePrefix("0.0.0.0/1")) {
+		t.Errorf("HostLAN %v holds the /1 device route", lan)
+	}
+
 	m := newLANManager(t, w, "lan"+strconv.Itoa(os.Getpid()), Options{DenyCIDRs: pfx("11.8.0.0/16")})
 	def := Policy{AllowInternet: true}
 	must(t, m.Attach(w.sbaIndex, def), "attach A")
@@ -132,8 +146,6 @@ func TestHostLAN(t *testing.T) {
 
 	t.Run("followed", func(t *testing.T) {
 		must(t, m.Update(w.sbaIndex, def), "update")
-		rlan, err := w.rh.LinkByName("r-lan")
-		must(t, err, "r-lan")
 		idx := rlan.Attrs().Index
 		later := []check{reach("A→later net", lanLaterNet, true), reach("A→later gateway", lanLaterGw, true),
 			reach("A→later subnet", lanLaterSub, true)}
