@@ -146,8 +146,10 @@ func (s *server) start() error {
 		// Its own addresses and device names: a developer's server may be
 		// running on the same host.
 		"--network-prefix", e2ePool, "--link-prefix", e2eLinkPrefix,
-		// Sandboxes resolve names in the fake internet only.
-		"--dns-upstream", fakeNet.dns.String()}
+		// Sandboxes resolve names in the fake internet only, and reach it
+		// as the internet: it is TEST-NET-2 and this host's LAN, both
+		// closed by default.
+		"--dns-upstream", fakeNet.dns.String(), "--allow-cidr", inetNet}
 	s.cmd = exec.Command(s.bin, args...)
 	if s.log == nil {
 		s.log = &syncBuffer{}

@@ -18,12 +18,14 @@ import (
 
 // The fake internet the e2e sandboxes talk to: a network namespace the
 // suite makes, reached from the host over a veth, with addresses from
-// TEST-NET-2 (RFC 5737: never routed anywhere, and not one of the private
-// ranges sandboxes are kept out of by default). It serves HTTP on every
+// TEST-NET-2 (RFC 5737: never routed anywhere). It serves HTTP on every
 // address and DNS on the first; cubicle serve forwards sandbox queries
-// there (--dns-upstream). Nothing leaves the host.
+// there (--dns-upstream). Nothing leaves the host. Being a special-purpose
+// range and a subnet connected to the host, it is closed to sandboxes by
+// default; the suite opens it as an operator would, with --allow-cidr.
 const (
 	inetLink     = "cbeinet"
+	inetNet      = "198.51.100.0/24"
 	inetHostAddr = "198.51.100.1/24" // the host end, a host address: hard-denied
 	inetHTTPPort = 8080
 )

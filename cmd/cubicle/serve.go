@@ -51,6 +51,8 @@ type serveConfig struct {
 	linkPrefix  string
 	netSpares   int
 	dnsUpstream string
+	denyCIDR    []string
+	allowCIDR   []string
 	noBuild     bool
 	maxTimeout  time.Duration
 	logLevel    string
@@ -85,12 +87,47 @@ prints the environment an E2B SDK needs.`,
 	f.StringVar(&c.linkPrefix, "link-prefix", envOr("CUBICLE_LINK_PREFIX", network.DefaultLinkPrefix), "names the host's sandbox devices and namespaces; servers sharing a host need distinct ones (env CUBICLE_LINK_PREFIX)")
 	f.IntVar(&c.netSpares, "network-spares", envInt("CUBICLE_NETWORK_SPARES", 8), "sandbox network devices kept made in advance, so creating a sandbox makes none (env CUBICLE_NETWORK_SPARES)")
 	f.StringVar(&c.dnsUpstream, "dns-upstream", envOr("CUBICLE_DNS_UPSTREAM", ""), "servers the sandboxes' resolver forwards to, comma-separated ip or ip:port (env CUBICLE_DNS_UPSTREAM; default: the host's /etc/resolv.conf)")
+	f.StringSliceVar(&c.denyCIDR, "deny-cidr", envList("CUBICLE_DENY_CIDR"), "ranges no sandbox may reach whatever its policy, like this host's own addresses; repeatable or comma-separated (env CUBICLE_DENY_CIDR)")
+	f.StringSliceVar(&c.allowCIDR, "allow-cidr", envList("CUBICLE_ALLOW_CIDR"), "ranges taken out of those closed to sandboxes by default (private and special-purpose ranges, this host's LAN and gateways): sandboxes reach them as they reach the internet, under their policies; never opens this host's own addresses, other sandboxes or metadata; repeatable or comma-separated (env CUBICLE_ALLOW_CIDR)")
 	f.BoolVar(&c.noBuild, "no-build", false, "fail instead of building a missing default template")
 	f.DurationVar(&c.maxTimeout, "max-timeout", 24*time.Hour, "longest sandbox timeout a client may ask for")
 	f.StringVar(&c.logLevel, "log-level", envOr("CUBICLE_LOG_LEVEL", "info"), "debug, info, warn or error (env CUBICLE_LOG_LEVEL)")
 	f.StringVar(&c.readyFile, "ready-file", "", "write the API and proxy addresses here once serving (for scripts and tests)")
 	apiFlags(f, &c)
 	return cmd
+}
+
+// envList is key's comma-separated value, nil when unset.
+func envList(key string) []string {
+	if v := os.Getenv(key); v != "" {
+		return strings.Split(v, ",")
+	}
+	return nil
+}
+
+// parseCIDRs parses the values of --deny-cidr or --allow-cidr: IPv4 CIDRs,
+// or addresses taken as /32s.
+func parseCIDRs(flag string, vals []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, v := range vals {
+		v = strings.TrimSpace(v)
+		if v == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(v)
+		if err != nil {
+			a, aerr := netip.ParseAddr(v)
+			if aerr != nil {
+				return nil, fmt.Errorf("--%s: %q is not an IPv4 CIDR or address", flag, v)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		if !p.Addr().Is4() {
+			return nil, fmt.Errorf("--%s: %q is not IPv4 (sandboxes have no IPv6 egress)", flag, v)
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
 }
 
 func envInt(key string, def int) int {
@@ -165,7 +202,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	// before the policy manager closes (parts.close).
 	egressCtx, stopEgress := context.WithCancel(ctx)
 	p.stopEgress = stopEgress
-	if p.pm, err = startEgress(egressCtx, k.prefix, c.linkPrefix, log.With("component", "egress")); err != nil {
+	if p.pm, err = startEgress(egressCtx, k.prefix, c.linkPrefix, k.egressOpts, log.With("component", "egress")); err != nil {
 		return err
 	}
 	if p.enforcer, err = egress.New(p.pm, dns.Options{Upstreams: k.upstreams, Logger: log.With("component", "dns")}); err != nil {
@@ -360,20 +397,26 @@ func exists(path string) bool {
 // its hard-denied host addresses in step with the host's until ctx ends,
 // sweeps expired domain answers from it, and sets up masquerading of the
 // sandbox pool out of the default route. Without a default route
-// sandboxes still run, with no way out.
-func startEgress(ctx context.Context, pool netip.Prefix, linkPrefix string, log *slog.Logger) (*policy.Manager, error) {
-	// The host's addresses are denied from the first packet on; a start
-	// with none would open them to adopted sandboxes until FollowHostAddrs.
+// sandboxes still run, with no way out. opts carries the operator's
+// --deny-cidr and --allow-cidr; the rest is filled in here.
+func startEgress(ctx context.Context, pool netip.Prefix, linkPrefix string, opts policy.Options, log *slog.Logger) (*policy.Manager, error) {
+	// The host's addresses, networks and gateways are denied from the
+	// first packet on; a start with none would open them to adopted
+	// sandboxes until FollowHostAddrs.
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("egress policy: netlink: %w", err)
 	}
 	hostAddrs, err := policy.HostAddrs(h, pool)
+	if err == nil {
+		opts.HostLAN, err = policy.HostLAN(h, pool)
+	}
 	h.Close()
 	if err != nil {
 		return nil, fmt.Errorf("egress policy: %w", err)
 	}
-	pm, err := policy.New(policy.Options{Name: linkPrefix, PoolPrefix: pool, HostAddrs: hostAddrs, NetNS: netns.None(), Logger: log})
+	opts.Name, opts.PoolPrefix, opts.HostAddrs, opts.NetNS, opts.Logger = linkPrefix, pool, hostAddrs, netns.None(), log
+	pm, err := policy.New(opts)
 	if err != nil {
 		return nil, fmt.Errorf("egress policy: %w", err)
 	}

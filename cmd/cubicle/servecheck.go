@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cubicle-dev/cubicle/network"
+	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
 )
 
@@ -38,6 +39,8 @@ type checked struct {
 	// corsOrigins and trustedProxies are the API's (see apiOptions).
 	corsOrigins    []string
 	trustedProxies []netip.Prefix
+	// egressOpts carries --deny-cidr and --allow-cidr.
+	egressOpts policy.Options
 }
 
 // check verifies every flag, and what the start needs from the host,
@@ -97,6 +100,12 @@ func (c *serveConfig) check() (checked, error) {
 	}
 	if k.prefix, err = netip.ParsePrefix(c.netPrefix); err != nil {
 		return k, fmt.Errorf("--network-prefix: %w", err)
+	}
+	if k.egressOpts.DenyCIDRs, err = parseCIDRs("deny-cidr", c.denyCIDR); err != nil {
+		return k, err
+	}
+	if k.egressOpts.AllowCIDRs, err = parseCIDRs("allow-cidr", c.allowCIDR); err != nil {
+		return k, err
 	}
 	if err := (network.Options{Prefix: k.prefix, LinkPrefix: c.linkPrefix, Spares: c.netSpares}).Check(); err != nil {
 		return k, fmt.Errorf("--network-prefix %s, --link-prefix %q, --network-spares %d: %w", c.netPrefix, c.linkPrefix, c.netSpares, err)

@@ -46,6 +46,22 @@
 // whole top-level domain, and with it a DNS tunnel through any domain an
 // attacker registers there).
 //
+// Floods: each sandbox has a query budget, a token bucket
+// (Options.QueryRate, QueryBurst) taken from as each query arrives, before
+// it is parsed, answered or forwarded, so that one sandbox cannot slow its
+// neighbours' lookups down by keeping the host and the upstreams busy. A
+// UDP query over the budget is dropped without a reply: a reply would cost
+// the host a write for every packet of the flood, and a client that is
+// really resolving retries after its timeout, by when tokens are back
+// (Cilium's DNS proxy drops beyond its concurrency limit, and BIND's
+// response rate limiting drops most of a flood, for the same reasons). A TCP
+// query over the budget is answered REFUSED instead: left unanswered, it
+// would stall the connection's later queries until the client gives up,
+// and TCP cannot be spoofed into reflecting anything. Resolver.Stats counts
+// both. Independently, Options.MaxInflight bounds the queries one sandbox
+// has in flight, and with them the upstream sockets and goroutines it can
+// hold.
+//
 // Concurrency: each sandbox has one UDP socket and one TCP listener, each
 // served by its own goroutine, and a goroutine per query in flight (at most
 // Options.MaxInflight; beyond that SERVFAIL at once). Lock order:

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -34,6 +35,14 @@ const (
 	// DefaultMaxInflight is the number of queries one sandbox may have in
 	// flight.
 	DefaultMaxInflight = 64
+	// DefaultQueryRate and DefaultQueryBurst are each sandbox's query
+	// budget: 100 queries a second, 200 at once. A lookup is usually two
+	// queries (A and AAAA), so that is 50 names a second sustained and
+	// 100 in a burst, far above what package managers, browsers and
+	// crawlers ask of a resolver, while a flood of thousands a second is
+	// cut down to it.
+	DefaultQueryRate  = 100
+	DefaultQueryBurst = 200
 )
 
 const (
@@ -83,8 +92,16 @@ type Options struct {
 	Timeout time.Duration
 	// MaxInflight bounds the queries in flight per sandbox
 	// (DefaultMaxInflight); beyond it a query gets SERVFAIL at once. It also
-	// bounds each sandbox's open TCP connections.
+	// bounds each sandbox's open TCP connections, and so the upstream
+	// sockets and goroutines one sandbox can hold.
 	MaxInflight int
+	// QueryRate (queries per second) and QueryBurst are each sandbox's
+	// token bucket (DefaultQueryRate, DefaultQueryBurst), UDP and TCP
+	// together, taken from as a query arrives, before it is parsed or
+	// forwarded. A UDP query over it is dropped; a TCP one is answered
+	// REFUSED (see the package documentation). Stats counts them.
+	QueryRate  float64
+	QueryBurst int
 	// Learner opens and closes learned addresses; required.
 	Learner Learner
 	// Logger receives refused queries (debug) and failures (slog.Default()).
@@ -109,13 +126,17 @@ type Resolver struct {
 // sandbox is one served sandbox: its handler and its sockets.
 type sandbox struct {
 	*handler
-	addr   netip.AddrPort
-	udp    *net.UDPConn
-	tcp    *net.TCPListener
-	sem    chan struct{} // one token per query in flight
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // every goroutine serving this sandbox
+	addr  netip.AddrPort
+	udp   *net.UDPConn
+	tcp   *net.TCPListener
+	sem   chan struct{} // one token per query in flight
+	limit *bucket       // QueryRate and QueryBurst
+	// limited and overloaded count queries refused for the rate limit
+	// and for MaxInflight (Stats).
+	limited, overloaded atomic.Uint64
+	ctx                 context.Context
+	cancel              context.CancelFunc
+	wg                  sync.WaitGroup // every goroutine serving this sandbox
 
 	connMu sync.Mutex // guards conns and stopping
 	conns  map[net.Conn]struct{}
@@ -159,6 +180,15 @@ func New(opts Options) (*Resolver, error) {
 	}
 	if opts.MaxInflight < 0 {
 		return nil, fmt.Errorf("%w: MaxInflight %d", ErrBadOptions, opts.MaxInflight)
+	}
+	if opts.QueryRate == 0 {
+		opts.QueryRate = DefaultQueryRate
+	}
+	if opts.QueryBurst == 0 {
+		opts.QueryBurst = DefaultQueryBurst
+	}
+	if !(opts.QueryRate > 0) || math.IsInf(opts.QueryRate, 0) || opts.QueryBurst < 1 {
+		return nil, fmt.Errorf("%w: query rate %v, burst %d", ErrBadOptions, opts.QueryRate, opts.QueryBurst)
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -253,6 +283,7 @@ func (r *Resolver) Add(key string, listen netip.Addr, rules Rules) error {
 		udp:    pc.(*net.UDPConn),
 		tcp:    ln.(*net.TCPListener),
 		sem:    make(chan struct{}, r.opts.MaxInflight),
+		limit:  newBucket(r.opts.QueryRate, r.opts.QueryBurst, time.Now()),
 		ctx:    ctx,
 		cancel: cancel,
 		conns:  map[net.Conn]struct{}{},
@@ -377,10 +408,14 @@ func (s *sandbox) serveUDP() {
 			}
 			continue
 		}
+		if !s.allow() {
+			continue // dropped: a reply would only feed the flood
+		}
 		q := append([]byte(nil), buf[:n]...)
 		select {
 		case s.sem <- struct{}{}:
 		default:
+			s.overloaded.Add(1)
 			if resp := overloaded(q); resp != nil {
 				_, _ = s.udp.WriteToUDPAddrPort(resp, from)
 			}
@@ -395,6 +430,42 @@ func (s *sandbox) serveUDP() {
 			}
 		}()
 	}
+}
+
+// allow takes a query from the sandbox's rate limit, counting and (at
+// most once a minute) logging a query over it.
+func (s *sandbox) allow() bool {
+	ok, warn := s.limit.take(time.Now())
+	if !ok {
+		n := s.limited.Add(1)
+		if warn {
+			s.log.Warn("sandbox over its DNS query rate; dropping UDP and refusing TCP queries over it",
+				"sandbox", s.key, "limited_total", n)
+		}
+	}
+	return ok
+}
+
+// Stats are one sandbox's resolver counters since Add.
+type Stats struct {
+	// RateLimited counts queries over Options.QueryRate and QueryBurst:
+	// UDP ones dropped, TCP ones answered REFUSED.
+	RateLimited uint64
+	// Overloaded counts queries answered SERVFAIL because MaxInflight
+	// were in flight already.
+	Overloaded uint64
+}
+
+// Stats returns the counters of the sandbox served as key; the error
+// wraps ErrUnknown for a key not served.
+func (r *Resolver) Stats(key string) (Stats, error) {
+	r.mu.Lock()
+	s := r.boxes[key]
+	r.mu.Unlock()
+	if s == nil {
+		return Stats{}, fmt.Errorf("dns: stats of %q: %w", key, ErrUnknown)
+	}
+	return Stats{RateLimited: s.limited.Load(), Overloaded: s.overloaded.Load()}, nil
 }
 
 // pause waits a little after a socket error that may repeat (Accept out
@@ -490,12 +561,22 @@ func (s *sandbox) serveConn(c net.Conn) {
 		if _, err := io.ReadFull(rd, q); err != nil {
 			return
 		}
-		if _, _, dropIt := parseQuery(q); dropIt {
+		pq, _, dropIt := parseQuery(q)
+		if dropIt {
 			return
+		}
+		if !s.allow() {
+			// Over TCP a query left unanswered would stall the ones
+			// after it on the connection until the client gives up.
+			if resp := pq.reply(dnsmessage.RCodeRefused, false); resp != nil {
+				write(resp)
+			}
+			continue
 		}
 		select {
 		case s.sem <- struct{}{}:
 		default:
+			s.overloaded.Add(1)
 			if resp := overloaded(q); resp != nil {
 				write(resp)
 			}

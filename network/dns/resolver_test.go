@@ -2,6 +2,7 @@ package dns
 
 import (
 	"errors"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -458,6 +459,10 @@ func TestNewErrors(t *testing.T) {
 		{Upstreams: []netip.AddrPort{{}}, Learner: l},
 		{Upstreams: up, Learner: l, MinTTL: time.Hour, MaxTTL: time.Minute},
 		{Upstreams: up, Learner: l, MaxInflight: -1},
+		{Upstreams: up, Learner: l, QueryRate: -1},
+		{Upstreams: up, Learner: l, QueryRate: math.Inf(1)},
+		{Upstreams: up, Learner: l, QueryRate: math.NaN()},
+		{Upstreams: up, Learner: l, QueryBurst: -1},
 	} {
 		if r, err := New(o); !errors.Is(err, ErrBadOptions) {
 			t.Errorf("New(%+v): %v", o, err)

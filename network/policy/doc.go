@@ -18,8 +18,9 @@
 //     Everything else to the host is dropped, other UDP included.
 //  5. Hard denies, which no policy opens: the whole sandbox pool (other
 //     sandboxes and their gateways), the host's addresses (SetHostAddrs,
-//     FollowHostAddrs), 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16 (cloud
-//     metadata), 224.0.0.0/4 and 240.0.0.0/4 (incl. 255.255.255.255).
+//     FollowHostAddrs), the operator's Options.DenyCIDRs, 0.0.0.0/8,
+//     127.0.0.0/8, 169.254.0.0/16 (cloud metadata), 224.0.0.0/4 and
+//     240.0.0.0/4 (incl. 255.255.255.255).
 //  6. UDP or TCP to port 53 or 853 (DNS, DNS over TLS) on any other
 //     address: drop, whatever allowOut says, so that the sandbox's only
 //     resolver is cubicle's and DNS cannot tunnel data out. Non-first IP
@@ -29,8 +30,8 @@
 //  8. A flow in the flows map passes (TCP or UDP, by destination address
 //     and port, source port and protocol); so does a destination the
 //     sandbox's resolver learned (Learn) whose deadline has not passed and
-//     that is not in a private range (a name resolving to 10.x must not
-//     open the LAN: only allowOut does). A TCP or UDP packet passed for a
+//     that is not closed (rule 11: a name resolving to 10.x or to the
+//     host's LAN must not open it; only allowOut does). A TCP or UDP packet passed for a
 //     learned address records its flow, so that connections opened while
 //     an answer was valid keep working after it expires or is forgotten:
 //     as with conntrack, expiry, Forget and policy changes do not cut a
@@ -38,8 +39,17 @@
 //  9. denyOut match: drop.
 //  10. allow_internet_access=false: drop (E2B: it means denyOut 0.0.0.0/0,
 //     so allowOut and learned domain answers still open what they name).
-//  11. Private ranges (10/8, 172.16/12, 192.168/16, 100.64/10): drop; only
-//     an allowOut entry opens them.
+//  11. Closed ranges: drop; only an allowOut entry opens them. They are
+//     the private ranges (10/8, 172.16/12, 192.168/16, 100.64/10), the
+//     special-purpose ranges that are not globally reachable (192.0.0/24,
+//     192.0.2/24, 192.88.99/24, 198.18/15, 198.51.100/24, 203.0.113/24;
+//     see closedRanges), and the host's LAN: its connected subnets,
+//     on-link routes and every route's gateway (HostLAN, followed by
+//     FollowHostAddrs), so that a host whose LAN uses public addresses
+//     does not open its router and neighbours. The operator's
+//     Options.AllowCIDRs take ranges out of this rule (they are then
+//     treated as the internet is); they cannot take anything out of rule
+//     5.
 //  12. Pass.
 //
 // Traffic to the sandbox is not filtered: replies to what steps 4–12 let
@@ -53,6 +63,12 @@
 // ifindex) to it in one map write, then deletes the old rules, so every
 // packet sees either the whole old or the whole new policy. Counters are a
 // per-CPU hash keyed by ifindex.
+//
+// The closed ranges are one LPM trie whose value says closed (1) or
+// opened by the operator (0): an Options.AllowCIDRs entry is stored open
+// and closed prefixes inside it are left out, so the longest match of an
+// address in it is open, and of any other address in a closed range is
+// closed.
 //
 // Learned addresses are a hash keyed by (ifindex, address) whose value is
 // the deadline in CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns); only the

@@ -62,97 +62,122 @@ func HostAddrs(h *netlink.Handle, pool netip.Prefix) ([]netip.Prefix, error) {
 // buffer overrun), so that a persistent failure does not spin.
 const resubscribeDelay = time.Second
 
-// FollowHostAddrs keeps the hard-denied host addresses equal to
-// HostAddrs of the Manager's namespace (Options.NetNS): it subscribes to
-// address changes there, applies the current set, and returns; from then
-// on a goroutine re-lists and applies the set after every change, until
-// ctx is done. It replaces Options.HostAddrs and any SetHostAddrs. Errors
-// after the return are logged; a subscription the kernel drops is
+// FollowHostAddrs keeps what the host itself is closed to sandboxes by in
+// step with the host: the hard-denied host addresses equal to HostAddrs,
+// and the closed host networks equal to HostLAN, of the Manager's
+// namespace (Options.NetNS). It subscribes to address and route changes
+// there, applies the current sets, and returns; from then on a goroutine
+// re-lists and applies both after every change, until ctx is done. It
+// replaces Options.HostAddrs, Options.HostLAN and any SetHostAddrs.
+// Errors after the return are logged; a subscription the kernel drops is
 // renewed. Cancel ctx before Close.
 func (m *Manager) FollowHostAddrs(ctx context.Context) error {
-	sub, err := m.subscribeAddrs(ctx)
+	sub, err := m.subscribe(ctx)
 	if err != nil {
 		return err
 	}
 	// Subscribed before listing, so no change falls between the two.
-	if err := m.refreshHostAddrs(); err != nil {
+	if err := m.refreshHost(); err != nil {
 		sub.stop()
 		return err
 	}
-	go m.followHostAddrs(ctx, sub)
+	go m.followHost(ctx, sub)
 	return nil
 }
 
-// addrSub is one netlink address subscription.
-type addrSub struct {
-	ch   chan netlink.AddrUpdate
-	done chan struct{}
+// hostSub is one netlink subscription to address and route changes; both
+// readers stop when done is closed.
+type hostSub struct {
+	addrs  chan netlink.AddrUpdate
+	routes chan netlink.RouteUpdate
+	done   chan struct{}
 }
 
-// stop closes the subscription's socket and drains its channel, which the
-// netlink package's reader closes when it exits: it blocks on sending
-// otherwise.
-func (s *addrSub) stop() {
+// stop closes the subscription's sockets and drains its channels, which
+// the netlink package's readers close when they exit: they block on
+// sending otherwise.
+func (s *hostSub) stop() {
 	close(s.done)
-	for range s.ch {
+	for range s.addrs {
+	}
+	for range s.routes {
 	}
 }
 
-func (m *Manager) subscribeAddrs(ctx context.Context) (*addrSub, error) {
-	s := &addrSub{ch: make(chan netlink.AddrUpdate, 64), done: make(chan struct{})}
+func (m *Manager) subscribe(ctx context.Context) (*hostSub, error) {
+	s := &hostSub{
+		addrs:  make(chan netlink.AddrUpdate, 64),
+		routes: make(chan netlink.RouteUpdate, 64),
+		done:   make(chan struct{}),
+	}
 	ns := m.ns
-	err := netlink.AddrSubscribeWithOptions(s.ch, s.done, netlink.AddrSubscribeOptions{
-		Namespace: &ns,
-		ErrorCallback: func(err error) {
+	errCB := func(what string) func(error) {
+		return func(err error) {
 			if ctx.Err() == nil { // a closed socket at shutdown is no news
-				m.log.Warn("host address subscription", "err", err)
+				m.log.Warn(what, "err", err)
 			}
-		},
+		}
+	}
+	err := netlink.AddrSubscribeWithOptions(s.addrs, s.done, netlink.AddrSubscribeOptions{
+		Namespace: &ns, ErrorCallback: errCB("host address subscription"),
 	})
 	if err != nil {
 		close(s.done)
 		return nil, fmt.Errorf("policy: subscribe to host address changes: %w", err)
 	}
+	err = netlink.RouteSubscribeWithOptions(s.routes, s.done, netlink.RouteSubscribeOptions{
+		Namespace: &ns, ErrorCallback: errCB("host route subscription"),
+	})
+	if err != nil {
+		close(s.routes) // never handed to a reader
+		s.stop()
+		return nil, fmt.Errorf("policy: subscribe to host route changes: %w", err)
+	}
 	return s, nil
 }
 
-func (m *Manager) followHostAddrs(ctx context.Context, sub *addrSub) {
+func (m *Manager) followHost(ctx context.Context, sub *hostSub) {
 	for {
+		relevant, lost := false, false
 		select {
 		case <-ctx.Done():
 			sub.stop()
 			return
-		case u, ok := <-sub.ch:
-			if !ok {
-				// The reader gave up (its error was logged); events may
-				// have been lost, so subscribe again and re-list.
-				close(sub.done)
-				sub = m.resubscribe(ctx)
-				if sub == nil {
-					return
-				}
-			} else if !m.affectsHost(u) {
-				continue
+		case u, ok := <-sub.addrs:
+			relevant, lost = ok && m.affectsHost(u), !ok
+		case u, ok := <-sub.routes:
+			relevant, lost = ok && m.routeAffectsHost(u), !ok
+		}
+		if lost {
+			// A reader gave up (its error was logged); events may have
+			// been lost, so subscribe again and re-list.
+			sub.stop()
+			if sub = m.resubscribe(ctx); sub == nil {
+				return
 			}
-			// A burst of changes needs one re-list: take what is queued.
-			for drained := false; !drained; {
-				select {
-				case _, ok := <-sub.ch:
-					drained = !ok
-				default:
-					drained = true
-				}
+		} else if !relevant {
+			continue
+		}
+		// A burst of changes needs one re-list: take what is queued.
+		for drained := false; !drained; {
+			select {
+			case _, ok := <-sub.addrs:
+				drained = !ok
+			case _, ok := <-sub.routes:
+				drained = !ok
+			default:
+				drained = true
 			}
-			if err := m.refreshHostAddrs(); err != nil {
-				m.log.Warn("update host addresses", "err", err)
-			}
+		}
+		if err := m.refreshHost(); err != nil {
+			m.log.Warn("update host addresses and networks", "err", err)
 		}
 	}
 }
 
-// affectsHost reports whether an address change can change HostAddrs:
-// sandbox gateways in the pool come and go with every sandbox and are
-// denied as a whole already, and IPv6 is dropped wholesale.
+// affectsHost reports whether an address change can change HostAddrs or
+// HostLAN: sandbox gateways in the pool come and go with every sandbox and
+// are denied as a whole already, and IPv6 is dropped wholesale.
 func (m *Manager) affectsHost(u netlink.AddrUpdate) bool {
 	ip, ok := netip.AddrFromSlice(u.LinkAddress.IP.To4())
 	return ok && !m.pool.Contains(ip)
@@ -160,40 +185,53 @@ func (m *Manager) affectsHost(u netlink.AddrUpdate) bool {
 
 // resubscribe subscribes again after resubscribeDelay, retrying until it
 // works or ctx is done (then it returns nil).
-func (m *Manager) resubscribe(ctx context.Context) *addrSub {
+func (m *Manager) resubscribe(ctx context.Context) *hostSub {
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(resubscribeDelay):
 		}
-		sub, err := m.subscribeAddrs(ctx)
+		sub, err := m.subscribe(ctx)
 		if err == nil {
 			return sub
 		}
-		m.log.Warn("renew host address subscription", "err", err)
+		m.log.Warn("renew host address and route subscription", "err", err)
 	}
 }
 
-// refreshHostAddrs lists the host addresses and applies them if they
-// changed since the last time.
-func (m *Manager) refreshHostAddrs() error {
+// refreshHost lists the host's addresses and networks and applies each
+// set that changed since the last time.
+func (m *Manager) refreshHost() error {
 	addrs, err := HostAddrs(m.nl, m.pool)
+	if err != nil {
+		return err
+	}
+	lan, err := HostLAN(m.nl, m.pool)
 	if err != nil {
 		return err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.hostAddr != nil && slices.Equal(addrs, m.hostAddr) {
-		return nil
+	if m.hostAddr == nil || !slices.Equal(addrs, m.hostAddr) {
+		if err := m.setHardLocked(addrs); err != nil {
+			return err
+		}
+		m.hostAddr = addrs
+		if m.hostAddr == nil {
+			m.hostAddr = []netip.Prefix{}
+		}
+		m.log.Info("host addresses denied to sandboxes", "addrs", addrs)
 	}
-	if err := m.setHardLocked(addrs); err != nil {
-		return err
+	if m.hostLAN == nil || !slices.Equal(lan, m.hostLAN) {
+		if err := m.setClosedLocked(lan); err != nil {
+			return err
+		}
+		m.hostLAN = lan
+		if m.hostLAN == nil {
+			m.hostLAN = []netip.Prefix{}
+		}
+		m.log.Info("host networks and gateways closed to sandboxes", "networks", lan)
 	}
-	m.hostAddr = addrs
-	if m.hostAddr == nil {
-		m.hostAddr = []netip.Prefix{}
-	}
-	m.log.Info("host addresses denied to sandboxes", "addrs", addrs)
 	return nil
 }

@@ -26,8 +26,9 @@ func monotonicNow() (uint64, error) {
 // replies. From the next packet on, the sandbox may open connections to
 // them (rule 8 of the package documentation), even with allow_internet_access=false or a matching
 // denyOut; connections opened meanwhile keep working after the deadline
-// (flows). Hard-denied and private destinations stay closed however they
-// were learned.
+// (flows). Hard-denied and closed destinations (private and
+// special-purpose ranges, the host's LAN) stay closed however they were
+// learned.
 //
 // Only IPv4 addresses (IPv4-mapped IPv6 ones included) are learned; IPv6
 // and invalid ones are ignored, since sandboxes have no IPv6 egress at

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -59,13 +60,44 @@ var builtinHard = []netip.Prefix{
 	netip.MustParsePrefix("240.0.0.0/4"),    // reserved and limited broadcast, RFC 1112 §4 / RFC 919
 }
 
-// privateRanges are dropped by default; only an allowOut entry opens them.
-var privateRanges = []netip.Prefix{
-	netip.MustParsePrefix("10.0.0.0/8"),     // RFC 1918
-	netip.MustParsePrefix("172.16.0.0/12"),  // RFC 1918
-	netip.MustParsePrefix("192.168.0.0/16"), // RFC 1918
+// closedRanges are dropped by default, like the host's networks and
+// gateways (Options.HostLAN); only an allowOut entry opens them, and an
+// address a domain resolves to there is not opened by the answer. They
+// are the private ranges and those of the IANA IPv4 Special-Purpose
+// Address Registry (RFC 6890) that are not globally reachable and not
+// hard-denied already (0/8, 127/8, 169.254/16 and 240/4, which holds
+// 255.255.255.255, are; so is 224/4, not in the registry). Left out, being
+// globally reachable by the registry: 192.31.196.0/24 and 192.175.48.0/24
+// (AS112 DNS, which only the sandbox's resolver could ask anyway) and
+// 192.52.193.0/24 (AMT relays).
+var closedRanges = []netip.Prefix{
+	netip.MustParsePrefix("10.0.0.0/8"),     // private, RFC 1918
+	netip.MustParsePrefix("172.16.0.0/12"),  // private, RFC 1918
+	netip.MustParsePrefix("192.168.0.0/16"), // private, RFC 1918
 	netip.MustParsePrefix("100.64.0.0/10"),  // shared address space (CGNAT), RFC 6598
+	// IETF protocol assignments, RFC 6890 §2.1: DS-Lite, NAT64 discovery,
+	// and the PCP and TURN anycast addresses 192.0.0.9 and .10, which are
+	// globally reachable by the registry but let a sandbox ask a NAT for
+	// port mappings (PCP) or a relay; nothing a sandbox needs.
+	netip.MustParsePrefix("192.0.0.0/24"),
+	netip.MustParsePrefix("192.0.2.0/24"),    // documentation, TEST-NET-1, RFC 5737
+	netip.MustParsePrefix("192.88.99.0/24"),  // deprecated 6to4 relay anycast, RFC 7526
+	netip.MustParsePrefix("198.18.0.0/15"),   // benchmarking, RFC 2544
+	netip.MustParsePrefix("198.51.100.0/24"), // documentation, TEST-NET-2, RFC 5737
+	netip.MustParsePrefix("203.0.113.0/24"),  // documentation, TEST-NET-3, RFC 5737
 }
+
+// maxClosed sizes the closed trie: closedRanges, the host's networks and
+// gateways, and the operator's Options.AllowCIDRs.
+const maxClosed = 4096
+
+// Values of the closed trie. The longest match decides: an operator's
+// AllowCIDRs entry is stored as closedOpen and wins over every closed
+// prefix that contains it; closed prefixes inside it are not stored.
+const (
+	closedOpen   = 0
+	closedClosed = 1
+)
 
 var (
 	// ErrNotAttached is returned for an ifindex with no policy.
@@ -97,6 +129,19 @@ type Options struct {
 	// HostAddrs are the host's own addresses and networks, hard-denied.
 	// SetHostAddrs replaces them later.
 	HostAddrs []netip.Prefix
+	// HostLAN are the host's connected networks and gateways (HostLAN
+	// lists them), closed like the private ranges: only allowOut opens
+	// them. FollowHostAddrs keeps them in step with the host.
+	HostLAN []netip.Prefix
+	// DenyCIDRs are the operator's own ranges, hard-denied like the host's
+	// addresses: no policy opens them.
+	DenyCIDRs []netip.Prefix
+	// AllowCIDRs are ranges the operator takes out of the closed ones
+	// (private and special-purpose ranges, the host's networks and
+	// gateways): sandboxes reach them as they reach the internet, under
+	// their policies. Hard denies (the pool, the host's addresses,
+	// metadata, DenyCIDRs…) stay denied inside them.
+	AllowCIDRs []netip.Prefix
 	// MaxSandboxes and MaxRules size the maps (DefaultMaxSandboxes,
 	// DefaultMaxRules). They are fixed once the maps are pinned.
 	MaxSandboxes, MaxRules uint32
@@ -157,12 +202,16 @@ type Manager struct {
 	pool     netip.Prefix
 	flowIdle time.Duration
 
+	deny []netip.Prefix // Options.DenyCIDRs
+	open []netip.Prefix // Options.AllowCIDRs
+
 	mu       sync.Mutex // guards everything below
 	maps     map[string]*ebpf.Map
 	prog     *ebpf.Program
 	byIf     map[int]*sandbox
 	nextID   uint32
 	hostAddr []netip.Prefix // last set applied by FollowHostAddrs
+	hostLAN  []netip.Prefix // last set applied by FollowHostAddrs
 }
 
 var validName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
@@ -208,16 +257,25 @@ func New(opts Options) (*Manager, error) {
 	if opts.FlowIdleTimeout < 0 {
 		return nil, fmt.Errorf("%w: negative flow idle timeout %v", ErrBadOptions, opts.FlowIdleTimeout)
 	}
+	deny, err := ipv4Prefixes("deny CIDR", opts.DenyCIDRs)
+	if err != nil {
+		return nil, err
+	}
+	open, err := ipv4Prefixes("allow CIDR", opts.AllowCIDRs)
+	if err != nil {
+		return nil, err
+	}
 	m := &Manager{
 		log:      opts.Logger.With("component", "network/policy"),
 		ns:       netns.None(),
 		dir:      filepath.Join(opts.PinRoot, opts.Name),
 		pool:     opts.PoolPrefix.Masked(),
 		flowIdle: opts.FlowIdleTimeout,
+		deny:     deny,
+		open:     open,
 		maps:     make(map[string]*ebpf.Map),
 		byIf:     make(map[int]*sandbox),
 	}
-	var err error
 	// The zero value (fd 0, stdin) means "not set", as for every other
 	// field; only netns.None() (-1) said so before.
 	if opts.NetNS.IsOpen() && opts.NetNS != 0 {
@@ -296,15 +354,36 @@ func (m *Manager) load(opts Options) error {
 	if err := prog.Pin(pin); err != nil {
 		return fmt.Errorf("policy: pin program: %w", err)
 	}
-	if err := m.syncTrie(mapPrivate, nil, privateRanges); err != nil {
-		return err
-	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.setHardLocked(opts.HostAddrs); err != nil {
 		return err
 	}
-	return m.reconcileLocked()
+	if err := m.setClosedLocked(opts.HostLAN); err != nil {
+		return err
+	}
+	if err := m.reconcileLocked(); err != nil {
+		return err
+	}
+	// The closed trie was called "private" and held 64 entries before it
+	// held the host's networks too. The program that used it was replaced
+	// on every interface by reconcile; the pin is all that is left of it.
+	if err := os.Remove(filepath.Join(m.dir, legacyMapPrivate)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		m.log.Warn("removing the pin of the former private-range map", "err", err)
+	}
+	return nil
+}
+
+// ipv4Prefixes checks that ps are IPv4 and masks them.
+func ipv4Prefixes(what string, ps []netip.Prefix) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(ps))
+	for _, p := range ps {
+		if !p.IsValid() || !p.Addr().Is4() {
+			return nil, fmt.Errorf("%w: %s %v is not an IPv4 prefix", ErrBadOptions, what, p)
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
 }
 
 // reconcileLocked rebuilds byIf from the pinned maps, re-attaches the new
@@ -394,43 +473,67 @@ func (m *Manager) SetHostAddrs(addrs []netip.Prefix) error {
 }
 
 func (m *Manager) setHardLocked(hostAddrs []netip.Prefix) error {
-	want := append([]netip.Prefix{m.pool}, builtinHard...)
-	for _, a := range hostAddrs {
-		if !a.Addr().Unmap().Is4() {
+	want := map[netip.Prefix]uint32{m.pool: 1}
+	for _, p := range append(append(slices.Clone(builtinHard), m.deny...), hostAddrs...) {
+		if !p.Addr().Unmap().Is4() {
 			continue // IPv6 is dropped wholesale
 		}
-		want = append(want, netip.PrefixFrom(a.Addr().Unmap(), min(a.Bits(), 32)).Masked())
+		want[netip.PrefixFrom(p.Addr().Unmap(), min(p.Bits(), 32)).Masked()] = 1
 	}
-	var old []netip.Prefix
-	var k addrKey
-	var v uint32
-	it := m.maps[mapHard].Iterate()
-	for it.Next(&k, &v) {
-		old = append(old, netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)))
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("policy: read hard denies: %w", err)
-	}
-	return m.syncTrie(mapHard, old, want)
+	return m.syncTrie(mapHard, want)
 }
 
-// syncTrie makes an addrKey trie hold exactly want: adds first, then
-// deletes, so no moment has fewer denies than both old and new sets.
-func (m *Manager) syncTrie(name string, old, want []netip.Prefix) error {
-	keep := map[netip.Prefix]bool{}
-	for _, p := range want {
-		keep[p] = true
+// setClosedLocked makes the closed trie hold closedRanges and lan, less
+// what the operator's AllowCIDRs open: those are stored as closedOpen, and
+// closed prefixes inside one of them are left out, so that the longest
+// match of any address inside an AllowCIDRs entry is an open one.
+func (m *Manager) setClosedLocked(lan []netip.Prefix) error {
+	want := map[netip.Prefix]uint32{}
+	for _, p := range append(append([]netip.Prefix(nil), closedRanges...), lan...) {
+		if !p.Addr().Unmap().Is4() {
+			continue
+		}
+		p = netip.PrefixFrom(p.Addr().Unmap(), min(p.Bits(), 32)).Masked()
+		if !slices.ContainsFunc(m.open, func(o netip.Prefix) bool { return o.Bits() <= p.Bits() && o.Contains(p.Addr()) }) {
+			want[p] = closedClosed
+		}
+	}
+	for _, o := range m.open {
+		want[o] = closedOpen
+	}
+	if len(want) > maxClosed {
+		return fmt.Errorf("policy: %d closed ranges (host networks and gateways included), at most %d fit", len(want), maxClosed)
+	}
+	return m.syncTrie(mapClosed, want)
+}
+
+// syncTrie makes an addrKey trie hold exactly want: adds and changes
+// first, then deletes, so no moment has fewer denies than both old and new
+// sets.
+func (m *Manager) syncTrie(name string, want map[netip.Prefix]uint32) error {
+	var old []addrKey
+	var k addrKey
+	var v uint32
+	it := m.maps[name].Iterate()
+	for it.Next(&k, &v) {
+		old = append(old, k)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("policy: read %s: %w", name, err)
+	}
+	for p, v := range want {
 		k := addrKey{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()}
-		if err := m.maps[name].Put(k, uint32(1)); err != nil {
+		if err := m.maps[name].Put(k, v); err != nil {
 			return fmt.Errorf("policy: %s %v: %w", name, p, err)
 		}
 	}
-	for _, p := range old {
-		if !keep[p] {
-			k := addrKey{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()}
-			if err := m.maps[name].Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return fmt.Errorf("policy: %s delete %v: %w", name, p, err)
-			}
+	for _, k := range old {
+		p := netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen))
+		if _, ok := want[p]; ok {
+			continue
+		}
+		if err := m.maps[name].Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("policy: %s delete %v: %w", name, p, err)
 		}
 	}
 	return nil

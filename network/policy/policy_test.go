@@ -27,8 +27,11 @@ func newManager(t *testing.T, w *world, name string) *Manager {
 	// Pins of a test that failed before its Manager's Remove; runs after
 	// the test's own cleanups.
 	t.Cleanup(func() { os.RemoveAll(filepath.Join("/sys/fs/bpf/cubicle-test", name)) })
+	// The fake world's internet is TEST-NET-2, a closed special-purpose
+	// range and the router's LAN: the operator opens it, as the e2e suite
+	// does for its own.
 	m, err := New(Options{Name: name, PinRoot: "/sys/fs/bpf/cubicle-test", PoolPrefix: testPool,
-		HostAddrs: pfx("198.51.100.1/32", "10.77.0.1/32"), NetNS: w.router})
+		HostAddrs: pfx("198.51.100.1/32", "10.77.0.1/32"), AllowCIDRs: pfx("198.51.100.0/24"), NetNS: w.router})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

@@ -15,10 +15,14 @@ const (
 	mapAllow    = "allow"
 	mapDeny     = "deny"
 	mapHard     = "hard"
-	mapPrivate  = "private"
+	mapClosed   = "closed"
 	mapLearned  = "learned"
 	mapFlows    = "flows"
 	progName    = "egress"
+
+	// legacyMapPrivate is the closed map's former name; New removes
+	// its pin.
+	legacyMapPrivate = "private"
 )
 
 // configValue is the config map's value, keyed by the host-end ifindex. Its
@@ -69,7 +73,8 @@ type ruleKey struct {
 	Addr      [4]byte
 }
 
-// addrKey keys the global hard and private LPM tries.
+// addrKey keys the global hard and closed LPM tries. The hard trie's
+// value is 1; the closed trie's is closedClosed or closedOpen.
 type addrKey struct {
 	Prefixlen uint32
 	Addr      [4]byte
@@ -117,10 +122,10 @@ func mapSpecs(maxSandboxes, maxRules, maxLearned, maxFlows uint32) map[string]*e
 		// entries × CPUs × 40 bytes up front.
 		mapCounters: {Name: mapCounters, Type: ebpf.PerCPUHash, KeySize: 4, ValueSize: 40,
 			MaxEntries: maxSandboxes, Flags: unix.BPF_F_NO_PREALLOC, Pinning: ebpf.PinByName},
-		mapAllow:   lpm(mapAllow, 12, maxRules),
-		mapDeny:    lpm(mapDeny, 12, maxRules),
-		mapHard:    lpm(mapHard, 8, 4096),
-		mapPrivate: lpm(mapPrivate, 8, 64),
+		mapAllow:  lpm(mapAllow, 12, maxRules),
+		mapDeny:   lpm(mapDeny, 12, maxRules),
+		mapHard:   lpm(mapHard, 8, 4096),
+		mapClosed: lpm(mapClosed, 8, maxClosed),
 		// Written only by the Manager (Learn, Forget, SweepLearned), so
 		// not preallocated: memory follows what is learned.
 		mapLearned: {Name: mapLearned, Type: ebpf.Hash, KeySize: 8, ValueSize: 8,
@@ -359,12 +364,14 @@ func program(m map[string]*ebpf.Map) asm.Instructions {
 		asm.LoadMem(asm.R2, asm.RFP, stNow, asm.DWord),
 		asm.JGE.Reg(asm.R2, asm.R1, "deny"),
 	)
-	// A name may resolve to a private address; that must not open the
-	// LAN: only allowOut does.
-	addAll(lookup(mapPrivate, stAddrKey))
+	// A name may resolve to a private address or one of the host's
+	// networks; that must not open them: only allowOut does.
+	addAll(lookup(mapClosed, stAddrKey))
 	add(
-		asm.JNE.Imm(asm.R0, 0, "deny"),
-		asm.LoadMem(asm.R1, asm.RFP, stFlowKey+fkProto, asm.Byte),
+		asm.JEq.Imm(asm.R0, 0, "learned_open"),
+		asm.LoadMem(asm.R1, asm.R0, 0, asm.Word),
+		asm.JNE.Imm(asm.R1, closedOpen, "deny"),
+		asm.LoadMem(asm.R1, asm.RFP, stFlowKey+fkProto, asm.Byte).WithSymbol("learned_open"),
 		asm.JEq.Imm(asm.R1, 0, "pass"),
 		// Record the flow. Should the update fail, the packet still
 		// passes: the address is learned, and the next packet tries again.
@@ -386,10 +393,13 @@ func program(m map[string]*ebpf.Map) asm.Instructions {
 		asm.And.Imm(asm.R1, flagInternet),
 		asm.JEq.Imm(asm.R1, 0, "drop"),
 	)
-	// 11. Private ranges closed by default.
-	addAll(lookup(mapPrivate, stAddrKey))
+	// 11. Private and special-purpose ranges, the host's networks and
+	// gateways: closed by default, unless the operator opened them.
+	addAll(lookup(mapClosed, stAddrKey))
 	add(
-		asm.JNE.Imm(asm.R0, 0, "drop"),
+		asm.JEq.Imm(asm.R0, 0, "pass"),
+		asm.LoadMem(asm.R1, asm.R0, 0, asm.Word),
+		asm.JNE.Imm(asm.R1, closedOpen, "drop"),
 		// 12. The rest passes.
 		asm.Ja.Label("pass"),
 	)

@@ -24,14 +24,22 @@ var (
 	fzGateway = netip.MustParseAddr("100.96.0.1")
 	fzAddr    = netip.MustParseAddr("100.96.0.2")
 	fzHost    = netip.MustParsePrefix("192.0.2.1/32")
-	fzAllow   = pfx("203.0.113.0/24", "10.1.0.0/16")
+	fzAllow   = pfx("203.0.113.0/24", "10.1.0.0/16", "5.6.7.128/25", "9.9.9.0/25")
 	fzDeny    = pfx("198.18.0.0/15")
+	// The host's LAN (a public-looking subnet and an on-link gateway),
+	// the operator's opened ranges (in a special-purpose and a private
+	// range) and the operator's hard-denied range.
+	fzLAN      = pfx("5.6.7.0/24", "5.6.8.1/32")
+	fzOpen     = pfx("198.51.100.0/25", "10.9.0.0/16")
+	fzDenyCIDR = pfx("9.9.9.0/24")
 	// Learned for ifindex 1, with whether the deadline is still ahead.
 	fzLearned = map[netip.Addr]bool{
-		netip.MustParseAddr("8.8.4.4"):    true,
-		netip.MustParseAddr("8.8.8.8"):    false,
-		netip.MustParseAddr("10.2.0.5"):   true, // private
-		netip.MustParseAddr("198.18.5.5"): true, // in denyOut
+		netip.MustParseAddr("8.8.4.4"):      true,
+		netip.MustParseAddr("8.8.8.8"):      false,
+		netip.MustParseAddr("10.2.0.5"):     true, // private
+		netip.MustParseAddr("198.18.5.5"):   true, // in denyOut
+		netip.MustParseAddr("5.6.7.9"):      true, // the host's LAN
+		netip.MustParseAddr("198.51.100.7"): true, // special-purpose, opened by the operator
 	}
 	// Learned for another sandbox only.
 	fzOther = netip.MustParseAddr("1.0.0.1")
@@ -40,7 +48,11 @@ var (
 		netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("10.77.0.10"),
 		netip.MustParseAddr("203.0.113.9"), netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("198.18.0.1"),
 		netip.MustParseAddr("8.8.4.4"), netip.MustParseAddr("8.8.8.8"), netip.MustParseAddr("10.2.0.5"),
-		netip.MustParseAddr("198.18.5.5"), fzOther, netip.MustParseAddr("1.1.1.1")}
+		netip.MustParseAddr("198.18.5.5"), fzOther, netip.MustParseAddr("1.1.1.1"),
+		// 15…
+		netip.MustParseAddr("5.6.7.9"), netip.MustParseAddr("5.6.8.1"), netip.MustParseAddr("198.51.100.7"),
+		netip.MustParseAddr("198.51.100.200"), netip.MustParseAddr("10.9.1.1"), netip.MustParseAddr("9.9.9.9"),
+		netip.MustParseAddr("192.0.0.9"), netip.MustParseAddr("5.6.8.2"), netip.MustParseAddr("5.6.7.200")}
 )
 
 const fzPolicyID = 7
@@ -118,6 +130,12 @@ type verdict struct {
 	newFlow     bool // passed on a learned address, flow recorded
 }
 
+// closed is rule 11's set: the closed ranges and the host's LAN, less
+// what the operator opened.
+func closed(a netip.Addr) bool {
+	return (anyContains(closedRanges, a) || anyContains(fzLAN, a)) && !anyContains(fzOpen, a)
+}
+
 // model is the package documentation's rule order.
 func model(p fzPacket) verdict {
 	drop, pass := verdict{}, verdict{pass: true}
@@ -150,7 +168,7 @@ func model(p fzPacket) verdict {
 			return drop
 		}
 	}
-	hard := append([]netip.Prefix{testPool, fzHost}, builtinHard...)
+	hard := append(append([]netip.Prefix{testPool, fzHost}, builtinHard...), fzDenyCIDR...)
 	switch {
 	case anyContains(hard, p.dst): // 5.
 		return drop
@@ -163,7 +181,7 @@ func model(p fzPacket) verdict {
 		if ports && p.flow {
 			return verdict{pass: true, flowHit: true}
 		}
-		if fzLearned[p.dst] && !anyContains(privateRanges, p.dst) {
+		if fzLearned[p.dst] && !closed(p.dst) {
 			return verdict{pass: true, newFlow: ports}
 		}
 	}
@@ -172,7 +190,7 @@ func model(p fzPacket) verdict {
 		return drop
 	case !p.internet: // 10.
 		return drop
-	case anyContains(privateRanges, p.dst): // 11.
+	case closed(p.dst): // 11.
 		return drop
 	}
 	return pass // 12.
@@ -184,7 +202,7 @@ func FuzzProgram(f *testing.F) {
 	var m *Manager
 	must(f, inNS(ns, func() (err error) {
 		m, err = New(Options{Name: "fuzz" + strconv.Itoa(os.Getpid()), PinRoot: "/sys/fs/bpf/cubicle-test",
-			PoolPrefix: testPool, HostAddrs: []netip.Prefix{fzHost}})
+			PoolPrefix: testPool, HostAddrs: []netip.Prefix{fzHost}, HostLAN: fzLAN, AllowCIDRs: fzOpen, DenyCIDRs: fzDenyCIDR})
 		return err
 	}), "New")
 	f.Cleanup(func() {
@@ -266,6 +284,17 @@ func FuzzProgram(f *testing.F) {
 		{dstSel: 13, proto: tcp, ihl: 5, dport: 443, cut: full, cfg: 2},               // learned by another
 		{dstSel: 14, proto: udp, ihl: 5, dport: 443, cut: full, cfg: 6},               // flow only
 		{dstSel: 14, proto: udp, ihl: 5, frag: 0x0001, dport: 443, cut: full, cfg: 6}, // fragment of a flow
+		{dstSel: 15, proto: tcp, ihl: 5, dport: 80, cut: full, cfg: 1},                // LAN neighbour
+		{dstSel: 15, proto: tcp, ihl: 5, dport: 80, cut: full, cfg: 3},                // LAN neighbour, learned
+		{dstSel: 16, proto: tcp, ihl: 5, dport: 80, cut: full, cfg: 1},                // on-link gateway
+		{dstSel: 22, proto: tcp, ihl: 5, dport: 80, cut: full, cfg: 1},                // beside the gateway
+		{dstSel: 23, proto: tcp, ihl: 5, dport: 80, cut: full},                        // LAN, opened by allowOut
+		{dstSel: 17, proto: tcp, ihl: 5, dport: 80, cut: full, cfg: 1},                // opened by the operator
+		{dstSel: 17, proto: tcp, ihl: 5, dport: 80, cut: full, cfg: 2},                // opened, learned
+		{dstSel: 18, proto: tcp, ihl: 5, dport: 80, cut: full, cfg: 1},                // TEST-NET-2, not opened
+		{dstSel: 19, proto: udp, ihl: 5, dport: 80, cut: full, cfg: 1},                // private, opened
+		{dstSel: 20, proto: tcp, ihl: 5, dport: 80, cut: full, cfg: 1},                // --deny-cidr, in allowOut
+		{dstSel: 21, proto: udp, ihl: 5, dport: 5351, cut: full, cfg: 1},              // PCP anycast
 	} {
 		f.Add(s.eth, s.dstSel, s.dstRaw, s.proto, s.ihl, s.frag, s.sport, s.dport, s.tcpFlags, s.icmpType, s.cut, s.cfg)
 	}

@@ -29,8 +29,10 @@ var (
 //   - AllowOut always wins over DenyOut and over AllowInternet=false;
 //   - DenyOut wins over the default;
 //   - the default is to pass public addresses when AllowInternet is set and
-//     to drop everything otherwise. Private ranges (RFC 1918, RFC 6598) are
-//     dropped by default even with AllowInternet; only AllowOut opens them.
+//     to drop everything otherwise. Closed ranges (RFC 1918, RFC 6598, the
+//     special-purpose ranges and the host's LAN, rule 11 of the package
+//     documentation) are dropped by default even with AllowInternet; only
+//     AllowOut opens them.
 //
 // AllowInternet=false is therefore exactly E2B's "denyOut 0.0.0.0/0".
 // Nothing in a Policy can open the hard-denied destinations (see the
