@@ -14,6 +14,8 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cubicle-dev/cubicle/runtime"
@@ -25,7 +27,10 @@ var ErrNotFound = errors.New("store: not found")
 
 // Store is a handle on the state database. It is safe for concurrent use.
 type Store struct {
-	db *sql.DB
+	db  *sql.DB
+	dir string
+	// reserveGone says the disk-full reserve was spent (reserve.go).
+	reserveGone atomic.Bool
 }
 
 // schema is applied at every open; statements are idempotent.
@@ -60,7 +65,13 @@ func Open(dir string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: apply schema to %s: %w", path, err)
 	}
-	return &Store{db: db}, nil
+	s := &Store{db: db, dir: dir}
+	s.reserveGone.Store(true) // until made
+	if err := s.ensureReserve(); err != nil && !errors.Is(err, syscall.ENOSPC) {
+		db.Close()
+		return nil, fmt.Errorf("store: disk-full reserve: %w", err)
+	}
+	return s, nil
 }
 
 // Close closes the database.
@@ -225,7 +236,7 @@ func (s *Store) PutSandbox(ctx context.Context, sb Sandbox) error {
 	if err != nil {
 		return fmt.Errorf("store: encode sandbox %s: %w", sb.ID, err)
 	}
-	_, err = s.db.ExecContext(ctx,
+	_, err = s.exec(ctx,
 		`INSERT INTO sandboxes (id, record) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET record = excluded.record`,
 		sb.ID, string(b))
 	if err != nil {
@@ -236,7 +247,7 @@ func (s *Store) PutSandbox(ctx context.Context, sb Sandbox) error {
 
 // DeleteSandbox removes a sandbox record; deleting a missing one is not an error.
 func (s *Store) DeleteSandbox(ctx context.Context, id string) error {
-	if _, err := s.db.ExecContext(ctx, `DELETE FROM sandboxes WHERE id = ?`, id); err != nil {
+	if _, err := s.exec(ctx, `DELETE FROM sandboxes WHERE id = ?`, id); err != nil {
 		return fmt.Errorf("store: delete sandbox %s: %w", id, err)
 	}
 	return nil
