@@ -21,6 +21,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cubicle-dev/cubicle/capacity"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/store"
 )
@@ -83,7 +84,9 @@ type Options struct {
 	OnEvict func(id string)
 	// MetricsInterval is how often running sandboxes are sampled.
 	MetricsInterval time.Duration
-	Logger          *slog.Logger
+	// Capacity, when set, admits each sandbox start (admission.go).
+	Capacity *capacity.Ledger
+	Logger   *slog.Logger
 }
 
 // Orchestrator is the sandbox lifecycle manager.
@@ -256,6 +259,9 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 		}
 		sb := &Sandbox{rec: rec, addr: rs.Addr}
 		o.sandboxes[rec.ID] = sb
+		if o.opts.Capacity != nil {
+			o.opts.Capacity.Adopt(rec.ID, capacity.Resources{CPUs: rec.CPUCount, MemoryMB: rec.MemoryMB, DiskMB: rec.DiskSizeMB})
+		}
 		o.log.Info("adopted sandbox", "sandbox", rec.ID, "state", rec.State, "endAt", rec.EndAt)
 	}
 	for id := range alive {
@@ -407,8 +413,10 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 	return sb.Info(), nil
 }
 
-// destroyAsync kills a runtime sandbox off the request path.
+// destroyAsync kills a runtime sandbox off the request path. What it held
+// is released at once: it is going, and a create may have it.
 func (o *Orchestrator) destroyAsync(id string) {
+	o.release(id)
 	o.wg.Add(1)
 	go func() {
 		defer o.wg.Done()

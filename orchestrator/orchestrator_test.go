@@ -11,12 +11,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/capacity"
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
@@ -325,4 +327,103 @@ func TestCreateRejects(t *testing.T) {
 		t.Fatalf("NewID() = %q", got)
 	}
 	var _ runtime.Runtime = w.rt
+}
+
+// TestAdmission runs a host configured to hold 768 MiB of sandboxes:
+// creates past that are refused with ErrHostFull before anything is made,
+// pooled sandboxes yield to user ones, and a kill makes room again.
+func TestAdmission(t *testing.T) {
+	w := newWorld(t, "100.89.3.0/24")
+	big := w.tmpls["tiny"]
+	big.ID, big.Alias, big.MemoryMB = "big", "big", 512
+	w.tmpls["big"] = big
+	ledger, err := capacity.New(capacity.Options{HostMemoryMB: 1024, ReserveMemoryMB: 256, HostCPUs: 64, DiskPath: w.dataDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := New(context.Background(), Options{
+		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
+		Envd: envdBin, EnvdArgs: []string{"envd"},
+		PoolSize: 1, PoolTemplates: []string{"tiny"},
+		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
+		Capacity: ledger,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close(context.Background())
+	ctx := context.Background()
+	tiny, _ := o.poolFor("tiny")
+	waitFor(t, "the tiny pool to fill", func() bool { return len(tiny.ready) == 1 })
+	used := func() float64 { return ledger.Usage().MemoryMB }
+	runtimeCount := func() int {
+		list, err := w.rt.List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(list)
+	}
+
+	// 256 pooled + 512 big: the host is full, big's own pool cannot fill.
+	b1, err := o.Create(ctx, CreateRequest{Template: "big", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("big create on an empty host: %v", err)
+	}
+	if u := used(); u != 768 {
+		t.Fatalf("%g MiB promised, want 768", u)
+	}
+	// The pooled tiny one is handed out: no new promise.
+	t1, err := o.Create(ctx, CreateRequest{Template: "tiny", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("tiny create from the pool: %v", err)
+	}
+	n := runtimeCount()
+	_, err = o.Create(ctx, CreateRequest{Template: "tiny", Timeout: time.Minute})
+	if !errors.Is(err, ErrHostFull) {
+		t.Fatalf("create on a full host: %v, want ErrHostFull", err)
+	}
+	t.Logf("refused: %v", err)
+	if !strings.Contains(err.Error(), "host is full: 0.8 of 0.8 GiB memory promised to sandboxes") || !strings.Contains(err.Error(), "refused 256 MiB") {
+		t.Errorf("refusal %q does not say what was exhausted", err)
+	}
+	if got := runtimeCount(); got != n {
+		t.Fatalf("the refused create left %d runtime sandboxes, had %d", got, n)
+	}
+	for _, in := range []Info{b1, t1} {
+		if err := health(t, in); err != nil {
+			t.Fatalf("sandbox %s after a refusal: %v", in.ID, err)
+		}
+	}
+
+	// A kill makes room: either big's pool or tiny's refills (whichever
+	// admission lets in first); a big create then succeeds, from its pool
+	// or by destroying the pooled tiny one.
+	if err := o.Kill(ctx, b1.ID); err != nil {
+		t.Fatal(err)
+	}
+	bigPool, _ := o.poolFor("big")
+	waitFor(t, "a pool to refill", func() bool {
+		return (len(tiny.ready) == 1 && used() == 512) || (len(bigPool.ready) == 1 && used() == 768)
+	})
+	t.Logf("after the kill: %d tiny and %d big pooled", len(tiny.ready), len(bigPool.ready))
+	b2, err := o.Create(ctx, CreateRequest{Template: "big", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("big create after a kill: %v", err)
+	}
+	if err := health(t, b2); err != nil {
+		t.Fatal(err)
+	}
+	if u := used(); u != 768 {
+		t.Fatalf("%g MiB promised with tiny and big running, want 768", u)
+	}
+	if len(tiny.ready) != 0 {
+		t.Fatal("a pooled sandbox survived a user create that needed its room")
+	}
+	for _, id := range []string{t1.ID, b2.ID} {
+		if err := o.Kill(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the pools to refill", func() bool { return len(tiny.ready) == 1 })
 }

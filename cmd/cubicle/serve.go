@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cubicle-dev/cubicle/api"
+	"github.com/cubicle-dev/cubicle/capacity"
 	"github.com/cubicle-dev/cubicle/guest/envd"
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/dns"
@@ -54,6 +55,7 @@ type serveConfig struct {
 	maxTimeout  time.Duration
 	logLevel    string
 	readyFile   string
+	capacity    capacity.Options
 }
 
 func serveCmd() *cobra.Command {
@@ -83,6 +85,7 @@ creates an API key, and prints the environment an E2B SDK needs.`,
 	f.BoolVar(&c.noBuild, "no-build", false, "fail instead of building a missing default template")
 	f.DurationVar(&c.maxTimeout, "max-timeout", 24*time.Hour, "longest sandbox timeout a client may ask for")
 	f.StringVar(&c.logLevel, "log-level", envOr("CUBICLE_LOG_LEVEL", "info"), "debug, info, warn or error (env CUBICLE_LOG_LEVEL)")
+	capacityFlags(f, &c.capacity)
 	f.StringVar(&c.readyFile, "ready-file", "", "write the API and proxy addresses here once serving (for scripts and tests)")
 	return cmd
 }
@@ -196,6 +199,12 @@ func serve(ctx context.Context, c serveConfig) error {
 		return err
 	}
 
+	c.capacity.DiskPath = rt.StateDir()
+	ledger, err := capacity.New(c.capacity)
+	if err != nil {
+		return err
+	}
+
 	resolver := &routes{}
 	px := proxy.New(resolver, c.domain, log.With("component", "proxy"))
 	orch, err := orchestrator.New(ctx, orchestrator.Options{
@@ -207,6 +216,7 @@ func serve(ctx context.Context, c serveConfig) error {
 		PoolSize:      c.poolSize,
 		PoolTemplates: []string{template.BaseID, template.CodeInterpreterAlias},
 		MaxTimeout:    c.maxTimeout,
+		Capacity:      ledger,
 		OnEvict:       px.Evict,
 		Logger:        log.With("component", "orchestrator"),
 	})

@@ -270,6 +270,9 @@ func findRunsc(path string) (string, error) {
 // Name implements runtime.Runtime.
 func (r *Runtime) Name() string { return Name }
 
+// StateDir is where the sandboxes' files, their disks included, live.
+func (r *Runtime) StateDir() string { return r.stateDir }
+
 // Runsc is the path of the runsc binary in use.
 func (r *Runtime) Runsc() string { return r.runsc }
 
