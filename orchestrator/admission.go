@@ -1,9 +1,11 @@
 package orchestrator
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"syscall"
+	"time"
 
 	"github.com/cubicle-dev/cubicle/capacity"
 )
@@ -17,29 +19,49 @@ var ErrHostFull = capacity.ErrFull
 // the runtime makes anything, and every destroy releases them, so nothing
 // is half-made for a refused create.
 //
-// What yields when the host is full: user sandboxes. A pooled slot is
+// What yields when the host is full: pooled sandboxes. A pooled slot is
 // spare capacity put to use, not a promise to anyone, so a cold create
 // that is refused for memory or vCPUs destroys idle pooled slots (any
-// template's) until it fits, and a pool fill that is refused waits
-// (fill retries) instead of taking what a user create could have had.
+// template's) until it fits, waiting for fills under way to land so that
+// it can reclaim them too; a pool fill that is refused waits (fill
+// retries every fullRetry) instead of taking what a user create could
+// have had.
 // Disk is not reclaimed that way: a destroyed slot frees its disk only
 // when its teardown finishes, so it would drain pools for nothing.
 
-// admit reserves what a sandbox of t holds on the host.
-func (o *Orchestrator) admit(id string, t Template, pooled bool) error {
+// admit reserves what a sandbox of t holds on the host. A cold create
+// refused for memory or vCPUs reclaims pooled slots, waiting (up to
+// fillWait) for fills under way to land, since they hold reservations too.
+func (o *Orchestrator) admit(ctx context.Context, id string, t Template, pooled bool) error {
 	l := o.opts.Capacity
 	if l == nil {
 		return nil
 	}
 	r := capacity.Resources{CPUs: t.CPUCount, MemoryMB: t.MemoryMB, DiskMB: t.DiskSizeMB}
+	deadline := time.Now().Add(fillWait)
 	for {
 		err := l.Reserve(id, r)
 		var full *capacity.FullError
-		if err == nil || pooled || !errors.As(err, &full) || full.Resource == "disk" || !o.reclaimPooled() {
+		if err == nil || pooled || !errors.As(err, &full) || full.Resource == "disk" {
 			return err
+		}
+		if o.reclaimPooled() {
+			continue
+		}
+		if o.filling.Load() == 0 || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(20 * time.Millisecond):
 		}
 	}
 }
+
+// fillWait bounds how long a refused create waits for pool fills under
+// way, whose slots it would reclaim: about what a fill takes.
+const fillWait = 30 * time.Second
 
 // settle says the runtime has made (and allocated the disk of) id.
 func (o *Orchestrator) settle(id string) {
@@ -70,6 +92,7 @@ func (o *Orchestrator) reclaimPooled() bool {
 		case s := <-p.ready:
 			o.log.Info("host is full: destroying a pooled sandbox to make room for a create", "sandbox", s.ID, "template", p.tmpl.ID)
 			o.destroyAsync(s.ID)
+			p.wake() // to refill once there is room again
 			return true
 		default:
 		}

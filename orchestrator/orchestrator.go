@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cubicle-dev/cubicle/capacity"
@@ -97,6 +98,9 @@ type Orchestrator struct {
 	ctx    context.Context // cancelled by Close; parent of background work
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// filling counts pool fills under way (admission.go waits for them).
+	filling atomic.Int32
 
 	mu        sync.Mutex
 	sandboxes map[string]*Sandbox

@@ -96,6 +96,7 @@ func (p *pool) fill() {
 		for running < fillParallel && len(p.ready)+running < p.size && p.o.ctx.Err() == nil {
 			running++
 			p.o.wg.Add(1)
+			p.o.filling.Add(1)
 			go func() {
 				defer p.o.wg.Done()
 				s, err := p.start(p.o.ctx, true)
@@ -106,6 +107,7 @@ func (p *pool) fill() {
 						p.o.destroyAsync(s.ID) // cannot happen; never leak a sandbox
 					}
 				}
+				p.o.filling.Add(-1) // once the slot can be taken or reclaimed
 				done <- err
 			}()
 		}
@@ -146,7 +148,7 @@ func (p *pool) fill() {
 // start creates a sandbox and waits until its envd answers.
 func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
 	id := NewID()
-	if err := p.o.admit(id, p.tmpl, pooled); err != nil {
+	if err := p.o.admit(ctx, id, p.tmpl, pooled); err != nil {
 		return slot{}, err
 	}
 	rs, err := p.o.opts.Runtime.Create(ctx, runtime.Config{

@@ -23,6 +23,11 @@ func TestSetuidInsideOnly(t *testing.T) {
 	e := newEnv(t, "100.88.252.96/28")
 	ctx := context.Background()
 	tmpl := makeTemplate(t)
+	// t.TempDir is 0700; a template's root is 0755, or uid 1000 could not
+	// reach anything in the sandbox.
+	if err := os.Chmod(tmpl, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	// A setuid-root copy of the probe, which prints its effective uid.
 	suid := filepath.Join(tmpl, "bin", "suidprobe")
 	if err := os.MkdirAll(filepath.Dir(suid), 0o755); err != nil {
