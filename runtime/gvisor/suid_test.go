@@ -40,7 +40,7 @@ func TestSetuidInsideOnly(t *testing.T) {
 	if err := os.WriteFile(suid, b, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chmod(suid, 0o4755); err != nil {
+	if err := os.Chmod(suid, 0o755|os.ModeSetuid); err != nil {
 		t.Fatal(err)
 	}
 	sb, err := e.rt.Create(ctx, config(testID("suid"), tmpl))
