@@ -163,7 +163,7 @@ func (l *Ledger) Reserve(id string, r Resources) error {
 		if left := free - int64(l.opts.ReserveDiskMB) - int64(l.pending); int64(r.DiskMB) > left {
 			return &FullError{Resource: "disk", msg: fmt.Sprintf(
 				"%v: %s free on the data directory's disk (%s), %s of it kept for the server and %s for sandboxes being made; refused a %s disk",
-				ErrFull, gib(float64(free)), l.opts.DiskPath, gib(float64(l.opts.ReserveDiskMB)), gib(float64(l.pending)), gib(float64(r.DiskMB)))}
+				ErrFull, size(free), l.opts.DiskPath, size(int64(l.opts.ReserveDiskMB)), size(int64(l.pending)), size(int64(r.DiskMB)))}
 		}
 	}
 	l.add(id, r, r.DiskMB > 0)
@@ -238,6 +238,14 @@ func (l *Ledger) Usage() Usage {
 // gib formats MiB as GiB with one decimal.
 func gib(mb float64) string {
 	return strconv.FormatFloat(mb/1024, 'f', 1, 64) + " GiB"
+}
+
+// size formats MiB as MiB below 10 GiB, else as GiB with one decimal.
+func size(mb int64) string {
+	if mb < 10<<10 {
+		return strconv.FormatInt(mb, 10) + " MiB"
+	}
+	return gib(float64(mb))
 }
 
 // freeMB is the space, in MiB, that an unprivileged writer may still use

@@ -26,8 +26,9 @@ var ErrHostFull = capacity.ErrFull
 // it can reclaim them too; a pool fill that is refused waits (fill
 // retries every fullRetry) instead of taking what a user create could
 // have had.
-// Disk is not reclaimed that way: a destroyed slot frees its disk only
-// when its teardown finishes, so it would drain pools for nothing.
+// For disk, one slot is reclaimed at a time and its teardown waited for,
+// since its image is only freed then: reclaiming on would drain the pools
+// for nothing.
 
 // admit reserves what a sandbox of t holds on the host. A cold create
 // refused for memory or vCPUs reclaims pooled slots, waiting (up to
@@ -42,13 +43,23 @@ func (o *Orchestrator) admit(ctx context.Context, id string, t Template, pooled 
 	for {
 		err := l.Reserve(id, r)
 		var full *capacity.FullError
-		if err == nil || pooled || !errors.As(err, &full) || full.Resource == "disk" {
+		if err == nil || pooled || !errors.As(err, &full) {
 			return err
 		}
-		if o.reclaimPooled() {
-			continue
+		// A destroyed sandbox's memory and vCPUs are free at once, its
+		// disk only once its teardown has removed the image.
+		disk := full.Resource == "disk"
+		switch {
+		case disk && o.destroying.Load() > 0:
+			// wait for the space being freed before taking more
+		case o.reclaimPooled():
+			if !disk {
+				continue
+			}
+		case o.filling.Load() == 0 && (!disk || o.destroying.Load() == 0):
+			return err
 		}
-		if o.filling.Load() == 0 || time.Now().After(deadline) {
+		if time.Now().After(deadline) {
 			return err
 		}
 		select {

@@ -99,8 +99,9 @@ type Orchestrator struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	// filling counts pool fills under way (admission.go waits for them).
-	filling atomic.Int32
+	// filling counts pool fills under way and destroying teardowns under
+	// way (admission.go waits for them).
+	filling, destroying atomic.Int32
 
 	mu        sync.Mutex
 	sandboxes map[string]*Sandbox
@@ -422,8 +423,10 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 func (o *Orchestrator) destroyAsync(id string) {
 	o.release(id)
 	o.wg.Add(1)
+	o.destroying.Add(1)
 	go func() {
 		defer o.wg.Done()
+		defer o.destroying.Add(-1)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		if err := o.opts.Runtime.Kill(ctx, id); err != nil {

@@ -97,7 +97,12 @@ type world struct {
 
 func newWorld(t *testing.T, subnet string) *world {
 	t.Helper()
-	dataDir := t.TempDir()
+	return newWorldAt(t, subnet, t.TempDir())
+}
+
+// newWorldAt is newWorld with its data in dataDir.
+func newWorldAt(t *testing.T, subnet, dataDir string) *world {
+	t.Helper()
 	st, err := store.Open(dataDir)
 	if err != nil {
 		t.Fatal(err)
@@ -426,4 +431,95 @@ func TestAdmission(t *testing.T) {
 		}
 	}
 	waitFor(t, "the pools to refill", func() bool { return len(tiny.ready) == 1 })
+}
+
+// smallFS mounts a fresh ext4 filesystem of sizeMB for the test.
+func smallFS(t *testing.T, sizeMB int) string {
+	t.Helper()
+	for _, tool := range []string{"mkfs.ext4", "mount", "losetup"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found: %v", tool, err)
+		}
+	}
+	img := filepath.Join(t.TempDir(), "host.img")
+	if out, err := exec.Command("truncate", "-s", fmt.Sprintf("%dM", sizeMB), img).CombinedOutput(); err != nil {
+		t.Fatalf("truncate: %v: %s", err, out)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-m", "0", img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+	mnt := t.TempDir()
+	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
+		t.Skipf("cannot loop-mount a filesystem here: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", mnt, err, out)
+		}
+	})
+	return mnt
+}
+
+// TestAdmissionDisk runs the data directory on a filesystem that holds
+// three 100 MiB sandbox disks: a create that needs the disk a pooled
+// sandbox holds gets it (the pooled one is destroyed and its image freed
+// first), and one past that is refused for disk.
+func TestAdmissionDisk(t *testing.T) {
+	mnt := smallFS(t, 380)
+	w := newWorldAt(t, "100.89.4.0/24", mnt)
+	tiny := w.tmpls["tiny"]
+	tiny.DiskSizeMB = 100
+	w.tmpls["tiny"] = tiny
+	other := tiny
+	other.ID, other.Alias = "other", "other"
+	w.tmpls["other"] = other
+	ledger, err := capacity.New(capacity.Options{HostMemoryMB: 1 << 20, HostCPUs: 64, DiskPath: filepath.Join(mnt, "gvisor")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := New(context.Background(), Options{
+		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
+		Envd: envdBin, EnvdArgs: []string{"envd"},
+		PoolSize: 1, PoolTemplates: []string{"tiny"},
+		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
+		Capacity: ledger,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close(context.Background())
+	ctx := context.Background()
+	tp, _ := o.poolFor("tiny")
+	waitFor(t, "the tiny pool to fill", func() bool { return len(tp.ready) == 1 })
+	u1, err := o.Create(ctx, CreateRequest{Template: "other", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("first create: %v", err)
+	}
+	op, _ := o.poolFor("other")
+	waitFor(t, "the other pool to fill", func() bool { return len(op.ready) == 1 })
+	u2, err := o.Create(ctx, CreateRequest{Template: "other", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("second create (pooled): %v", err)
+	}
+	// Three disks are taken (tiny's pooled one, u1, u2): the third user
+	// sandbox needs the pooled one's.
+	u3, err := o.Create(ctx, CreateRequest{Template: "other", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("create that needs a pooled sandbox's disk: %v", err)
+	}
+	if len(tp.ready) != 0 {
+		t.Fatal("the pooled sandbox survived a create that needed its disk")
+	}
+	for _, in := range []Info{u1, u2, u3} {
+		if err := health(t, in); err != nil {
+			t.Fatalf("sandbox %s: %v", in.ID, err)
+		}
+	}
+	_, err = o.Create(ctx, CreateRequest{Template: "other", Timeout: time.Minute})
+	var full *capacity.FullError
+	if !errors.As(err, &full) || full.Resource != "disk" {
+		t.Fatalf("a fourth disk on a filesystem for three: %v, want a disk refusal", err)
+	}
+	t.Logf("refused: %v", err)
 }
