@@ -222,6 +222,11 @@ func (s *Server) fail(w http.ResponseWriter, err error) {
 		writeError(w, http.StatusConflict, "sandbox is already running")
 	case errors.Is(err, orchestrator.ErrInvalid):
 		writeError(w, http.StatusBadRequest, err.Error())
+	case errors.Is(err, orchestrator.ErrHostFull):
+		// E2B's answer when a team is at its sandbox limit; the SDKs raise
+		// it as a RateLimitError carrying the message. No Retry-After: the
+		// SDKs would wait and retry on it, and a full host may stay full.
+		writeError(w, http.StatusTooManyRequests, err.Error())
 	case errors.Is(err, orchestrator.ErrClosed):
 		writeError(w, http.StatusServiceUnavailable, "server is shutting down")
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):

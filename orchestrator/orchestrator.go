@@ -20,8 +20,10 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/cubicle-dev/cubicle/capacity"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/store"
 )
@@ -84,7 +86,9 @@ type Options struct {
 	OnEvict func(id string)
 	// MetricsInterval is how often running sandboxes are sampled.
 	MetricsInterval time.Duration
-	Logger          *slog.Logger
+	// Capacity, when set, admits each sandbox start (admission.go).
+	Capacity *capacity.Ledger
+	Logger   *slog.Logger
 }
 
 // Orchestrator is the sandbox lifecycle manager.
@@ -95,6 +99,10 @@ type Orchestrator struct {
 	ctx    context.Context // cancelled by Close; parent of background work
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// filling counts pool fills under way and destroying teardowns under
+	// way (admission.go waits for them).
+	filling, destroying atomic.Int32
 
 	mu        sync.Mutex
 	sandboxes map[string]*Sandbox
@@ -278,6 +286,9 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 		}
 		sb := &Sandbox{rec: rec, addr: rs.Addr, life: o.watch(rec.ID, nil)}
 		o.sandboxes[rec.ID] = sb
+		if o.opts.Capacity != nil {
+			o.opts.Capacity.Adopt(rec.ID, capacity.Resources{CPUs: rec.CPUCount, MemoryMB: rec.MemoryMB, DiskMB: rec.DiskSizeMB})
+		}
 		o.log.Info("adopted sandbox", "sandbox", rec.ID, "state", rec.State, "endAt", rec.EndAt)
 	}
 	for id := range alive {
@@ -460,11 +471,15 @@ func (o *Orchestrator) initEnvd(ctx context.Context, s slot, req initRequest) er
 	return o.envd.init(ctx, s.Addr, req)
 }
 
-// destroyAsync kills a runtime sandbox off the request path.
+// destroyAsync kills a runtime sandbox off the request path. What it held
+// is released at once: it is going, and a create may have it.
 func (o *Orchestrator) destroyAsync(id string) {
+	o.release(id)
 	o.wg.Add(1)
+	o.destroying.Add(1)
 	go func() {
 		defer o.wg.Done()
+		defer o.destroying.Add(-1)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		if err := o.opts.Runtime.Kill(ctx, id); err != nil {

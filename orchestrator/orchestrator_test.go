@@ -11,12 +11,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/capacity"
 	"github.com/cubicle-dev/cubicle/internal/testenv"
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
@@ -108,7 +110,12 @@ type world struct {
 func newWorld(t *testing.T, subnet string) *world {
 	t.Helper()
 	testenv.RequireRoot(t, "starts gVisor sandboxes: namespaces, mounts, cgroups")
-	dataDir := t.TempDir()
+	return newWorldAt(t, subnet, t.TempDir())
+}
+
+// newWorldAt is newWorld with its data in dataDir.
+func newWorldAt(t *testing.T, subnet, dataDir string) *world {
+	t.Helper()
 	st, err := store.Open(dataDir)
 	if err != nil {
 		t.Fatal(err)
@@ -368,4 +375,194 @@ func TestTimeoutCountsFromHandOut(t *testing.T) {
 		t.Fatalf("startedAt %s is the request's time (%s), not the hand-out's (%s)",
 			info.StartedAt.Format(time.StampMicro), called.Format(time.StampMicro), returned.Format(time.StampMicro))
 	}
+}
+
+// TestAdmission runs a host configured to hold 768 MiB of sandboxes:
+// creates past that are refused with ErrHostFull before anything is made,
+// pooled sandboxes yield to user ones, and a kill makes room again.
+func TestAdmission(t *testing.T) {
+	w := newWorld(t, "100.89.3.0/24")
+	big := w.tmpls["tiny"]
+	big.ID, big.Alias, big.MemoryMB = "big", "big", 512
+	w.tmpls["big"] = big
+	ledger, err := capacity.New(capacity.Options{HostMemoryMB: 1024, ReserveMemoryMB: 256, HostCPUs: 64, DiskPath: w.dataDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := New(context.Background(), Options{
+		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
+		Envd: envdBin, EnvdArgs: []string{"envd"},
+		PoolSize: 1, PoolTemplates: []string{"tiny"},
+		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
+		Capacity: ledger,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close(context.Background())
+	ctx := context.Background()
+	tiny, _ := o.poolFor("tiny")
+	waitFor(t, "the tiny pool to fill", func() bool { return len(tiny.ready) == 1 })
+	used := func() float64 { return ledger.Usage().MemoryMB }
+	runtimeCount := func() int {
+		list, err := w.rt.List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(list)
+	}
+
+	// 256 pooled + 512 big: the host is full, big's own pool cannot fill.
+	// (big's pool starts filling with the create; whichever gets in, the
+	// user's create wins, and tiny's pool refills after.)
+	b1, err := o.Create(ctx, CreateRequest{Template: "big", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("big create on an empty host: %v", err)
+	}
+	waitFor(t, "the tiny pool to refill", func() bool { return len(tiny.ready) == 1 && used() == 768 })
+	// The pooled tiny one is handed out: no new promise.
+	t1, err := o.Create(ctx, CreateRequest{Template: "tiny", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("tiny create from the pool: %v", err)
+	}
+	n := runtimeCount()
+	_, err = o.Create(ctx, CreateRequest{Template: "tiny", Timeout: time.Minute})
+	if !errors.Is(err, ErrHostFull) {
+		t.Fatalf("create on a full host: %v, want ErrHostFull", err)
+	}
+	t.Logf("refused: %v", err)
+	if !strings.Contains(err.Error(), "host is full: 0.8 of 0.8 GiB memory promised to sandboxes") || !strings.Contains(err.Error(), "refused 256 MiB") {
+		t.Errorf("refusal %q does not say what was exhausted", err)
+	}
+	if got := runtimeCount(); got != n {
+		t.Fatalf("the refused create left %d runtime sandboxes, had %d", got, n)
+	}
+	for _, in := range []Info{b1, t1} {
+		if err := health(t, in); err != nil {
+			t.Fatalf("sandbox %s after a refusal: %v", in.ID, err)
+		}
+	}
+
+	// A kill makes room: either big's pool or tiny's refills (whichever
+	// admission lets in first); a big create then succeeds, from its pool
+	// or by destroying the pooled tiny one.
+	if err := o.Kill(ctx, b1.ID); err != nil {
+		t.Fatal(err)
+	}
+	bigPool, _ := o.poolFor("big")
+	waitFor(t, "a pool to refill", func() bool {
+		return (len(tiny.ready) == 1 && used() == 512) || (len(bigPool.ready) == 1 && used() == 768)
+	})
+	t.Logf("after the kill: %d tiny and %d big pooled", len(tiny.ready), len(bigPool.ready))
+	b2, err := o.Create(ctx, CreateRequest{Template: "big", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("big create after a kill: %v", err)
+	}
+	if err := health(t, b2); err != nil {
+		t.Fatal(err)
+	}
+	if u := used(); u != 768 {
+		t.Fatalf("%g MiB promised with tiny and big running, want 768", u)
+	}
+	if len(tiny.ready) != 0 {
+		t.Fatal("a pooled sandbox survived a user create that needed its room")
+	}
+	for _, id := range []string{t1.ID, b2.ID} {
+		if err := o.Kill(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the pools to refill", func() bool { return len(tiny.ready) == 1 })
+}
+
+// smallFS mounts a fresh ext4 filesystem of sizeMB for the test.
+func smallFS(t *testing.T, sizeMB int) string {
+	t.Helper()
+	for _, tool := range []string{"mkfs.ext4", "mount", "losetup"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found: %v", tool, err)
+		}
+	}
+	img := filepath.Join(t.TempDir(), "host.img")
+	if out, err := exec.Command("truncate", "-s", fmt.Sprintf("%dM", sizeMB), img).CombinedOutput(); err != nil {
+		t.Fatalf("truncate: %v: %s", err, out)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-m", "0", img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+	mnt := t.TempDir()
+	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
+		t.Skipf("cannot loop-mount a filesystem here: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", mnt, err, out)
+		}
+	})
+	return mnt
+}
+
+// TestAdmissionDisk runs the data directory on a filesystem that holds
+// three 100 MiB sandbox disks: a create that needs the disk a pooled
+// sandbox holds gets it (the pooled one is destroyed and its image freed
+// first), and one past that is refused for disk.
+func TestAdmissionDisk(t *testing.T) {
+	mnt := smallFS(t, 380)
+	w := newWorldAt(t, "100.89.4.0/24", mnt)
+	tiny := w.tmpls["tiny"]
+	tiny.DiskSizeMB = 100
+	w.tmpls["tiny"] = tiny
+	other := tiny
+	other.ID, other.Alias = "other", "other"
+	w.tmpls["other"] = other
+	ledger, err := capacity.New(capacity.Options{HostMemoryMB: 1 << 20, HostCPUs: 64, DiskPath: filepath.Join(mnt, "gvisor")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := New(context.Background(), Options{
+		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
+		Envd: envdBin, EnvdArgs: []string{"envd"},
+		PoolSize: 1, PoolTemplates: []string{"tiny"},
+		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
+		Capacity: ledger,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close(context.Background())
+	ctx := context.Background()
+	tp, _ := o.poolFor("tiny")
+	waitFor(t, "the tiny pool to fill", func() bool { return len(tp.ready) == 1 })
+	u1, err := o.Create(ctx, CreateRequest{Template: "other", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("first create: %v", err)
+	}
+	op, _ := o.poolFor("other")
+	waitFor(t, "the other pool to fill", func() bool { return len(op.ready) == 1 })
+	u2, err := o.Create(ctx, CreateRequest{Template: "other", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("second create (pooled): %v", err)
+	}
+	// Three disks are taken (tiny's pooled one, u1, u2): the third user
+	// sandbox needs the pooled one's.
+	u3, err := o.Create(ctx, CreateRequest{Template: "other", Timeout: time.Minute})
+	if err != nil {
+		t.Fatalf("create that needs a pooled sandbox's disk: %v", err)
+	}
+	if len(tp.ready) != 0 {
+		t.Fatal("the pooled sandbox survived a create that needed its disk")
+	}
+	for _, in := range []Info{u1, u2, u3} {
+		if err := health(t, in); err != nil {
+			t.Fatalf("sandbox %s: %v", in.ID, err)
+		}
+	}
+	_, err = o.Create(ctx, CreateRequest{Template: "other", Timeout: time.Minute})
+	var full *capacity.FullError
+	if !errors.As(err, &full) || full.Resource != "disk" {
+		t.Fatalf("a fourth disk on a filesystem for three: %v, want a disk refusal", err)
+	}
+	t.Logf("refused: %v", err)
 }

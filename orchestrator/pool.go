@@ -120,6 +120,9 @@ func (p *pool) wake() {
 // a drained pool quickly, few enough not to starve running sandboxes of CPU.
 const fillParallel = 2
 
+// fullRetry is how often a pool that the host has no room for tries again.
+const fullRetry = time.Second
+
 // fill keeps the pool full until the orchestrator closes. Failures back off
 // exponentially so that a broken template does not spin the CPU.
 func (p *pool) fill() {
@@ -133,6 +136,7 @@ func (p *pool) fill() {
 		for running < fillParallel && len(p.ready)+running < p.size && p.o.ctx.Err() == nil {
 			running++
 			p.o.wg.Add(1)
+			p.o.filling.Add(1)
 			go func() {
 				defer p.o.wg.Done()
 				s, err := p.start(p.o.ctx, true)
@@ -143,6 +147,7 @@ func (p *pool) fill() {
 						p.o.destroyAsync(s.ID) // cannot happen; never leak a sandbox
 					}
 				}
+				p.o.filling.Add(-1) // once the slot can be taken or reclaimed
 				done <- err
 			}()
 		}
@@ -160,6 +165,16 @@ func (p *pool) fill() {
 			if p.o.ctx.Err() != nil {
 				return
 			}
+			if errors.Is(err, ErrHostFull) {
+				// Not a failure: pools yield to user sandboxes (admission.go).
+				p.o.log.Debug("pool waits: the host is full", "template", p.tmpl.ID, "err", err)
+				select {
+				case <-p.o.ctx.Done():
+					return
+				case <-time.After(fullRetry):
+				}
+				continue
+			}
 			p.o.log.Error("filling sandbox pool", "template", p.tmpl.ID, "err", err, "retryIn", backoff)
 			select {
 			case <-p.o.ctx.Done():
@@ -174,6 +189,9 @@ func (p *pool) fill() {
 // start creates a sandbox and waits until its envd answers.
 func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
 	id := NewID()
+	if err := p.o.admit(ctx, id, p.tmpl, pooled); err != nil {
+		return slot{}, err
+	}
 	rs, err := p.o.opts.Runtime.Create(ctx, runtime.Config{
 		ID:         id,
 		TemplateID: p.tmpl.ID,
@@ -185,9 +203,11 @@ func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
 		EnvdArgs:   p.o.opts.EnvdArgs,
 	})
 	if err != nil {
-		return slot{}, fmt.Errorf("orchestrator: start %s sandbox: %w", p.tmpl.ID, err)
+		p.o.release(id) // the runtime removed what it made
+		return slot{}, fmt.Errorf("orchestrator: start %s sandbox: %w", p.tmpl.ID, noSpace(err, p.tmpl))
 	}
 	l := p.o.watch(id, p)
+	p.o.settle(id)
 	if err := p.prepare(ctx, rs.Addr); err != nil {
 		p.o.destroyAsync(id)
 		return slot{}, fmt.Errorf("orchestrator: new sandbox %s: %w", id, err)
@@ -226,6 +246,7 @@ func (p *pool) drain(ctx context.Context) error {
 	for {
 		select {
 		case s := <-p.ready:
+			p.o.release(s.ID)
 			if err := p.o.opts.Runtime.Kill(ctx, s.ID); err != nil {
 				errs = append(errs, err)
 			}

@@ -15,6 +15,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cubicle-dev/cubicle/runtime"
@@ -28,6 +30,9 @@ var ErrNotFound = errors.New("store: not found")
 type Store struct {
 	db     *sql.DB
 	sealer *sealer
+	dir    string
+	// reserveGone says the disk-full reserve was spent (reserve.go).
+	reserveGone atomic.Bool
 }
 
 // schema is applied at every open; statements are idempotent.
@@ -90,7 +95,12 @@ func Open(dir string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: apply schema to %s: %w", path, err)
 	}
-	st := &Store{db: db, sealer: sl}
+	st := &Store{db: db, sealer: sl, dir: dir}
+	st.reserveGone.Store(true) // until made
+	if err := st.ensureReserve(); err != nil && !errors.Is(err, syscall.ENOSPC) {
+		db.Close()
+		return nil, fmt.Errorf("store: disk-full reserve: %w", err)
+	}
 	if err := st.sealLegacy(context.Background()); err != nil {
 		db.Close()
 		return nil, err
@@ -365,7 +375,7 @@ func (s *Store) PutSandbox(ctx context.Context, sb Sandbox) error {
 	if err != nil {
 		return fmt.Errorf("store: encode sandbox %s: %w", sb.ID, err)
 	}
-	_, err = s.db.ExecContext(ctx,
+	_, err = s.exec(ctx,
 		`INSERT INTO sandboxes (id, record) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET record = excluded.record`,
 		sb.ID, string(b))
 	if err != nil {
@@ -376,7 +386,7 @@ func (s *Store) PutSandbox(ctx context.Context, sb Sandbox) error {
 
 // DeleteSandbox removes a sandbox record; deleting a missing one is not an error.
 func (s *Store) DeleteSandbox(ctx context.Context, id string) error {
-	if _, err := s.db.ExecContext(ctx, `DELETE FROM sandboxes WHERE id = ?`, id); err != nil {
+	if _, err := s.exec(ctx, `DELETE FROM sandboxes WHERE id = ?`, id); err != nil {
 		return fmt.Errorf("store: delete sandbox %s: %w", id, err)
 	}
 	return nil

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/cubicle-dev/cubicle/api"
+	"github.com/cubicle-dev/cubicle/capacity"
 	"github.com/cubicle-dev/cubicle/guest/envd"
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/dns"
@@ -60,6 +61,7 @@ type serveConfig struct {
 	// corsOrigins and trustedProxies configure the API (serve_api.go).
 	corsOrigins    string
 	trustedProxies string
+	capacity       capacity.Options
 }
 
 func serveCmd() *cobra.Command {
@@ -92,6 +94,7 @@ prints the environment an E2B SDK needs.`,
 	f.BoolVar(&c.noBuild, "no-build", false, "fail instead of building a missing default template")
 	f.DurationVar(&c.maxTimeout, "max-timeout", 24*time.Hour, "longest sandbox timeout a client may ask for")
 	f.StringVar(&c.logLevel, "log-level", envOr("CUBICLE_LOG_LEVEL", "info"), "debug, info, warn or error (env CUBICLE_LOG_LEVEL)")
+	capacityFlags(f, &c.capacity)
 	f.StringVar(&c.readyFile, "ready-file", "", "write the API and proxy addresses here once serving (for scripts and tests)")
 	apiFlags(f, &c)
 	return cmd
@@ -232,6 +235,12 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 		return err
 	}
 
+	c.capacity.DiskPath = p.rt.StateDir()
+	ledger, err := capacity.New(c.capacity)
+	if err != nil {
+		return err
+	}
+
 	resolver := &routes{}
 	px := proxy.New(resolver, c.domain, log.With("component", "proxy"))
 	p.orch, err = orchestrator.New(ctx, orchestrator.Options{
@@ -243,6 +252,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 		PoolSize:      c.poolSize,
 		PoolTemplates: []string{template.BaseID, template.CodeInterpreterAlias},
 		MaxTimeout:    c.maxTimeout,
+		Capacity:      ledger,
 		OnEvict:       px.Evict,
 		Logger:        log.With("component", "orchestrator"),
 	})

@@ -48,6 +48,7 @@ func TestServeCheckRefusesBadFlags(t *testing.T) {
 		{"deny cidr unparsable", "deny-cidr", func(c *serveConfig) { c.denyCIDR = []string{"10.0.0.0/33"} }},
 		{"allow cidr unparsable", "allow-cidr", func(c *serveConfig) { c.allowCIDR = []string{"lan"} }},
 		{"cors origin with a path", "--cors-origins", func(c *serveConfig) { c.corsOrigins = "https://a.example/x" }},
+		{"negative memory over-commit", "admission flags", func(c *serveConfig) { c.capacity.MemoryOvercommit = -1 }},
 		{"negative spares", "--network-spares", func(c *serveConfig) { c.netSpares = -1 }},
 		{"negative pool", "--pool-size", func(c *serveConfig) { c.poolSize = -1 }},
 		{"API address without port", "--api-addr", func(c *serveConfig) { c.apiAddr = "127.0.0.1" }},

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/capacity"
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
@@ -100,6 +101,11 @@ func (c *serveConfig) check() (checked, error) {
 	}
 	if k.prefix, err = netip.ParsePrefix(c.netPrefix); err != nil {
 		return k, fmt.Errorf("--network-prefix: %w", err)
+	}
+	// The ledger proper is made once the runtime says where disks go; its
+	// ratios and reserves are checked now.
+	if _, err := capacity.New(c.capacity); err != nil {
+		return k, fmt.Errorf("admission flags: %w", err)
 	}
 	if k.egressOpts.DenyCIDRs, err = parseCIDRs("deny-cidr", c.denyCIDR); err != nil {
 		return k, err

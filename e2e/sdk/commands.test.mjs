@@ -30,6 +30,12 @@ test('commands', async (t) => {
       const r = await sbx.commands.run('whoami; echo $HOME', { user: 'root' })
       assert.equal(r.stdout, 'root\n/root\n')
     })
+    await t.test('user has passwordless sudo', async () => {
+      // setuid works inside the sandbox (runsc --allow-suid), as agents
+      // expect of E2B's user: sudo apt-get install ...
+      const r = await sbx.commands.run('sudo -n id -u')
+      assert.equal(r.stdout, '0\n')
+    })
     await t.test('unknown cwd is an error', async () => {
       await assert.rejects(sbx.commands.run('true', { cwd: '/does/not/exist' }))
     })

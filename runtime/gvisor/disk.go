@@ -17,12 +17,14 @@ import (
 )
 
 // Config.DiskSizeMB is enforced by giving each sandbox's writable layer a
-// filesystem of its own: a sparse ext4 image of that size in the sandbox
+// filesystem of its own: an ext4 image of that size in the sandbox
 // directory (disk.img), attached to a loop device and mounted at disk/,
 // with the overlay's upper/ and work/ inside it (overlayfs needs both on
-// one filesystem). A sandbox that fills it gets ENOSPC, and the host's data
-// dir grows by at most the image's size. The template's own files are in
-// the lower layer and do not count. DiskSizeMB 0 keeps upper/ and work/
+// one filesystem). A sandbox that fills it gets ENOSPC. The image's blocks
+// are allocated on the host when it is made (reserveImage), so the data
+// dir gives each sandbox its whole disk at once, and a host that cannot
+// refuses the sandbox. The template's own files are in the lower layer
+// and do not count. DiskSizeMB 0 keeps upper/ and work/
 // directly in the sandbox directory, on the host's filesystem, without a
 // limit; so do sandboxes made before disks were enforced (record.Disk is
 // nil for both, and Stats and Kill handle them as before). So does a host
@@ -76,8 +78,10 @@ const (
 var mkfsArgs = []string{"-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode",
 	"-E", "lazy_itable_init=1,nodiscard"}
 
-// diskMountData are the ext4 mount options (see above).
-const diskMountData = "noinit_itable,nobarrier"
+// diskMountData are the ext4 mount options (see above). errors=remount-ro:
+// a disk that meets an I/O error stops taking writes (the sandbox gets
+// EROFS) instead of going on as if they had landed.
+const diskMountData = "noinit_itable,nobarrier,errors=remount-ro"
 
 // disk is what sandbox.json records of a sandbox's own filesystem.
 type disk struct {
@@ -113,6 +117,9 @@ func (r *Runtime) setupDisk(dir string, sizeMB int) (*disk, error) {
 	if err := copySparse(src, img); err != nil {
 		return nil, fmt.Errorf("copy disk image: %w", err)
 	}
+	if err := reserveImage(img, sizeMB); err != nil {
+		return nil, err
+	}
 	target := filepath.Join(dir, diskMount)
 	if err := os.Mkdir(target, 0o755); err != nil {
 		return nil, err
@@ -140,6 +147,30 @@ func (r *Runtime) setupDisk(dir string, sizeMB int) (*disk, error) {
 		return nil, err
 	}
 	return &disk{BaseUsed: used}, nil
+}
+
+// reserveImage allocates every block of the image on the host, so that
+// the sandbox's disk can hold all it promises whatever else fills the data
+// directory. A sparse image over-commits the host: once its filesystem is
+// full, the loop device's writes into holes fail, the sandbox's ext4 logs
+// "lost async page write" and what the sandbox was told it had written is
+// gone. A host without the room refuses the sandbox instead, with ENOSPC.
+// The blocks are allocated unwritten: fallocate writes nothing, and the
+// image's data extents (copied from the cache) stay as they are. Measured
+// on the development VM (2 cores, ext4 data dir), median of 20: fallocate
+// 0.02 ms for 64 MiB, 1.6 ms for 1 GiB, 2.9 ms for 2 GiB (E2B's default),
+// 10.6 ms for 10 GiB; Kill's unlink then takes 0.2, 1.7, 3.0 and 8.4 ms.
+// The price is the space: a pooled sandbox holds its whole disk too.
+func reserveImage(img string, sizeMB int) error {
+	f, err := os.OpenFile(img, os.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.Fallocate(int(f.Fd()), 0, 0, int64(sizeMB)<<20); err != nil {
+		return fmt.Errorf("reserve %d MiB for the disk image on the host: %w", sizeMB, err)
+	}
+	return nil
 }
 
 // upperDirs are the overlay's upper and work dirs of the sandbox in dir:

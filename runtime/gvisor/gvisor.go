@@ -227,6 +227,11 @@ func New(opts Options) (*Runtime, error) {
 	if err := os.MkdirAll(r.runscRoot, 0o700); err != nil {
 		return nil, fmt.Errorf("gvisor: create state dir: %w", err)
 	}
+	// Root's alone: it holds the sandboxes' file systems, setuid binaries
+	// included (their mounts are nosuid as well).
+	if err := os.Chmod(r.stateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("gvisor: state dir: %w", err)
+	}
 	r.flags = append([]string{
 		"--root=" + r.runscRoot,
 		"--platform=" + opts.Platform,
@@ -237,6 +242,12 @@ func New(opts Options) (*Runtime, error) {
 		// The root filesystem is already an overlay on the host: see
 		// overlay.go for why runsc's own overlay is not used.
 		"--overlay2=none",
+		// Setuid and setgid bits work inside the sandbox (sudo, as E2B's
+		// user has passwordless sudo). The sentry decides it at execve
+		// from the bits the gofer reports and its own mount flags; the
+		// host's nosuid on the sandbox's mounts (overlay.go, disk.go) is
+		// not consulted, and keeps the host from ever honouring the bits.
+		"--allow-suid",
 	}, opts.RunscFlags...)
 	return r, nil
 }
@@ -285,6 +296,9 @@ func CheckPlatform(p string) error {
 
 // Name implements runtime.Runtime.
 func (r *Runtime) Name() string { return Name }
+
+// StateDir is where the sandboxes' files, their disks included, live.
+func (r *Runtime) StateDir() string { return r.stateDir }
 
 // Runsc is the path of the runsc binary in use.
 func (r *Runtime) Runsc() string { return r.runsc }

@@ -82,8 +82,14 @@ type env struct {
 // them in the pool's overlap check.
 func newEnv(tb testing.TB, prefix string) *env {
 	tb.Helper()
+	return newEnvAt(tb, prefix, tb.TempDir())
+}
+
+// newEnvAt is newEnv with the runtime's state in stateDir.
+func newEnvAt(tb testing.TB, prefix, stateDir string) *env {
+	tb.Helper()
 	requireRunsc(tb)
-	e := &env{tb: tb, stateDir: tb.TempDir(), cgroupParent: fmt.Sprintf("/cubicle-test-%d-%d", os.Getpid(), time.Now().UnixNano())}
+	e := &env{tb: tb, stateDir: stateDir, cgroupParent: fmt.Sprintf("/cubicle-test-%d-%d", os.Getpid(), time.Now().UnixNano())}
 	e.netOpts = network.Options{
 		Prefix:     netip.MustParsePrefix(prefix),
 		NetnsDir:   tb.TempDir(),

@@ -41,7 +41,11 @@ func mountOverlay(lower, upper, work, target string) error {
 		}
 	}
 	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work)
-	if err := unix.Mount("overlay", target, "overlay", unix.MS_NODEV, opts); err != nil {
+	// nosuid: the template's setuid binaries (sudo) must work inside the
+	// sandbox, where the sentry honours them (--allow-suid), never on the
+	// host, where this mount is reachable by root only (the sandbox
+	// directory is 0700) but a setuid root binary must not be a way in.
+	if err := unix.Mount("overlay", target, "overlay", unix.MS_NODEV|unix.MS_NOSUID, opts); err != nil {
 		return fmt.Errorf("mount overlay at %s: %w", target, err)
 	}
 	return nil

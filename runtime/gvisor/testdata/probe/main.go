@@ -9,9 +9,11 @@ import (
 	"log"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -23,6 +25,11 @@ var ballast [][]byte
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "-exit" {
 		return // a /bin/true, for timing a bare `runsc run`
+	}
+	if len(os.Args) > 1 && os.Args[1] == "-euid" {
+		// As a setuid copy: print the effective uid it runs with.
+		fmt.Print(os.Geteuid())
+		return
 	}
 	var ticks atomic.Int64
 	go func() {
@@ -148,6 +155,21 @@ func main() {
 			return
 		}
 		fmt.Fprint(w, name)
+	})
+	mux.HandleFunc("/exec-as", func(w http.ResponseWriter, r *http.Request) {
+		// Run path with args as uid/gid (what envd does for user "user"):
+		// its combined output, or the error.
+		q := r.URL.Query()
+		uid, _ := strconv.Atoi(q.Get("uid"))
+		cmd := exec.Command(q.Get("path"), q["arg"]...)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
+		cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			http.Error(w, fmt.Sprintf("%v: %s", err, out), http.StatusInternalServerError)
+			return
+		}
+		w.Write(out)
 	})
 	mux.HandleFunc("/sleep", func(w http.ResponseWriter, r *http.Request) {
 		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
