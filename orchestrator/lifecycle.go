@@ -204,26 +204,16 @@ func (o *Orchestrator) checkTimeout(d time.Duration) error {
 // reapPeriod bounds how late past its end time a sandbox is reaped.
 const reapPeriod = 250 * time.Millisecond
 
-// reapLoop ends running sandboxes whose time is up: paused when they asked
+// reap ends running sandboxes whose time is up: paused when they asked
 // for autoPause, killed otherwise.
-func (o *Orchestrator) reapLoop() {
-	defer o.wg.Done()
-	t := time.NewTicker(reapPeriod)
-	defer t.Stop()
-	for {
-		select {
-		case <-o.ctx.Done():
-			return
-		case <-t.C:
-		}
-		now := time.Now()
-		for _, sb := range o.All() {
-			sb.mu.Lock()
-			due := !sb.gone && sb.rec.State == StateRunning && now.After(sb.rec.EndAt)
-			sb.mu.Unlock()
-			if due {
-				o.expire(sb)
-			}
+func (o *Orchestrator) reap() {
+	now := time.Now()
+	for _, sb := range o.All() {
+		sb.mu.Lock()
+		due := !sb.gone && sb.rec.State == StateRunning && now.After(sb.rec.EndAt)
+		sb.mu.Unlock()
+		if due {
+			o.expire(sb)
 		}
 	}
 }

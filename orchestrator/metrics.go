@@ -116,20 +116,11 @@ func (o *Orchestrator) Metrics(ctx context.Context, id string, start, end time.T
 	return out, nil
 }
 
-func (o *Orchestrator) sampleLoop() {
-	defer o.wg.Done()
-	t := time.NewTicker(o.opts.MetricsInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-o.ctx.Done():
-			return
-		case <-t.C:
-		}
-		for _, sb := range o.All() {
-			ctx, cancel := context.WithTimeout(o.ctx, 5*time.Second)
-			o.sample(ctx, sb)
-			cancel()
-		}
+// sampleAll takes one metrics sample of every sandbox.
+func (o *Orchestrator) sampleAll() {
+	for _, sb := range o.All() {
+		ctx, cancel := context.WithTimeout(o.ctx, 5*time.Second)
+		o.sample(ctx, sb)
+		cancel()
 	}
 }

@@ -193,10 +193,9 @@ func New(ctx context.Context, opts Options) (*Orchestrator, error) {
 			o.log.Warn("no pool for template", "template", t, "err", err)
 		}
 	}
-	o.wg.Add(3)
-	go o.reapLoop()
-	go o.sampleLoop()
-	go o.probeLoop()
+	o.every(reapPeriod, o.reap)
+	o.every(opts.MetricsInterval, o.sampleAll)
+	o.every(probeInterval, o.newProber())
 	return o, nil
 }
 
@@ -469,6 +468,26 @@ func (o *Orchestrator) initEnvd(ctx context.Context, s slot, req initRequest) er
 		defer cancel()
 	}
 	return o.envd.init(ctx, s.Addr, req)
+}
+
+// every runs fn each period, in its own goroutine, until the orchestrator
+// closes. A round that overruns its period delays the next one rather
+// than overlapping it.
+func (o *Orchestrator) every(period time.Duration, fn func()) {
+	o.wg.Add(1)
+	go func() {
+		defer o.wg.Done()
+		t := time.NewTicker(period)
+		defer t.Stop()
+		for {
+			select {
+			case <-o.ctx.Done():
+				return
+			case <-t.C:
+				fn()
+			}
+		}
+	}()
 }
 
 // destroyAsync kills a runtime sandbox off the request path. What it held

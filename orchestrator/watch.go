@@ -135,20 +135,13 @@ const (
 	probeFailures = 4
 )
 
-// probeLoop probes every running sandbox's envd each probeInterval.
-func (o *Orchestrator) probeLoop() {
-	defer o.wg.Done()
+// newProber returns a round of probes: every running sandbox's envd at
+// once, the round over when the last answers or times out.
+func (o *Orchestrator) newProber() func() {
 	// Its own client: probes must not queue behind (or be starved by) the
 	// long calls the shared one makes.
 	hc := &http.Client{Timeout: probeTimeout, Transport: &http.Transport{DisableKeepAlives: true}}
-	t := time.NewTicker(probeInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-o.ctx.Done():
-			return
-		case <-t.C:
-		}
+	return func() {
 		var wg sync.WaitGroup
 		for _, sb := range o.All() {
 			wg.Add(1)
