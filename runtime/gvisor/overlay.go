@@ -66,22 +66,36 @@ func checkLowerDir(path string) error {
 	return nil
 }
 
+// unmountBusyWait bounds how long unmount waits for a busy mount to be let
+// go. A gofer outlives `runsc delete` by a few milliseconds on a quiet host
+// and by hundreds on a loaded one; a mount detached while it still holds
+// it lingers until it exits, and so does the sandbox's loop device and
+// the disk space its image reserved.
+const unmountBusyWait = 3 * time.Second
+
 // unmount unmounts target if it is mounted. A mount still busy (a gofer
-// that has not exited yet) is retried briefly and then detached, so that
-// Kill never leaves a mount behind.
+// that has not exited yet) is retried, backing off, for up to
+// unmountBusyWait and then detached, so that Kill never leaves a mount
+// behind.
 func unmount(target string) error {
-	for i := 0; i < 20; i++ {
+	deadline := time.Now().Add(unmountBusyWait)
+	delay := time.Millisecond
+	for {
 		err := unix.Unmount(target, 0)
 		switch {
 		case err == nil:
 			continue // stacked mounts: unmount until none is left
 		case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOENT):
 			return nil // not a mount point (any more)
-		case errors.Is(err, unix.EBUSY):
-			time.Sleep(5 * time.Millisecond)
+		case errors.Is(err, unix.EBUSY) && time.Now().Before(deadline):
+			time.Sleep(delay)
+			delay = min(2*delay, 100*time.Millisecond)
 			continue
+		case errors.Is(err, unix.EBUSY):
+		default:
+			return fmt.Errorf("unmount %s: %w", target, err)
 		}
-		return fmt.Errorf("unmount %s: %w", target, err)
+		break
 	}
 	if err := unix.Unmount(target, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("detach %s: %w", target, err)
