@@ -55,6 +55,14 @@ func run(t *testing.T, checks ...check) {
 	}
 	wg.Wait()
 	for i, c := range checks {
+		// A path that should be open may miss the first round's short
+		// budget on a loaded host (a first IPv6 neighbour solicitation
+		// lost is retransmitted after a second): it gets more tries.
+		// Retries cannot open a blocked path, so "blocked" keeps its
+		// one-round meaning.
+		for try := 0; try < 3 && c.want && errs[i] != nil; try++ {
+			errs[i] = c.fn()
+		}
 		if err := errs[i]; (err == nil) != c.want {
 			t.Errorf("%s: reachable=%v (err %v), want reachable=%v", c.name, err == nil, err, c.want)
 		}
