@@ -14,10 +14,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"sync"
 	"sync/atomic"
-	"testing"
 	"time"
 
 	"github.com/cubicle-dev/cubicle/vmm"
@@ -86,48 +84,6 @@ func (f *firstWrite) Read(_ uint64, data []byte) { clear(data) }
 func (f *firstWrite) Write(uint64, []byte) {
 	f.n.Add(1)
 	f.once.Do(func() { close(f.ch) })
-}
-
-// Restore measures, b.N times, restoring the snapshot into a new VM until
-// its vCPU runs guest code: reading and checking the state file, mapping
-// the memory file copy-on-write, creating the KVM VM, irqchip, PIT and
-// vCPU, setting all state, starting the vCPU thread and the guest's first
-// port write after the restore. Tearing the VM down (tens of
-// milliseconds, mostly the kernel destroying the KVM VM) happens in the
-// background, off the measured path. It reports ns/op and the p50 and p99
-// latencies.
-func Restore(b *testing.B, statePath, memPath string) {
-	lat := make([]time.Duration, 0, b.N)
-	var closers sync.WaitGroup
-	defer closers.Wait()
-	b.ResetTimer()
-	for range b.N {
-		d, vm, err := restoreOnce(statePath, memPath)
-		if err != nil {
-			b.Fatal(err)
-		}
-		lat = append(lat, d)
-		b.StopTimer()
-		vm.Stop()
-		closers.Add(1)
-		go func() {
-			defer closers.Done()
-			vm.Close()
-		}()
-		b.StartTimer()
-	}
-	b.StopTimer()
-	slices.Sort(lat)
-	b.ReportMetric(float64(percentile(lat, 50).Nanoseconds()), "p50-ns")
-	b.ReportMetric(float64(percentile(lat, 99).Nanoseconds()), "p99-ns")
-}
-
-func percentile(sorted []time.Duration, p int) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := (len(sorted)*p + 99) / 100
-	return sorted[min(max(i-1, 0), len(sorted)-1)]
 }
 
 // DiffFigures is one diff snapshot of a restored guest.
