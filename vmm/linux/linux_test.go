@@ -166,6 +166,11 @@ func TestLinuxBoot(t *testing.T) {
 	if err := vm.Wait(ctx); err != nil {
 		t.Fatalf("VM ended with %v; console:\n%s", err, con)
 	}
+	// With -v the guest's console shows even when all went well: the
+	// kernel's warnings (CPUID, XSAVE) are worth reading on a new host.
+	if testing.Verbose() {
+		t.Logf("console:\n%s", con)
+	}
 }
 
 // buildInitramfs builds testinit statically and packs it as /init in an
