@@ -329,7 +329,8 @@ cmd_run() {
 			shift
 			break
 			;;
-		*) die "run: unknown option $1 (usage: run [--share DIR] -- CMD [ARG...])" ;;
+		-*) die "run: unknown option $1 (usage: run [--share DIR] -- CMD [ARG...])" ;;
+		*) break ;;
 		esac
 	done
 	[ $# -gt 0 ] || die "run: no command (usage: run [--share DIR] -- CMD [ARG...])"
