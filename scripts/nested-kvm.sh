@@ -426,7 +426,11 @@ cmd_checks() {
 			echo "PASS $c"
 			passed=$((passed + 1))
 		else
-			echo "FAIL $c${verdict:- (no result: it did not run to the end)}"
+			if [ "$verdict" = FAIL ]; then
+				echo "FAIL $c"
+			else
+				echo "FAIL $c (no result: it did not run to the end)"
+			fi
 			failed=$((failed + 1))
 		fi
 	done
