@@ -375,7 +375,7 @@ EOF
 	for c in "$@"; do
 		cat <<EOF
 echo "=== nested-kvm check $c"
-{ ./linux.test -test.run '^$c\$' -test.v -test.count=1 -test.timeout 15m; echo \$? >/tmp/$c.rc; } 2>&1 | tee /tmp/$c.out
+{ ./linux.test -test.run '^$c\$' -test.v -test.count=1 -test.timeout 5m; echo \$? >/tmp/$c.rc; } 2>&1 | tee /tmp/$c.out
 if [ "\$(cat /tmp/$c.rc)" = 0 ] && grep -q '^--- PASS: $c ' /tmp/$c.out; then
 	echo "nested-kvm-check: $c PASS"
 else
