@@ -27,7 +27,8 @@
 #       builds (or finds) the cached L1 kernel and base initramfs and
 #       prints their directory.
 #
-# Environment: NESTED_KVM_TIMEOUT (seconds QEMU may run, default 1800),
+# Environment: NESTED_KVM_TIMEOUT (seconds QEMU may run, default 1800 for
+# run, and 180 + 360 per check for the checks),
 # NESTED_KVM_MEM (default 4G), NESTED_KVM_SMP (default 2), NESTED_KVM_FORCE=1
 # (use QEMU even where the host could run the checks directly),
 # NESTED_KVM_KERNEL_PKG (the Debian linux-image package, default what
@@ -396,6 +397,10 @@ cmd_checks() {
 	if [ "${#list[@]}" -lt 2 ]; then
 		log "vmm/linux has no Linux snapshot/restore test yet: only TestLinuxBoot runs"
 	fi
+	# An L2 can wedge both of L1's CPUs (soft lockup), so that not even the
+	# test's own timeout fires: QEMU's limit is what ends that. Unless set,
+	# it is L1's boot plus each check's 5 minutes, with room to spare.
+	[ -n "${NESTED_KVM_TIMEOUT:-}" ] || qemu_timeout=$((180 + 360 * ${#list[@]}))
 	tmp=$(mktemp -d "${TMPDIR:-/tmp}/nested-kvm.XXXXXX")
 	# shellcheck disable=SC2064 # expand $tmp now: it is local
 	trap "rm -rf '$tmp'" EXIT
