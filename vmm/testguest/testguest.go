@@ -55,9 +55,25 @@ type Images struct {
 // ErrNoCompiler is returned when gcc or objcopy is not installed.
 var ErrNoCompiler = errors.New("testguest: gcc and objcopy are needed to build the test guest")
 
+// PrebuiltEnv names the environment variable that points Build at a
+// directory holding guest.elf and guest.bzImage built beforehand (copies of
+// what Build returns on a machine with gcc), for machines with no compiler,
+// such as the L1 guest of scripts/nested-kvm.sh.
+const PrebuiltEnv = "CUBICLE_TESTGUEST_DIR"
+
 // Build returns the test guest images, building them if the cache does not
-// have them yet.
+// have them yet; with $CUBICLE_TESTGUEST_DIR set it returns the images in
+// that directory and builds nothing.
 func Build() (*Images, error) {
+	if dir := os.Getenv(PrebuiltEnv); dir != "" {
+		imgs := &Images{ELF: filepath.Join(dir, "guest.elf"), BzImage: filepath.Join(dir, "guest.bzImage")}
+		for _, p := range []string{imgs.ELF, imgs.BzImage} {
+			if _, err := os.Stat(p); err != nil {
+				return nil, fmt.Errorf("testguest: $%s: %w", PrebuiltEnv, err)
+			}
+		}
+		return imgs, nil
+	}
 	gcc, err := exec.LookPath("gcc")
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrNoCompiler, err)

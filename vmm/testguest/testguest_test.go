@@ -3,6 +3,7 @@ package testguest
 import (
 	"debug/elf"
 	"os"
+	"path/filepath"
 	"testing"
 )
 
@@ -39,5 +40,29 @@ func TestBuild(t *testing.T) {
 	again, err := Build()
 	if err != nil || *again != *imgs {
 		t.Errorf("second Build = %+v, %v; want %+v", again, err, imgs)
+	}
+}
+
+// TestPrebuilt: with $CUBICLE_TESTGUEST_DIR set, Build returns the images
+// in that directory and compiles nothing; a directory without them is an
+// error, not a silent build.
+func TestPrebuilt(t *testing.T) {
+	dir := t.TempDir()
+	for _, n := range []string{"guest.elf", "guest.bzImage"} {
+		if err := os.WriteFile(filepath.Join(dir, n), []byte(n), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv(PrebuiltEnv, dir)
+	imgs, err := Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (Images{ELF: filepath.Join(dir, "guest.elf"), BzImage: filepath.Join(dir, "guest.bzImage")}); *imgs != want {
+		t.Errorf("Build = %+v, want %+v", *imgs, want)
+	}
+	t.Setenv(PrebuiltEnv, t.TempDir())
+	if imgs, err := Build(); err == nil {
+		t.Errorf("Build with an empty %s = %+v, want an error", PrebuiltEnv, *imgs)
 	}
 }
