@@ -4,8 +4,7 @@
 # an emulated AMD CPU that has SVM (-cpu EPYC,+svm). Inside L1, Debian's
 # kvm_amd gives a real-looking /dev/kvm with nested paging, on which
 # cubicle's VMM boots a Linux guest (L2). Works where the host has no
-# /dev/kvm, a PVM one, or a real one (see ../shared/nested-kvm.md for the
-# measurements behind this).
+# /dev/kvm, a PVM one, or a real one (docs/STATUS.md has what was seen with it).
 #
 #   scripts/nested-kvm.sh
 #       runs the microVM checks (TestLinuxBoot, and any
