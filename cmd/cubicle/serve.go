@@ -12,11 +12,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -73,7 +73,8 @@ func serveCmd() *cobra.Command {
 and the orchestrator. At first start it builds the default template "base";
 started from a terminal it creates the first API key and prints it. It
 prints the environment an E2B SDK needs.`,
-		RunE: func(cmd *cobra.Command, args []string) error { return serve(cmd.Context(), c) },
+		PreRunE: func(cmd *cobra.Command, args []string) error { return fromEnv(cmd.Flags(), numericEnv) },
+		RunE:    func(cmd *cobra.Command, args []string) error { return serve(cmd.Context(), c) },
 	}
 	f := cmd.Flags()
 	dataDirFlag(f, &c.dataDir)
@@ -82,12 +83,12 @@ prints the environment an E2B SDK needs.`,
 	f.StringVar(&c.proxyAddr, "proxy-addr", envOr("CUBICLE_PROXY_ADDR", ":3001"), "listen address of the sandbox proxy (env CUBICLE_PROXY_ADDR)")
 	f.StringVar(&c.publicHost, "public-host", envOr("CUBICLE_PUBLIC_HOST", "localhost"), "host name clients use to reach this server, for the printed URLs (env CUBICLE_PUBLIC_HOST)")
 	f.StringVar(&c.domain, "domain", envOr("CUBICLE_DOMAIN", "cubicle.localhost"), "sandbox domain: the proxy routes <port>-<sandboxID>.<domain> (env CUBICLE_DOMAIN)")
-	f.IntVar(&c.poolSize, "pool-size", envInt("CUBICLE_POOL_SIZE", 4), "pre-started sandboxes kept ready per template (env CUBICLE_POOL_SIZE)")
+	f.IntVar(&c.poolSize, "pool-size", 4, "pre-started sandboxes kept ready per template (env CUBICLE_POOL_SIZE)")
 	f.StringVar(&c.runsc, "runsc", envOr("CUBICLE_RUNSC", ""), "path of runsc (env CUBICLE_RUNSC; default: the pinned build scripts/deps.sh makes in <cache-dir>/runsc/<version>/runsc, then PATH)")
 	f.StringVar(&c.platform, "platform", envOr("CUBICLE_GVISOR_PLATFORM", "systrap"), "gVisor platform (env CUBICLE_GVISOR_PLATFORM)")
 	f.StringVar(&c.netPrefix, "network-prefix", envOr("CUBICLE_NETWORK_PREFIX", network.DefaultPrefix.String()), "address range for sandbox networks (env CUBICLE_NETWORK_PREFIX)")
 	f.StringVar(&c.linkPrefix, "link-prefix", envOr("CUBICLE_LINK_PREFIX", network.DefaultLinkPrefix), "names the host's sandbox devices and namespaces; servers sharing a host need distinct ones (env CUBICLE_LINK_PREFIX)")
-	f.IntVar(&c.netSpares, "network-spares", envInt("CUBICLE_NETWORK_SPARES", 8), "sandbox network devices kept made in advance, so creating a sandbox makes none (env CUBICLE_NETWORK_SPARES)")
+	f.IntVar(&c.netSpares, "network-spares", 8, "sandbox network devices kept made in advance, so creating a sandbox makes none (env CUBICLE_NETWORK_SPARES)")
 	f.StringVar(&c.dnsUpstream, "dns-upstream", envOr("CUBICLE_DNS_UPSTREAM", ""), "servers the sandboxes' resolver forwards to, comma-separated ip or ip:port (env CUBICLE_DNS_UPSTREAM; default: the host's /etc/resolv.conf)")
 	f.StringSliceVar(&c.denyCIDR, "deny-cidr", envList("CUBICLE_DENY_CIDR"), "ranges no sandbox may reach whatever its policy, like this host's own addresses; repeatable or comma-separated (env CUBICLE_DENY_CIDR)")
 	f.StringSliceVar(&c.allowCIDR, "allow-cidr", envList("CUBICLE_ALLOW_CIDR"), "ranges taken out of those closed to sandboxes by default (private and special-purpose ranges, this host's LAN and gateways): sandboxes reach them as they reach the internet, under their policies; never opens this host's own addresses, other sandboxes or metadata; repeatable or comma-separated (env CUBICLE_ALLOW_CIDR)")
@@ -133,13 +134,32 @@ func parseCIDRs(flag string, vals []string) ([]netip.Prefix, error) {
 	return out, nil
 }
 
-func envInt(key string, def int) int {
-	if v := os.Getenv(key); v != "" {
-		if n, err := strconv.Atoi(v); err == nil {
-			return n
+// numericEnv names the environment variables of serve's numeric flags.
+// They are applied by fromEnv, which parses them as the flags parse their
+// own values, so that CUBICLE_POOL_SIZE=abc is an error and not, silently,
+// the default.
+var numericEnv = map[string]string{
+	"pool-size":         "CUBICLE_POOL_SIZE",
+	"network-spares":    "CUBICLE_NETWORK_SPARES",
+	"overcommit-memory": "CUBICLE_OVERCOMMIT_MEMORY",
+	"overcommit-cpu":    "CUBICLE_OVERCOMMIT_CPU",
+	"reserve-memory-mb": "CUBICLE_RESERVE_MEMORY_MB",
+	"reserve-disk-mb":   "CUBICLE_RESERVE_DISK_MB",
+}
+
+// fromEnv gives each flag in env (flag name → variable) its variable's
+// value where the command line did not set the flag.
+func fromEnv(f *pflag.FlagSet, env map[string]string) error {
+	for name, key := range env {
+		v := os.Getenv(key)
+		if v == "" || f.Changed(name) {
+			continue
+		}
+		if err := f.Set(name, v); err != nil {
+			return fmt.Errorf("%s=%q (for --%s): %w", key, v, name, err)
 		}
 	}
-	return def
+	return nil
 }
 
 // ensureDir makes dir private to root (0700), tightening an existing one
