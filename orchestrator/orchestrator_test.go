@@ -156,13 +156,20 @@ func (w *world) runtime(t *testing.T, subnet string) *gvisor.Runtime {
 
 func (w *world) orchestrator(t *testing.T, poolSize int) *Orchestrator {
 	t.Helper()
+	return w.orchestratorWith(t, poolSize, nil)
+}
+
+// orchestratorWith is orchestrator with admission control by ledger.
+func (w *world) orchestratorWith(t *testing.T, poolSize int, ledger *capacity.Ledger) *Orchestrator {
+	t.Helper()
 	o, err := New(context.Background(), Options{
 		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
 		Envd: envdBin, EnvdArgs: []string{"envd"},
 		PoolSize: poolSize, PoolTemplates: []string{"tiny"},
 		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
-		OnEvict: func(id string) { w.evicted <- id },
-		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Capacity: ledger,
+		OnEvict:  func(id string) { w.evicted <- id },
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -389,17 +396,7 @@ func TestAdmission(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o, err := New(context.Background(), Options{
-		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
-		Envd: envdBin, EnvdArgs: []string{"envd"},
-		PoolSize: 1, PoolTemplates: []string{"tiny"},
-		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
-		Capacity: ledger,
-		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	o := w.orchestratorWith(t, 1, ledger)
 	defer o.Close(context.Background())
 	ctx := context.Background()
 	tiny, _ := o.poolFor("tiny")
@@ -520,17 +517,7 @@ func TestAdmissionDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o, err := New(context.Background(), Options{
-		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
-		Envd: envdBin, EnvdArgs: []string{"envd"},
-		PoolSize: 1, PoolTemplates: []string{"tiny"},
-		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
-		Capacity: ledger,
-		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	o := w.orchestratorWith(t, 1, ledger)
 	defer o.Close(context.Background())
 	ctx := context.Background()
 	tp, _ := o.poolFor("tiny")

@@ -256,7 +256,20 @@ func TestInitramfs(t *testing.T) {
 	dir := t.TempDir()
 	out := filepath.Join(dir, "initramfs.cpio")
 	buildInitramfs(t, dir, out)
-	b, err := os.ReadFile(out)
+	b, data := archiveInit(t, out)
+	if !bytes.HasPrefix(data, []byte("\x7fELF\x02\x01")) || binary.LittleEndian.Uint16(data[18:]) != 62 {
+		t.Fatalf("/init is not an x86-64 ELF: % x", data[:20])
+	}
+	if !bytes.Contains(b[max(0, len(b)-128):], []byte("TRAILER!!!")) {
+		t.Fatal("archive does not end with the trailer")
+	}
+}
+
+// archiveInit reads the newc archive at path and returns it and what
+// follows the name of its /init entry: the file's data, 4-byte aligned.
+func archiveInit(t *testing.T, path string) (archive, data []byte) {
+	t.Helper()
+	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,13 +277,7 @@ func TestInitramfs(t *testing.T) {
 	if i < 0 {
 		t.Fatal("no init in the archive")
 	}
-	data := b[(i+5+3)&^3:]
-	if !bytes.HasPrefix(data, []byte("\x7fELF\x02\x01")) || binary.LittleEndian.Uint16(data[18:]) != 62 {
-		t.Fatalf("/init is not an x86-64 ELF: % x", data[:20])
-	}
-	if !bytes.Contains(b[max(0, len(b)-128):], []byte("TRAILER!!!")) {
-		t.Fatal("archive does not end with the trailer")
-	}
+	return b, b[(i+5+3)&^3:]
 }
 
 // TestInitramfsPrebuiltInit: with $CUBICLE_TESTINIT set, the archive's
@@ -285,15 +292,7 @@ func TestInitramfsPrebuiltInit(t *testing.T) {
 	t.Setenv("CUBICLE_TESTINIT", prog)
 	out := filepath.Join(dir, "initramfs.cpio")
 	buildInitramfs(t, dir, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	i := bytes.Index(b, []byte("init\x00"))
-	if i < 0 {
-		t.Fatal("no init in the archive")
-	}
-	if data := b[(i+5+3)&^3:]; !bytes.HasPrefix(data, want) {
+	if _, data := archiveInit(t, out); !bytes.HasPrefix(data, want) {
 		t.Fatalf("/init is not the prebuilt file: %q", data[:min(len(data), 32)])
 	}
 }
