@@ -501,6 +501,77 @@ func runVirtioClone(dir string, i int, statePath, memPath string, vms chan<- *VM
 	return m[1], nil
 }
 
+// TestVirtioSnapshotVsockFirstConnect: a host program that connects to a
+// restored guest at once, before its vCPUs run, gets through on the first
+// try, with the guest's connection from before the snapshot still open in
+// its memory and with the same CID or a new one. The guest (like Linux)
+// looks at the REQUEST before the TRANSPORT_RESET event when both wait, so
+// the device must hold the REQUEST until the guest has handled the event,
+// and must not reuse the host port of the stale connection.
+func TestVirtioSnapshotVsockFirstConnect(t *testing.T) {
+	dir := t.TempDir()
+	uds := filepath.Join(dir, "v.sock")
+	vm, con := bootGuest(t, guestOpts{devices: func(t testing.TB, vm *VM) {
+		if _, err := vm.AddVsock("vsock0", vsock.Config{GuestCID: 42, UDSPath: uds}); err != nil {
+			t.Fatal(err)
+		}
+	}})
+	con.waitFor(t, "ready\n")
+	c, r, err := hostConnect(uds, 1234)
+	if err != nil {
+		t.Fatalf("%v; output:\n%s", err, con)
+	}
+	defer c.Close()
+	if err := echo(c, r, "before the snapshot\n"); err != nil {
+		t.Fatal(err)
+	}
+	statePath, memPath := snapshotGuest(t, vm)
+	vm.Close()
+
+	for _, cid := range []uint64{42, 43} {
+		t.Run(fmt.Sprintf("cid %d", cid), func(t *testing.T) {
+			uds := filepath.Join(t.TempDir(), "v.sock")
+			con := newConsole()
+			vm, err := Restore(Config{Console: con}, statePath, memPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer vm.Close()
+			dev, err := vm.AddVsock("vsock0", vsock.Config{GuestCID: cid, UDSPath: uds})
+			if err != nil {
+				t.Fatal(err)
+			}
+			type conn struct {
+				c   net.Conn
+				r   *bufio.Reader
+				err error
+			}
+			first := make(chan conn, 1)
+			go func() {
+				c, r, err := hostConnect(uds, 1234)
+				first <- conn{c, r, err}
+			}()
+			// Let the REQUEST reach the rx queue before the guest runs.
+			deadline := time.Now().Add(waitTimeout)
+			for dev.Metrics().HostConnects.Load() == 0 && time.Now().Before(deadline) {
+				time.Sleep(time.Millisecond)
+			}
+			if err := vm.Start(); err != nil {
+				t.Fatal(err)
+			}
+			f := <-first
+			if f.err != nil {
+				t.Fatalf("first CONNECT after restore: %v; output:\n%s", f.err, con)
+			}
+			defer f.c.Close()
+			con.waitFor(t, fmt.Sprintf("vsock reset cid=%d\n", cid))
+			if err := echo(f.c, f.r, "first connection after restore\n"); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
 // TestVirtioRestoreMismatch: a restored VM only takes the virtio devices
 // its snapshot had, under the same names, of the same kind and over a
 // matching disk; anything else is a clear error, never a started VM.

@@ -366,13 +366,18 @@ func (vm *VM) loadKernel(r io.ReaderAt, size int64, cmdline string, proto boot.P
 }
 
 // bootSetup returns the first-run setup of a freshly booted vCPU: CPUID,
-// boot MSRs, LINT0/LINT1 wiring of its local APIC and, for the bootstrap
-// processor, the entry registers. Application processors keep the
-// wait-for-SIPI state KVM gives them.
+// XCR0 (kvm.GuestXCR0 says why), boot MSRs, LINT0/LINT1 wiring of its
+// local APIC and, for the bootstrap processor, the entry registers.
+// Application processors keep the wait-for-SIPI state KVM gives them.
 func bootSetup(index int, cpuid []kvm.CPUIDEntry, bs *boot.BootState) func(*kvm.VCPU) error {
 	return func(c *kvm.VCPU) error {
 		if err := c.SetCPUID2(cpuid); err != nil {
 			return err
+		}
+		if xcr0 := kvm.GuestXCR0(cpuid); xcr0 != 0 {
+			if err := c.SetXCRs(&kvm.XCRs{NrXCRs: 1, XCRs: [16]kvm.XCR{{XCR: 0, Value: xcr0}}}); err != nil {
+				return err
+			}
 		}
 		if err := c.SetMSRs(kvm.BootMSRs()); err != nil {
 			return err

@@ -53,9 +53,10 @@ type Topology struct {
 // 1, the hypervisor bit, the cache-sharing and core counts of leaf 4, the
 // x2APIC topology leaves 0xB and 0x1F, and on PVM hosts clamps the
 // physical-address bits of leaf 0x80000008 to 43 and adds the PVM
-// signature leaf 0x40000002 if the host table lacks it. Leaves 0x40000000 and up
-// (KVM signature and paravirt features) pass through unchanged. The input is
-// not modified.
+// signature leaf 0x40000002 if the host table lacks it. It makes the XSAVE
+// leaf 0xD agree with the feature flags (see normalizeXSave). Leaves
+// 0x40000000 and up (KVM signature and paravirt features) pass through
+// unchanged. The input is not modified.
 func NormalizeCPUID(supported []CPUIDEntry, t Topology) []CPUIDEntry {
 	n := max(t.VCPUs, 1)
 	coreBits := uint32(bits.Len(uint(n - 1))) // width of the core-id field
@@ -95,6 +96,7 @@ func NormalizeCPUID(supported []CPUIDEntry, t Topology) []CPUIDEntry {
 		}
 		out = append(out, e)
 	}
+	out = normalizeXSave(out)
 	if t.PVM {
 		out = addPVMLeaf(out)
 	}

@@ -696,11 +696,20 @@ static void vsock_connect(u32 port)
 	put_port("connect", port);
 }
 
+/* vsock_poll takes the rx queue before the event queue, in the order of
+ * Linux's virtio-mmio interrupt handler: a REQUEST the device sent before
+ * the guest handled a TRANSPORT_RESET meets the state from before it. */
 static void vsock_poll(void)
 {
 	struct vq *rx = vsock->q[0], *ev = vsock->q[2];
 	int head;
 	u32 len;
+	while ((head = take(rx, &len)) >= 0) {
+		if (head < QSZ)
+			vsock_packet(vsock_rx[head], len);
+		post(rx, (u16)head);
+		notify(rx);
+	}
 	while ((head = take(ev, &len)) >= 0) {
 		if (len >= 4 && *(volatile u32 *)vsock_ev[head] == 0) { /* TRANSPORT_RESET */
 			for (int i = 0; i < NCONN; i++)
@@ -712,12 +721,6 @@ static void vsock_poll(void)
 		}
 		post(ev, (u16)head);
 		notify(ev);
-	}
-	while ((head = take(rx, &len)) >= 0) {
-		if (head < QSZ)
-			vsock_packet(vsock_rx[head], len);
-		post(rx, (u16)head);
-		notify(rx);
 	}
 }
 

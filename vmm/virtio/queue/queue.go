@@ -395,6 +395,29 @@ func (q *Queue) EnableNotify() bool {
 	return q.availIdx.load() != q.nextAvail
 }
 
+// AvailIdx returns the driver's available index: how many chains it has
+// made available, modulo 2^16.
+func (q *Queue) AvailIdx() uint16 { return q.availIdx.load() }
+
+// NotifyOnNext asks the driver to notify the device as soon as it makes one
+// more chain available than idx, even while chains made available before
+// wait unpopped (EnableNotify only asks for a notification once the ring is
+// empty). It reports whether the available index has already moved past
+// idx, in which case that notification may never come. Without event idx it
+// enables notifications, which then come for every chain.
+func (q *Queue) NotifyOnNext(idx uint16) bool {
+	if q.broken != nil {
+		return false
+	}
+	if q.eventIdx {
+		q.store(q.availEvent, idx)
+	} else {
+		q.store(q.usedFlags, 0)
+	}
+	// store is a full barrier: the driver sees the event before we re-read.
+	return q.availIdx.load() != idx
+}
+
 func (q *Queue) store(f field16, v uint16) {
 	if !f.store(v) {
 		atomic.AddUint32(&q.fenceWord, 1) // full barrier for the plain fallback store

@@ -369,6 +369,39 @@ func TestNotificationSuppression(t *testing.T) {
 	})
 }
 
+// TestNotifyOnNext: the device asks to hear of the next chain even while
+// earlier ones wait unpopped, and learns when the driver was faster.
+func TestNotifyOnNext(t *testing.T) {
+	mem, vq, q := newPair(t, 8, allFeatures)
+	buf := mem.Alloc(t, 4, 4)
+	for range 3 {
+		vq.AddChain(testdriver.Buf{Addr: buf, Len: 4, Write: true})
+	}
+	idx := q.AvailIdx()
+	if idx != 3 {
+		t.Fatalf("AvailIdx = %d, want 3", idx)
+	}
+	if q.NotifyOnNext(idx) {
+		t.Fatal("NotifyOnNext reported a new chain before there was one")
+	}
+	// avail_event = 3: the driver notifies once the index passes 3, which
+	// EnableNotify (avail_event = next chain to pop, 0) would not arrange
+	// with three chains pending.
+	if vq.AvailEvent() != 3 {
+		t.Fatalf("avail_event = %d, want 3", vq.AvailEvent())
+	}
+	vq.AddChain(testdriver.Buf{Addr: buf, Len: 4, Write: true})
+	if !q.NotifyOnNext(idx) {
+		t.Fatal("NotifyOnNext missed the chain added after idx")
+	}
+
+	_, vq, q = newPair(t, 8, virtio.CommonFeatures&^(1<<virtio.FeatureRingEventIdx))
+	q.DisableNotify()
+	if q.NotifyOnNext(q.AvailIdx()) || vq.UsedFlags() != 0 {
+		t.Fatalf("without event idx: used flags = %d, want notifications on", vq.UsedFlags())
+	}
+}
+
 func TestRestoreAndUndo(t *testing.T) {
 	mem, vq, q := newPair(t, 8, allFeatures)
 	buf := mem.Alloc(t, 4, 4)

@@ -30,9 +30,11 @@ type conn struct {
 	dead  chan struct{} // closed on removal: the connection's goroutines exit
 	// removed is set when the connection left the muxer; late events for it
 	// are dropped.
-	removed  bool
-	timer    *time.Timer
-	timerSeq uint64
+	removed bool
+	// requestHeld: host-initiated, its REQUEST waits in muxer.held.
+	requestHeld bool
+	timer       *time.Timer
+	timerSeq    uint64
 
 	// Host → guest. The reader owns rbuf between a grant on readReq and the
 	// readEvent it sends back.

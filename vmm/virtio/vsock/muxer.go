@@ -23,8 +23,16 @@ type muxer struct {
 	ctrl []ctrlPkt
 	// ready holds connections with host data for the guest, round robin.
 	ready        []*conn
-	nextPort     uint32
 	pendingReset bool // a TRANSPORT_RESET event is owed to the guest
+	// resetUnacked: the TRANSPORT_RESET went out and the guest has not yet
+	// shown that it handled it, by making an event buffer available again
+	// (resetAvail is the event queue's available index when it went out).
+	// Until then host-initiated REQUESTs wait in held: a REQUEST the guest
+	// handled before the event would be answered with its old CID, or
+	// become a socket that the event then resets.
+	resetUnacked bool
+	resetAvail   uint16
+	held         []*conn
 
 	rxq, txq, evq *queue.Queue
 	sig           virtio.Signaler
@@ -40,7 +48,7 @@ type ctrlPkt struct {
 }
 
 func newMuxer(d *Device) *muxer {
-	return &muxer{d: d, conns: map[connKey]*conn{}, nextPort: HostPortBase}
+	return &muxer{d: d, conns: map[connKey]*conn{}}
 }
 
 // run is the worker goroutine.
@@ -75,6 +83,8 @@ func (m *muxer) pump() {
 	if m.broken {
 		return
 	}
+	m.sendEvents()
+	m.releaseHeld()
 	for i := 0; ; i++ {
 		progress := m.processTx()
 		progress = m.fillRx() || progress
@@ -85,9 +95,6 @@ func (m *muxer) pump() {
 			m.d.kicks.Kick(TxQueue)
 			break
 		}
-	}
-	if !m.broken {
-		m.sendEvents()
 	}
 	need := false
 	for _, q := range []*queue.Queue{m.rxq, m.txq, m.evq} {
@@ -359,11 +366,13 @@ func (m *muxer) hostConnect(uds *net.UnixConn, port uint32) {
 	}
 	var key connKey
 	for {
-		key = connKey{local: m.nextPort, peer: port}
-		m.nextPort++
-		if m.nextPort == 0xffffffff {
-			m.nextPort = HostPortBase
+		next := m.d.nextPort.Load()
+		key = connKey{local: next, peer: port}
+		next++
+		if next == 0xffffffff {
+			next = HostPortBase
 		}
+		m.d.nextPort.Store(next)
 		if m.conns[key] == nil {
 			break // at most MaxConns keys are taken: this ends
 		}
@@ -371,8 +380,31 @@ func (m *muxer) hostConnect(uds *net.UnixConn, port uint32) {
 	c := newConn(key, stateConnecting)
 	c.uds = uds
 	m.conns[key] = c
-	m.queueCtrl(c, OpRequest, 0)
+	if m.pendingReset || m.resetUnacked {
+		c.requestHeld = true
+		m.held = append(m.held, c)
+	} else {
+		m.queueCtrl(c, OpRequest, 0)
+	}
 	m.startTimer(c, m.d.connectTimeout)
+}
+
+// releaseHeld sends the held REQUESTs once the guest has handled the
+// TRANSPORT_RESET. Linux's event work re-posts the event buffer right after
+// handling the event (and only then), and notifies the device, which
+// NotifyOnNext asks for even while other event buffers wait unused.
+func (m *muxer) releaseHeld() {
+	if !m.resetUnacked || !m.evq.NotifyOnNext(m.resetAvail) {
+		return
+	}
+	m.resetUnacked = false
+	for _, c := range m.held {
+		if !c.removed {
+			c.requestHeld = false
+			m.queueCtrl(c, OpRequest, 0)
+		}
+	}
+	m.held = nil
 }
 
 // hostConnected handles the guest's RESPONSE to a host-initiated connection:
@@ -611,9 +643,12 @@ func (m *muxer) startTimer(c *conn, d time.Duration) {
 	})
 }
 
-// reset sends RST for c and removes it.
+// reset sends RST for c and removes it; a connection whose REQUEST is still
+// held is only removed: the guest never heard of it.
 func (m *muxer) reset(c *conn) {
-	m.ctrl = append(m.ctrl, ctrlPkt{hdr: m.hdrFor(c, OpRst, 0)})
+	if !c.requestHeld {
+		m.ctrl = append(m.ctrl, ctrlPkt{hdr: m.hdrFor(c, OpRst, 0)})
+	}
 	m.remove(c)
 }
 
@@ -642,12 +677,12 @@ func (m *muxer) closeAll() {
 	for _, c := range m.conns {
 		m.remove(c)
 	}
-	m.ctrl, m.ready = nil, nil
+	m.ctrl, m.ready, m.held = nil, nil, nil
 }
 
 // sendEvents delivers a pending TRANSPORT_RESET on the event queue.
 func (m *muxer) sendEvents() {
-	if !m.pendingReset {
+	if !m.pendingReset || m.broken {
 		return
 	}
 	for m.pop(m.evq) {
@@ -659,6 +694,7 @@ func (m *muxer) sendEvents() {
 		}
 		_ = m.evq.Push(m.chain.Head, eventSize)
 		m.pendingReset = false
+		m.resetUnacked, m.resetAvail = true, m.evq.AvailIdx()
 		m.d.metrics.TransportResets.Add(1)
 		return
 	}

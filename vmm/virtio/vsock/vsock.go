@@ -10,7 +10,13 @@
 // CREDIT_REQUEST) with per-connection credit accounting, so neither side can
 // make the other buffer without bound. After a snapshot restore no Unix
 // connection survives: the device tells the guest with a TRANSPORT_RESET event
-// and the guest drops its sockets and re-reads its CID.
+// and the guest drops its sockets and re-reads its CID. Two things keep the
+// first connection after a restore from meeting the guest's stale state: a
+// host-initiated REQUEST waits until the guest has handled that event (it
+// re-posts the event buffer), and host ports carry on from the snapshot
+// instead of starting again at HostPortBase, so a new connection never has
+// the addresses of one the guest still holds (Linux keeps a reset socket
+// until its program closes it, and drops a REQUEST that matches it).
 //
 // Goroutines and ownership:
 //   - the worker (Activate/Resume to Pause/Reset) owns the three queues and all
@@ -34,6 +40,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -138,7 +145,11 @@ type Device struct {
 	bg             sync.WaitGroup
 	live           atomic.Bool // a driver is active: host connections are accepted
 	pendingReset   atomic.Bool // set by Restore: the next start owes the guest a TRANSPORT_RESET
-	metrics        Metrics
+	// nextPort is the host port the next host-initiated connection tries
+	// first. Only the worker moves it; it is saved in snapshots so that a
+	// restored device carries on where the guest last saw it.
+	nextPort atomic.Uint32
+	metrics  Metrics
 
 	life   *virtio.Lifecycle // its lock guards the fields below
 	worker virtio.Worker
@@ -171,6 +182,7 @@ func New(cfg Config) (*Device, error) {
 		d.connectTimeout = DefaultConnectTimeout
 	}
 	d.log = d.log.With("device", "vsock", "cid", cfg.GuestCID)
+	d.nextPort.Store(HostPortBase)
 	d.mux = newMuxer(d)
 	d.life = virtio.NewLifecycle(d.kicks, d.worker.Stop, ErrClosed)
 	d.bg.Add(1)
@@ -257,7 +269,7 @@ func (d *Device) Reset() {
 	d.life.Reset(func() {
 		d.live.Store(false)
 		d.mux.closeAll()
-		d.mux.pendingReset = false
+		d.mux.pendingReset, d.mux.resetUnacked = false, false
 	})
 }
 
@@ -265,19 +277,36 @@ func (d *Device) Reset() {
 // ends of them belong to the old process.
 type State struct {
 	GuestCID uint64 `json:"guest_cid"`
+	// NextHostPort is the host port the next host-initiated connection
+	// takes. The guest may still hold sockets for ports below it after the
+	// restore (until its programs close them), so the restored device goes
+	// on from here. Zero in snapshots of older versions.
+	NextHostPort uint32 `json:"next_host_port,omitempty"`
 }
 
-// Save returns the device's snapshot.
-func (d *Device) Save() State { return State{GuestCID: d.cid} }
+// Save returns the device's snapshot. Call it while the device is paused.
+func (d *Device) Save() State { return State{GuestCID: d.cid, NextHostPort: d.nextPort.Load()} }
 
 // Restore prepares a new device for a guest restored from st: when the
 // transport activates it, the guest receives a TRANSPORT_RESET event, drops
 // the connections it had at snapshot time and re-reads its CID, which may
 // differ from st's (a clone gets a new identity). Call it before the
-// transport's Restore.
+// transport's Restore. Host-initiated connections go on with the host ports
+// after those the snapshot's device had used.
 func (d *Device) Restore(st State) error {
 	if st.GuestCID <= HostCID || st.GuestCID >= 0xffffffff {
 		return fmt.Errorf("%w: %w: %d", ErrSnapshotMismatch, ErrInvalidCID, st.GuestCID)
+	}
+	switch {
+	case st.NextHostPort >= HostPortBase && st.NextHostPort != 0xffffffff:
+		d.nextPort.Store(st.NextHostPort)
+	case st.NextHostPort == 0:
+		// A snapshot that did not record it: start somewhere in the upper
+		// half of the range, far from the ports the guest is likely to
+		// hold (the first ones after HostPortBase).
+		d.nextPort.Store(HostPortBase + 1<<29 + rand.Uint32N(1<<29))
+	default:
+		return fmt.Errorf("%w: next host port %d is outside [%d, %d)", ErrSnapshotMismatch, st.NextHostPort, uint32(HostPortBase), uint32(0xffffffff))
 	}
 	d.pendingReset.Store(true)
 	return nil

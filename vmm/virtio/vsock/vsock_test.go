@@ -673,7 +673,10 @@ func TestNoDriverRefusesHost(t *testing.T) {
 
 // TestRestoreSendsTransportReset snapshots a guest with an open connection
 // and restores it into a new device: the connection is gone, the guest gets
-// TRANSPORT_RESET, and new connections work.
+// TRANSPORT_RESET, and new connections work. The first new connection, to
+// the same guest port, waits until the guest has handled the event, and
+// does not take the host port of the connection the guest may still hold
+// (Linux would drop its REQUEST, or reset it with the event).
 func TestRestoreSendsTransportReset(t *testing.T) {
 	g := newGuest(t)
 	c, r, hostPort := g.hostConnect(4242, 1<<20)
@@ -712,6 +715,36 @@ func TestRestoreSendsTransportReset(t *testing.T) {
 	if g.dev.Metrics().TransportResets.Load() != 1 {
 		t.Fatal("transport reset not counted")
 	}
+	// A host connection made before the guest handled the event waits.
+	c1, err := net.Dial("unix", g.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c1.Close()
+	c1.SetDeadline(time.Now().Add(20 * time.Second))
+	fmt.Fprintf(c1, "CONNECT 4242\n")
+	if p, ok := g.tryRecv(300 * time.Millisecond); ok {
+		t.Fatalf("the device sent %+v before the guest handled TRANSPORT_RESET", p)
+	}
+	// The guest handles it and posts the buffer again, as Linux does.
+	if _, ok := g.drv.Queues[vsock.EventQueue].AddChain(testdriver.Buf{Addr: g.ev[u.ID], Len: 4, Write: true}); !ok {
+		t.Fatal("event queue full")
+	}
+	g.drv.Kick(vsock.EventQueue)
+	req := g.recvOp(vsock.OpRequest)
+	if req.dstPort != 4242 || req.srcPort == hostPort || req.srcPort < vsock.HostPortBase {
+		t.Fatalf("REQUEST after restore = %+v; the connection before the snapshot had host port %d", req, hostPort)
+	}
+	resp := g.to(req.srcPort, 4242, vsock.OpResponse)
+	g.send(resp, false)
+	r1 := bufio.NewReader(c1)
+	if line, err := r1.ReadString('\n'); err != nil || line != fmt.Sprintf("OK %d\n", req.srcPort) {
+		t.Fatalf("host got %q, %v", line, err)
+	}
+	// A second snapshot carries the port on again.
+	if st := g.dev.Save(); st.NextHostPort <= req.srcPort {
+		t.Fatalf("saved next host port %d, last used %d", st.NextHostPort, req.srcPort)
+	}
 	// Data on the old connection is refused.
 	old := g.to(hostPort, 4242, vsock.OpRW)
 	old.payload = []byte("stale")
@@ -740,5 +773,42 @@ func TestDriverResetDropsConnections(t *testing.T) {
 	c.SetReadDeadline(time.Now().Add(waitFor))
 	if _, err := r.ReadByte(); err != io.EOF {
 		t.Fatalf("host read after reset: %v", err)
+	}
+}
+
+// TestRestoreHostPort: the host port a restored device goes on from, for
+// snapshots with and without it, and one that is out of range.
+func TestRestoreHostPort(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		next     uint32
+		min, max uint32 // the first REQUEST's host port must be in [min, max]
+		err      bool
+	}{
+		{"recorded", vsock.HostPortBase + 7, vsock.HostPortBase + 7, vsock.HostPortBase + 7, false},
+		{"older snapshot", 0, vsock.HostPortBase + 1<<29, vsock.HostPortBase + 1<<30 - 1, false},
+		{"below the range", 1234, 0, 0, true},
+		{"end of the range", 0xffffffff, 0, 0, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: filepath.Join(t.TempDir(), "v.sock")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dev.Close()
+			err = dev.Restore(vsock.State{GuestCID: guestCID, NextHostPort: tc.next})
+			if tc.err {
+				if !errors.Is(err, vsock.ErrSnapshotMismatch) {
+					t.Fatalf("Restore = %v, want ErrSnapshotMismatch", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p := dev.Save().NextHostPort; p < tc.min || p > tc.max {
+				t.Fatalf("next host port %d, want [%d, %d]", p, tc.min, tc.max)
+			}
+		})
 	}
 }

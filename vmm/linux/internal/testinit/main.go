@@ -6,7 +6,8 @@
 // it through the VMM's Unix socket, "CONNECT 1024"):
 //
 //	uname    the kernel's sysname, release and machine
-//	disk     the first 32 bytes of /dev/vda, as text
+//	disk     the first 32 bytes of /dev/vda, as text, read past the page
+//	         cache (a guest restored onto another disk reads that one)
 //	rng      16 bytes of /dev/hwrng, in hex (virtio-rng)
 //	reboot   sync and restart (with reboot=k: the i8042 reset that ends the VM)
 package main
@@ -77,7 +78,7 @@ func run(cmd string) string {
 		}
 		return fmt.Sprintf("%s %s %s", unix.ByteSliceToString(u.Sysname[:]), unix.ByteSliceToString(u.Release[:]), unix.ByteSliceToString(u.Machine[:]))
 	case "disk":
-		return readHead("/dev/vda", 32, false)
+		return readDirect("/dev/vda", 32)
 	case "rng":
 		return readHead("/dev/hwrng", 16, true)
 	case "reboot":
@@ -103,6 +104,26 @@ func readHead(path string, n int, asHex bool) string {
 		return hex.EncodeToString(b)
 	}
 	return strings.TrimRight(string(b), "\x00")
+}
+
+// readDirect reads the first n (<= 4096) bytes of a block device with
+// O_DIRECT, into a page-aligned buffer as O_DIRECT wants, and returns them
+// as text.
+func readDirect(path string, n int) string {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer unix.Close(fd)
+	buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer unix.Munmap(buf)
+	if _, err := unix.Pread(fd, buf, 0); err != nil {
+		return "error: " + err.Error()
+	}
+	return strings.TrimRight(string(buf[:n]), "\x00")
 }
 
 func halt() {
