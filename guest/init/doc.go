@@ -15,7 +15,7 @@
 //	/.cubicle/cubicle   the static cubicle binary (mode 0755, root:root)
 //	/.cubicle/rw        empty: the sandbox disk is mounted here
 //	/.cubicle/root      empty: the overlay is assembled here
-//	/proc /sys /dev /run /tmp   mount points (created when the rootfs lacks them)
+//	/proc /sys /dev /tmp   mount points (created when the rootfs lacks them)
 //
 // The VMM attaches it read-only; every sandbox of a template shares the file.
 //
@@ -53,9 +53,11 @@
 //
 // # What init does, in order
 //
-//  1. Parse /proc/cmdline (after mounting /proc on the read-only root).
+//  1. Set RLIMIT_NOFILE to 1<<20 (inherited by envd and all it starts);
+//     parse /proc/cmdline (after mounting /proc on the read-only root).
 //  2. Mount devtmpfs on /dev (unless the kernel did), the sandbox disk
-//     /dev/vdb (ext4) on /.cubicle/rw, create upper/ and work/ there, and
+//     /dev/vdb (ext4, noatime; waiting up to 10 s for it to appear) on
+//     /.cubicle/rw, create upper/ and work/ there, and
 //     mount an overlay lowerdir=/ (the template), upperdir=/.cubicle/rw/upper,
 //     workdir=/.cubicle/rw/work on /.cubicle/root.
 //  3. pivot_root into the overlay and detach the old root: the sandbox sees
@@ -63,11 +65,13 @@
 //     and the template disk are not reachable from inside.
 //     /.cubicle/cubicle is bind-mounted read-only onto itself, so a
 //     sandbox cannot replace the binary init restarts envd from.
-//  4. Mount, in the new root: /proc (proc), /sys (sysfs), /dev (devtmpfs),
-//     /dev/pts (devpts, newinstance, ptmxmode=0666, mode=0620, gid=5) with
-//     /dev/ptmx a symlink to pts/ptmx, /dev/shm (tmpfs, mode 1777, size half
-//     of cubicle.mem), /run (tmpfs, mode 0755), /sys/fs/cgroup (cgroup2).
-//     /tmp stays on the sandbox disk, as in gVisor sandboxes and E2B's.
+//  4. Mount, in the new root: /proc (proc), /sys (sysfs), /dev (devtmpfs,
+//     whose /dev/ptmx opens the devpts instance beside it), /dev/pts
+//     (devpts, newinstance, ptmxmode=0666, mode=0620, gid=5), /dev/shm
+//     (tmpfs, mode 1777, size half of cubicle.mem), /sys/fs/cgroup
+//     (cgroup2); symlink /dev/fd, /dev/stdin, /dev/stdout, /dev/stderr into
+//     /proc/self/fd. /tmp and /run stay on the sandbox disk, as in gVisor
+//     sandboxes (and /tmp in E2B's).
 //  5. Network, over netlink: lo up; with cubicle.ip, eth0 gets it, comes
 //     up, and gets the default route via cubicle.gw. /etc/resolv.conf is
 //     replaced (a symlink there is removed) by
