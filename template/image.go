@@ -193,7 +193,7 @@ func BuildImage(ctx context.Context, rootfs, binary, out string) error {
 // imageSize returns the size in bytes and the inode count of an image for
 // the tree at root plus a binary of binSize bytes: the tree's disk usage,
 // a quarter more for ext4's metadata and directory blocks, the binary, the
-// inode table, and 64 MiB, rounded up to a MiB.
+// inode table, and 16 MiB, rounded up to a MiB.
 func imageSize(root string, binSize int64) (size int64, inodes int64, err error) {
 	used, err := diskUsage(root)
 	if err != nil {
@@ -205,7 +205,7 @@ func imageSize(root string, binSize int64) (size int64, inodes int64, err error)
 		return 0, 0, err
 	}
 	inodes = files + files/4 + 1024
-	size = used + used/4 + binSize + inodes*256 + 64<<20
+	size = used + used/4 + binSize + inodes*256 + 16<<20
 	return (size + 1<<20 - 1) &^ (1<<20 - 1), inodes, nil
 }
 
