@@ -30,9 +30,12 @@
 //
 // # Kernel command line
 //
-//	console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda ro rootfstype=ext4
+//	console=ttyS0 reboot=k panic=1 root=/dev/vda ro rootfstype=ext4
 //	init=/.cubicle/cubicle cubicle.ip=169.254.0.21/30 cubicle.gw=169.254.0.22
 //	cubicle.mem=<MiB> [cubicle.hostname=<name>] [virtio_mmio.device=... the VMM adds] -- init
+//
+// (No pci=off: the kernel has no PCI, so it would not know the parameter
+// and would pass it to init's environment.)
 //
 // The kernel runs /.cubicle/cubicle with argv[1] == "init" (the word after
 // "--"); `cubicle init` refuses to run unless it is PID 1. The VMM
