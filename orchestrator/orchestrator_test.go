@@ -135,7 +135,7 @@ func (w *world) runtime(t *testing.T, subnet string) *gvisor.Runtime {
 	}
 	w.net = pool
 	stateDir := filepath.Join(w.dataDir, "gvisor")
-	rt, err := gvisor.New(gvisor.Options{StateDir: stateDir, Network: pool, CgroupParent: "/cubicle-orchestrator-test",
+	rt, err := gvisor.New(gvisor.Options{StateDir: stateDir, CgroupParent: "/cubicle-orchestrator-test",
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
@@ -144,6 +144,9 @@ func (w *world) runtime(t *testing.T, subnet string) *gvisor.Runtime {
 		list, _ := rt.List(context.Background())
 		for _, s := range list {
 			rt.Kill(context.Background(), s.ID)
+		}
+		for _, a := range pool.List() {
+			pool.Teardown(context.Background(), a.ID)
 		}
 		// runsc keeps an empty network namespace per state root mounted
 		// here for its gofers (concurrent creates may stack several); it is
@@ -163,7 +166,7 @@ func (w *world) orchestrator(t *testing.T, poolSize int) *Orchestrator {
 func (w *world) orchestratorWith(t *testing.T, poolSize int, ledger *capacity.Ledger) *Orchestrator {
 	t.Helper()
 	o, err := New(context.Background(), Options{
-		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
+		Runtime: w.rt, Network: w.net, Store: w.st, Templates: w.tmpls,
 		Envd: envdBin, EnvdArgs: []string{"envd"},
 		PoolSize: poolSize, PoolTemplates: []string{"tiny"},
 		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
