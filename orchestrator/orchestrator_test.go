@@ -105,6 +105,9 @@ type world struct {
 	net     *network.Pool
 	tmpls   templates
 	evicted chan string
+	// egress, when set (newEgressWorld), puts every device the world's
+	// pools make under an egress enforcer, as cubicle serve does.
+	egress *egressKit
 }
 
 func newWorld(t *testing.T, subnet string) *world {
@@ -129,7 +132,11 @@ func newWorldAt(t *testing.T, subnet, dataDir string) *world {
 
 func (w *world) runtime(t *testing.T, subnet string) *gvisor.Runtime {
 	t.Helper()
-	pool, err := network.NewPool(network.Options{Prefix: netip.MustParsePrefix(subnet), LinkPrefix: "cbo", NetnsDir: filepath.Join("/run/netns")})
+	netOpts := network.Options{Prefix: netip.MustParsePrefix(subnet), LinkPrefix: "cbo", NetnsDir: filepath.Join("/run/netns")}
+	if w.egress != nil {
+		netOpts = w.egress.poolOptions(netOpts)
+	}
+	pool, err := network.NewPool(netOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +172,7 @@ func (w *world) orchestrator(t *testing.T, poolSize int) *Orchestrator {
 // orchestratorWith is orchestrator with admission control by ledger.
 func (w *world) orchestratorWith(t *testing.T, poolSize int, ledger *capacity.Ledger) *Orchestrator {
 	t.Helper()
-	o, err := New(context.Background(), Options{
+	opts := Options{
 		Runtime: w.rt, Network: w.net, Store: w.st, Templates: w.tmpls,
 		Envd: envdBin, EnvdArgs: []string{"envd"},
 		PoolSize: poolSize, PoolTemplates: []string{"tiny"},
@@ -173,7 +180,11 @@ func (w *world) orchestratorWith(t *testing.T, poolSize int, ledger *capacity.Le
 		Capacity: ledger,
 		OnEvict:  func(id string) { w.evicted <- id },
 		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
+	}
+	if w.egress != nil {
+		opts.Egress = w.egress.enf
+	}
+	o, err := New(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
