@@ -70,16 +70,17 @@ func New(pm *policy.Manager, resolverOpts dns.Options) (*Enforcer, error) {
 // OnDestroy releases it before it is removed. It is the one place where
 // devices are prepared and released, so each is, once.
 func (e *Enforcer) PoolOptions(o network.Options) network.Options {
-	o.OnCreate = func(a network.Attachment) error { return e.Prepare(a, Default) }
-	o.OnDestroy = func(a network.Attachment) { _ = e.Release(a) }
+	o.OnCreate = func(a network.Attachment) error { return e.prepare(a, Default) }
+	o.OnDestroy = func(a network.Attachment) { _ = e.release(a) }
 	return o
 }
 
-// Prepare puts attachment a under policy p before anything in the sandbox
+// prepare puts attachment a under policy p before anything in the sandbox
 // runs: the eBPF program on its host end and the resolver on its gateway.
-// On error nothing of it is left. Callers use PoolOptions rather than call
-// it themselves.
-func (e *Enforcer) Prepare(a network.Attachment, p Policy) error {
+// On error nothing of it is left. Unexported, as release is: the pool's
+// hooks (PoolOptions) are the only callers, so that no device is prepared
+// or released twice.
+func (e *Enforcer) prepare(a network.Attachment, p Policy) error {
 	idx, pol, rules, err := plan(a, p)
 	if err != nil {
 		return err
@@ -98,8 +99,9 @@ func (e *Enforcer) Prepare(a network.Attachment, p Policy) error {
 	return nil
 }
 
-// Prepared reports whether a is under an Enforcer's policy (after a server
-// restart the eBPF half survives, pinned, but the resolver does not).
+// Prepared reports whether a is under this Enforcer's policy (after a
+// server restart the eBPF half survives, pinned, but the resolver does not
+// until Apply).
 func (e *Enforcer) Prepared(a network.Attachment) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -133,7 +135,7 @@ func (e *Enforcer) Apply(a network.Attachment, p Policy) error {
 			e.forget(a.HostLink)
 			_ = e.dns.Remove(a.HostLink)
 		}
-		return e.Prepare(a, p)
+		return e.prepare(a, p)
 	} else if err != nil {
 		return fmt.Errorf("egress: policy of %s: %w", a.ID, err)
 	}
@@ -150,9 +152,10 @@ func (e *Enforcer) Apply(a network.Attachment, p Policy) error {
 	return nil
 }
 
-// Release takes a out of enforcement: resolver, learned addresses, policy.
-// Releasing an attachment that has nothing left is not an error.
-func (e *Enforcer) Release(a network.Attachment) error {
+// release takes a out of enforcement: resolver, learned addresses, policy.
+// Releasing an attachment that has nothing left is not an error (a spare
+// or sandbox device of an earlier server, whose policy is pinned).
+func (e *Enforcer) release(a network.Attachment) error {
 	var errs []error
 	if err := e.dns.Remove(a.HostLink); err != nil {
 		errs = append(errs, fmt.Errorf("egress: resolver of %s: %w", a.ID, err))
