@@ -69,7 +69,7 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	if err := writeJSON(filepath.Join(dir, recordFile), rec); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("gvisor: write %s: %w", recordFile, err)
 	}
-	tNet := time.Now()
+	tRecord := time.Now()
 
 	if cfg.DiskSizeMB > 0 && r.noDisks == "" {
 		if rec.Disk, err = r.setupDisk(dir, cfg.DiskSizeMB); err != nil {
@@ -104,7 +104,7 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 		return runtime.Sandbox{}, err
 	}
 	r.log.Info("sandbox created", "sandbox", cfg.ID, "addr", att.Addr,
-		"total", time.Since(start), "record", tNet.Sub(start), "disk", tDisk.Sub(tNet), "bundle", tBundle.Sub(tDisk), "runsc", time.Since(tBundle))
+		"total", time.Since(start), "record", tRecord.Sub(start), "disk", tDisk.Sub(tRecord), "bundle", tBundle.Sub(tDisk), "runsc", time.Since(tBundle))
 	return runtime.Sandbox{ID: cfg.ID, Addr: att.Addr, State: runtime.StateRunning}, nil
 }
 
