@@ -11,9 +11,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cubicle-dev/cubicle/network/policy"
+	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/orchestrator"
-	"github.com/cubicle-dev/cubicle/runtime"
 )
 
 // newSandbox is the body of POST /sandboxes and /v2/sandboxes. Unknown
@@ -238,15 +237,14 @@ func checkMap(name string, m map[string]string, l mapLimits) error {
 	return nil
 }
 
-// parseEgress turns E2B's network fields into a runtime policy; bad entries
-// are the client's error. allowOut may name domains ("example.com",
-// "*.example.com"); denyOut only CIDRs and IPs, as in E2B.
-func parseEgress(allowInternet bool, allowOut, denyOut []string) (runtime.Egress, error) {
-	p, domains, err := policy.ParseRules(allowOut, denyOut)
+// parseEgress turns E2B's network fields into an egress policy with the
+// one parser of them (egress.Parse); bad entries are the client's error.
+func parseEgress(allowInternet bool, allowOut, denyOut []string) (egress.Policy, error) {
+	p, err := egress.Parse(allowInternet, allowOut, denyOut)
 	if err != nil {
-		return runtime.Egress{}, fmt.Errorf("%w: network: %v", orchestrator.ErrInvalid, err)
+		return egress.Policy{}, fmt.Errorf("%w: network: %v", orchestrator.ErrInvalid, err)
 	}
-	return runtime.Egress{AllowInternet: allowInternet, AllowOut: p.AllowOut, AllowDomains: domains, DenyOut: p.DenyOut}, nil
+	return p, nil
 }
 
 // networkUpdate is the body of PUT /sandboxes/{id}/network. It replaces the

@@ -325,7 +325,7 @@ func reapLeftovers(dataDir string) error {
 		return fmt.Errorf("reaping leftovers: %w", err)
 	}
 	defer pool.Close()
-	rt, err := gvisor.New(gvisor.Options{Runsc: os.Getenv("CUBICLE_RUNSC"), StateDir: filepath.Join(dataDir, "gvisor"), Network: pool, Logger: log})
+	rt, err := gvisor.New(gvisor.Options{Runsc: os.Getenv("CUBICLE_RUNSC"), StateDir: filepath.Join(dataDir, "gvisor"), Logger: log})
 	if err != nil {
 		return fmt.Errorf("reaping leftovers: %w", err)
 	}
@@ -339,6 +339,10 @@ func reapLeftovers(dataDir string) error {
 	for _, sb := range sbs {
 		fmt.Fprintf(os.Stderr, "e2e: destroying sandbox %s left by the server\n", sb.ID)
 		errs = append(errs, rt.Kill(ctx, sb.ID))
+	}
+	// Then their devices, as the orchestrator releases them after a kill.
+	for _, a := range pool.List() {
+		errs = append(errs, pool.Teardown(ctx, a.ID))
 	}
 	return errors.Join(errs...)
 }

@@ -43,9 +43,9 @@ type Options struct {
 	// OnCreate, if set, runs for every set of devices the Pool makes,
 	// once they exist and before anyone can use them: for a spare (whose
 	// Attachment then has an empty ID) off the create path, otherwise in
-	// Setup. The runtime attaches what belongs to a device for its whole
-	// life here (the egress policy, the DNS resolver), keyed by HostIndex
-	// or HostLink, never by ID. If it fails, the devices are removed and
+	// Setup. What belongs to a device for its whole life is attached here
+	// (the egress policy and DNS resolver: egress.Enforcer.PoolOptions),
+	// keyed by HostIndex or HostLink, never by ID. If it fails, the devices are removed and
 	// the error is returned by Setup (or logged, for a spare).
 	OnCreate func(Attachment) error
 	// OnDestroy, if set, runs before a set of devices whose OnCreate

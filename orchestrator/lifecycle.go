@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/cubicle-dev/cubicle/runtime"
+	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/store"
 )
 
@@ -241,7 +241,7 @@ func (o *Orchestrator) expire(sb *Sandbox) {
 
 // SetNetwork replaces a sandbox's egress policy live (PUT
 // /sandboxes/{id}/network) and records it with the request as sent.
-func (o *Orchestrator) SetNetwork(ctx context.Context, id string, e runtime.Egress, network []byte) error {
+func (o *Orchestrator) SetNetwork(ctx context.Context, id string, e egress.Policy, network []byte) error {
 	sb, err := o.Get(id)
 	if err != nil {
 		return err
@@ -251,8 +251,11 @@ func (o *Orchestrator) SetNetwork(ctx context.Context, id string, e runtime.Egre
 	if sb.gone {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
-	if err := o.opts.Runtime.SetEgress(ctx, id, e); err != nil {
-		return fmt.Errorf("orchestrator: egress policy of %s: %w", id, err)
+	if sb.net.ID == "" {
+		return fmt.Errorf("orchestrator: egress policy of %s: the sandbox has no network devices", id)
+	}
+	if err := o.applyEgress(sb.net, e); err != nil {
+		return err
 	}
 	sb.rec.AllowInternet = e.AllowInternet
 	sb.rec.Network = network

@@ -4,7 +4,7 @@ import (
 	"context"
 	"time"
 
-	"github.com/cubicle-dev/cubicle/runtime"
+	"github.com/cubicle-dev/cubicle/network/egress"
 )
 
 // Metric is one resource sample of a sandbox, as GET /sandboxes/{id}/metrics
@@ -18,8 +18,9 @@ type Metric struct {
 	MemCache   uint64
 	DiskUsed   uint64
 	DiskTotal  uint64
-	// Egress is the sandbox's cumulative egress counters at Timestamp.
-	Egress runtime.EgressCounters
+	// Egress is the sandbox's cumulative egress counters at Timestamp,
+	// from Options.Egress (zero without one).
+	Egress egress.Counters
 }
 
 // metricsKeep is how many samples a sandbox keeps: an hour at the default
@@ -43,7 +44,8 @@ func (r *metricsRing) add(m Metric) {
 
 // sample takes one reading of a running sandbox. The runtime's host-side
 // figures (cgroup CPU time and memory, writable-layer size) are the source;
-// envd's own view is the fallback when the runtime cannot say.
+// envd's own view is the fallback when the runtime cannot say. Egress
+// counters come from the enforcer, whichever source gave the rest.
 func (o *Orchestrator) sample(ctx context.Context, sb *Sandbox) {
 	sb.mu.Lock()
 	if sb.gone || sb.rec.State != StateRunning {
@@ -51,11 +53,18 @@ func (o *Orchestrator) sample(ctx context.Context, sb *Sandbox) {
 		return
 	}
 	id, addr, token, cpus := sb.rec.ID, sb.addr, sb.rec.EnvdAccessToken, sb.rec.CPUCount
-	started := sb.rec.StartedAt
+	started, att := sb.rec.StartedAt, sb.net
 	sb.mu.Unlock()
 
 	now := time.Now().UTC()
 	m := Metric{Timestamp: now, CPUCount: cpus}
+	if o.opts.Egress != nil && att.ID != "" {
+		c, err := o.opts.Egress.Counters(att)
+		if err != nil {
+			o.log.Debug("sampling egress counters", "sandbox", id, "err", err)
+		}
+		m.Egress = c
+	}
 	st, err := o.opts.Runtime.Stats(ctx, id)
 	if err != nil {
 		em, eerr := o.envd.metrics(ctx, addr, token)
@@ -72,7 +81,6 @@ func (o *Orchestrator) sample(ctx context.Context, sb *Sandbox) {
 	}
 	m.MemUsed, m.MemTotal, m.MemCache = st.MemUsed, st.MemLimit, st.MemCache
 	m.DiskUsed, m.DiskTotal = st.DiskUsed, st.DiskTotal
-	m.Egress = st.Egress
 
 	sb.mu.Lock()
 	defer sb.mu.Unlock()

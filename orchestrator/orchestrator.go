@@ -2,8 +2,10 @@
 // pooled, pre-started slots, initialises their envd, enforces timeouts
 // (kill or auto-pause), pauses and resumes them, samples their metrics,
 // ends the ones that die on their own (watch.go), and finds running
-// sandboxes again when the server restarts. It knows nothing
-// of HTTP; the api and proxy packages drive it.
+// sandboxes again when the server restarts. It owns each sandbox's network
+// devices and their egress policy (network.go), which it hands the runtime
+// ready to use. It knows nothing of HTTP; the api and proxy packages drive
+// it.
 //
 // Concurrency: Orchestrator.mu guards the sandboxes map and the pools map
 // only. Each Sandbox has its own mu that guards its record and serialises
@@ -24,6 +26,8 @@ import (
 	"time"
 
 	"github.com/cubicle-dev/cubicle/capacity"
+	"github.com/cubicle-dev/cubicle/network"
+	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/store"
 )
@@ -71,6 +75,17 @@ type Options struct {
 	Runtime   runtime.Runtime
 	Store     *store.Store
 	Templates Templates
+	// Network is where each sandbox's network devices come from: claimed
+	// before its runtime sandbox is made, released after it is destroyed
+	// (network.go). Required.
+	Network *network.Pool
+	// Egress enforces sandboxes' egress policies on their devices; the
+	// Network pool must then be made with its hooks
+	// (egress.Enforcer.PoolOptions), which put every device under
+	// egress.Default as it is made. Nil runs sandboxes with no policy and
+	// the template's resolver (tests): asking for a policy fails with
+	// ErrNoPolicy.
+	Egress Egress
 	// Envd and EnvdArgs are passed to the runtime for every sandbox.
 	Envd     string
 	EnvdArgs []string
@@ -112,9 +127,12 @@ type Orchestrator struct {
 
 // Sandbox is one live sandbox. Read its fields through Info.
 type Sandbox struct {
-	mu      sync.Mutex
-	rec     store.Sandbox
-	addr    netip.Addr
+	mu   sync.Mutex
+	rec  store.Sandbox
+	addr netip.Addr
+	// net is its network devices; zero for an adopted sandbox whose
+	// devices were gone. Never changed.
+	net     network.Attachment
 	gone    bool // killed; the record is being or has been removed
 	metrics metricsRing
 	// life is the watch on its runtime sandbox; set before the Sandbox is
@@ -159,8 +177,8 @@ func cloneMap(m map[string]string) map[string]string {
 // New starts an orchestrator: it reconciles what the runtime holds with the
 // store, then starts the pools, the timeout reaper and the metrics sampler.
 func New(ctx context.Context, opts Options) (*Orchestrator, error) {
-	if opts.Runtime == nil || opts.Store == nil || opts.Templates == nil {
-		return nil, errors.New("orchestrator: Runtime, Store and Templates are required")
+	if opts.Runtime == nil || opts.Store == nil || opts.Templates == nil || opts.Network == nil {
+		return nil, errors.New("orchestrator: Runtime, Store, Templates and Network are required")
 	}
 	if opts.MaxTimeout <= 0 {
 		opts.MaxTimeout = 24 * time.Hour
@@ -223,10 +241,13 @@ func (o *Orchestrator) Close(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// reconcile makes memory, store and runtime agree after a start: records
-// whose sandbox is still alive are adopted (and watched, like the ones this
-// run starts), records whose sandbox is gone are dropped, and runtime sandboxes with no record (pool slots of an earlier
-// run, or half-created ones) are destroyed.
+// reconcile makes memory, store, runtime and network agree after a start:
+// records whose sandbox is still alive are adopted (and watched, like the
+// ones this run starts, and their egress policy restored), records whose
+// sandbox is gone are dropped, runtime sandboxes with no record (pool
+// slots of an earlier run, or half-created ones) are destroyed, and so
+// are network devices that belong to no adopted sandbox (a crash between
+// claiming them and the runtime's create, or in a destroy).
 func (o *Orchestrator) reconcile(ctx context.Context) error {
 	recs, err := o.opts.Store.ListSandboxes(ctx)
 	if err != nil {
@@ -258,10 +279,8 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 				Owner: rec.Owner, Type: store.EventDied, Reason: reason}); err != nil {
 				o.log.Error("recording sandbox event", "sandbox", rec.ID, "err", err)
 			}
-			if ok {
-				if err := o.opts.Runtime.Kill(ctx, rec.ID); err != nil {
-					o.log.Warn("cleaning up stopped sandbox", "sandbox", rec.ID, "err", err)
-				}
+			if err := o.destroy(ctx, rec.ID); err != nil {
+				o.log.Warn("cleaning up stopped sandbox", "sandbox", rec.ID, "err", err)
 			}
 			if err := o.opts.Store.DeleteSandbox(ctx, rec.ID); err != nil {
 				return err
@@ -274,16 +293,26 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 		} else {
 			rec.State = StateRunning
 		}
-		// The kernel kept enforcing the policy; the runtime's in-memory
-		// half of it (the resolver for domain rules) needs it back.
-		eg := runtime.DefaultEgress
-		if rec.Egress != nil {
-			eg = *rec.Egress
+		att, attached := o.opts.Network.Lookup(rec.ID)
+		if !attached {
+			o.log.Warn("adopted sandbox has no network devices", "sandbox", rec.ID)
+		} else if o.opts.Egress != nil {
+			// The kernel kept enforcing the policy (pinned); its
+			// in-memory half, the resolver for domain rules, needs it
+			// back.
+			eg := egress.Default
+			if rec.Egress != nil {
+				eg = *rec.Egress
+			}
+			if err := o.applyEgress(att, eg); err != nil {
+				o.log.Warn("restoring egress policy of adopted sandbox", "sandbox", rec.ID, "err", err)
+			}
 		}
-		if err := o.opts.Runtime.SetEgress(ctx, rec.ID, eg); err != nil {
-			o.log.Warn("restoring egress policy of adopted sandbox", "sandbox", rec.ID, "err", err)
+		addr := rs.Addr
+		if !addr.IsValid() {
+			addr = att.Addr // the runtime lost its record of it
 		}
-		sb := &Sandbox{rec: rec, addr: rs.Addr, life: o.watch(rec.ID, nil)}
+		sb := &Sandbox{rec: rec, addr: addr, net: att, life: o.watch(rec.ID, nil)}
 		o.sandboxes[rec.ID] = sb
 		if o.opts.Capacity != nil {
 			o.opts.Capacity.Adopt(rec.ID, capacity.Resources{CPUs: rec.CPUCount, MemoryMB: rec.MemoryMB, DiskMB: rec.DiskSizeMB})
@@ -292,8 +321,17 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 	}
 	for id := range alive {
 		o.log.Info("destroying unclaimed sandbox", "sandbox", id)
-		if err := o.opts.Runtime.Kill(ctx, id); err != nil {
+		if err := o.destroy(ctx, id); err != nil {
 			o.log.Warn("destroying unclaimed sandbox", "sandbox", id, "err", err)
+		}
+	}
+	for _, a := range o.opts.Network.List() {
+		if _, adopted := o.sandboxes[a.ID]; adopted {
+			continue
+		}
+		o.log.Info("releasing unclaimed network devices", "sandbox", a.ID, "link", a.HostLink)
+		if err := o.opts.Network.Teardown(ctx, a.ID); err != nil {
+			o.log.Warn("releasing unclaimed network devices", "sandbox", a.ID, "err", err)
 		}
 	}
 	return nil
@@ -331,9 +369,9 @@ type CreateRequest struct {
 	AutoResume    bool
 	AllowInternet bool
 	Network       []byte // the request's network object, kept as sent
-	// Egress, when set, replaces the runtime's default egress policy before
-	// the sandbox is handed out.
-	Egress *runtime.Egress
+	// Egress, when set, replaces the default egress policy before the
+	// sandbox is handed out.
+	Egress *egress.Policy
 	// PublicTraffic false makes non-envd ports demand the traffic token.
 	PublicTraffic bool
 	Metadata      map[string]string
@@ -373,9 +411,9 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		tTaken = time.Now()
 		env["E2B_SANDBOX_ID"] = slot.ID
 		if req.Egress != nil {
-			if err := o.opts.Runtime.SetEgress(ctx, slot.ID, *req.Egress); err != nil {
+			if err := o.applyEgress(slot.net, *req.Egress); err != nil {
 				o.destroyAsync(slot.ID)
-				return Info{}, fmt.Errorf("orchestrator: egress policy of %s: %w", slot.ID, err)
+				return Info{}, err
 			}
 		}
 		tEgress = time.Now()
@@ -430,7 +468,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		o.destroyAsync(slot.ID)
 		return Info{}, err
 	}
-	sb := &Sandbox{rec: rec, addr: slot.Addr, life: slot.life}
+	sb := &Sandbox{rec: rec, addr: slot.Addr, net: slot.net, life: slot.life}
 	o.mu.Lock()
 	if o.closed {
 		o.mu.Unlock()
@@ -490,8 +528,9 @@ func (o *Orchestrator) every(period time.Duration, fn func()) {
 	}()
 }
 
-// destroyAsync kills a runtime sandbox off the request path. What it held
-// is released at once: it is going, and a create may have it.
+// destroyAsync destroys a runtime sandbox and releases its network off
+// the request path. What it held is released at once: it is going, and a
+// create may have it.
 func (o *Orchestrator) destroyAsync(id string) {
 	o.release(id)
 	o.wg.Add(1)
@@ -501,7 +540,7 @@ func (o *Orchestrator) destroyAsync(id string) {
 		defer o.destroying.Add(-1)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		if err := o.opts.Runtime.Kill(ctx, id); err != nil {
+		if err := o.destroy(ctx, id); err != nil {
 			o.log.Warn("destroying sandbox", "sandbox", id, "err", err)
 		}
 	}()

@@ -105,6 +105,9 @@ type world struct {
 	net     *network.Pool
 	tmpls   templates
 	evicted chan string
+	// egress, when set (newEgressWorld), puts every device the world's
+	// pools make under an egress enforcer, as cubicle serve does.
+	egress *egressKit
 }
 
 func newWorld(t *testing.T, subnet string) *world {
@@ -129,13 +132,17 @@ func newWorldAt(t *testing.T, subnet, dataDir string) *world {
 
 func (w *world) runtime(t *testing.T, subnet string) *gvisor.Runtime {
 	t.Helper()
-	pool, err := network.NewPool(network.Options{Prefix: netip.MustParsePrefix(subnet), LinkPrefix: "cbo", NetnsDir: filepath.Join("/run/netns")})
+	netOpts := network.Options{Prefix: netip.MustParsePrefix(subnet), LinkPrefix: "cbo", NetnsDir: filepath.Join("/run/netns")}
+	if w.egress != nil {
+		netOpts = w.egress.poolOptions(netOpts)
+	}
+	pool, err := network.NewPool(netOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	w.net = pool
 	stateDir := filepath.Join(w.dataDir, "gvisor")
-	rt, err := gvisor.New(gvisor.Options{StateDir: stateDir, Network: pool, CgroupParent: "/cubicle-orchestrator-test",
+	rt, err := gvisor.New(gvisor.Options{StateDir: stateDir, CgroupParent: "/cubicle-orchestrator-test",
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
@@ -144,6 +151,9 @@ func (w *world) runtime(t *testing.T, subnet string) *gvisor.Runtime {
 		list, _ := rt.List(context.Background())
 		for _, s := range list {
 			rt.Kill(context.Background(), s.ID)
+		}
+		for _, a := range pool.List() {
+			pool.Teardown(context.Background(), a.ID)
 		}
 		// runsc keeps an empty network namespace per state root mounted
 		// here for its gofers (concurrent creates may stack several); it is
@@ -162,15 +172,19 @@ func (w *world) orchestrator(t *testing.T, poolSize int) *Orchestrator {
 // orchestratorWith is orchestrator with admission control by ledger.
 func (w *world) orchestratorWith(t *testing.T, poolSize int, ledger *capacity.Ledger) *Orchestrator {
 	t.Helper()
-	o, err := New(context.Background(), Options{
-		Runtime: w.rt, Store: w.st, Templates: w.tmpls,
+	opts := Options{
+		Runtime: w.rt, Network: w.net, Store: w.st, Templates: w.tmpls,
 		Envd: envdBin, EnvdArgs: []string{"envd"},
 		PoolSize: poolSize, PoolTemplates: []string{"tiny"},
 		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
 		Capacity: ledger,
 		OnEvict:  func(id string) { w.evicted <- id },
 		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
+	}
+	if w.egress != nil {
+		opts.Egress = w.egress.enf
+	}
+	o, err := New(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

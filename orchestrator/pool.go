@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -15,6 +16,7 @@ import (
 type slot struct {
 	ID     string
 	Addr   netip.Addr
+	net    network.Attachment
 	pooled bool
 	// life is the watch on the slot's sandbox, started with it.
 	life *life
@@ -186,10 +188,16 @@ func (p *pool) fill() {
 	}
 }
 
-// start creates a sandbox and waits until its envd answers.
+// start claims network devices, creates a sandbox in them and waits until
+// its envd answers.
 func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
 	id := NewID()
 	if err := p.o.admit(ctx, id, p.tmpl, pooled); err != nil {
+		return slot{}, err
+	}
+	att, err := p.o.claimNetwork(ctx, id)
+	if err != nil {
+		p.o.release(id)
 		return slot{}, err
 	}
 	rs, err := p.o.opts.Runtime.Create(ctx, runtime.Config{
@@ -201,9 +209,13 @@ func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
 		DiskSizeMB: p.tmpl.DiskSizeMB,
 		Envd:       p.o.opts.Envd,
 		EnvdArgs:   p.o.opts.EnvdArgs,
+		Network:    att,
+		GatewayDNS: p.o.opts.Egress != nil,
 	})
 	if err != nil {
-		p.o.release(id) // the runtime removed what it made
+		// The runtime removed what it made; the network is ours.
+		p.o.releaseNetwork(ctx, id)
+		p.o.release(id)
 		return slot{}, fmt.Errorf("orchestrator: start %s sandbox: %w", p.tmpl.ID, noSpace(err, p.tmpl))
 	}
 	l := p.o.watch(id, p)
@@ -212,7 +224,7 @@ func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
 		p.o.destroyAsync(id)
 		return slot{}, fmt.Errorf("orchestrator: new sandbox %s: %w", id, err)
 	}
-	return slot{ID: id, Addr: rs.Addr, pooled: pooled, life: l}, nil
+	return slot{ID: id, Addr: rs.Addr, net: att, pooled: pooled, life: l}, nil
 }
 
 // prepare waits for envd and brings up the template's start command, so
@@ -247,7 +259,7 @@ func (p *pool) drain(ctx context.Context) error {
 		select {
 		case s := <-p.ready:
 			p.o.release(s.ID)
-			if err := p.o.opts.Runtime.Kill(ctx, s.ID); err != nil {
+			if err := p.o.destroy(ctx, s.ID); err != nil {
 				errs = append(errs, err)
 			}
 		default:

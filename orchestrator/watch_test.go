@@ -304,7 +304,7 @@ func pooled(t *testing.T, w *world, o *Orchestrator) []string {
 func (w *world) waitReleased(t *testing.T, id string) {
 	t.Helper()
 	dir := filepath.Join(w.dataDir, "gvisor", id)
-	// Kill removes the directory last.
+	// Kill removes the directory last; the network goes after Kill.
 	waitForWithin(t, deathBound, "the runtime to release "+id, func() bool {
 		list, _ := w.rt.List(context.Background())
 		for _, s := range list {
@@ -313,7 +313,8 @@ func (w *world) waitReleased(t *testing.T, id string) {
 			}
 		}
 		_, err := os.Stat(dir)
-		return os.IsNotExist(err)
+		_, attached := w.net.Lookup(id)
+		return os.IsNotExist(err) && !attached
 	})
 	mounts, _ := os.ReadFile("/proc/self/mountinfo")
 	if strings.Contains(string(mounts), dir) {
@@ -327,9 +328,6 @@ func (w *world) waitReleased(t *testing.T, id string) {
 	}
 	if left, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", cgroupParent, id)); len(left) > 0 {
 		t.Errorf("cgroups left: %v", left)
-	}
-	if att, ok := w.net.Lookup(id); ok {
-		t.Errorf("network attachment left: %+v", att)
 	}
 }
 

@@ -3,6 +3,17 @@
 // microvm next) implements. A runtime knows how to start, freeze, thaw,
 // measure and destroy one sandbox; it knows nothing of the HTTP API, timeouts
 // or pools.
+//
+// Nor of egress policy: the orchestrator claims each sandbox's network
+// devices from a network.Pool, puts them under the sandbox's policy
+// (network/egress) and releases them after Kill. A runtime is handed the
+// claimed devices in Config.Network and plugs the sandbox into them: gVisor
+// into the namespace's veth, a microVM's VMM into its tap. Policy,
+// resolver and counters live on the host end of those devices, which no
+// runtime touches, so every backend is confined the same way.
+//
+// Imports run one way: runtime uses network's Attachment, a plain
+// description of devices, and network never imports runtime.
 package runtime
 
 import (
@@ -10,6 +21,8 @@ import (
 	"errors"
 	"net/netip"
 	"time"
+
+	"github.com/cubicle-dev/cubicle/network"
 )
 
 // EnvdPort is the TCP port envd listens on inside every sandbox.
@@ -36,6 +49,17 @@ type Config struct {
 	// process, and EnvdArgs its arguments (argv[1:]).
 	Envd     string
 	EnvdArgs []string
+	// Network is the sandbox's network devices, claimed by the caller and
+	// already under its egress policy: the runtime runs the sandbox in
+	// Network.Netns (on eth0 with Network.Addr, or on Network.Tap for a
+	// VMM) and never creates, changes or removes them; the caller
+	// releases them after Kill.
+	Network network.Attachment
+	// GatewayDNS says that a resolver answers on the sandbox's gateway
+	// (the host end: Network.Gateway, or Network.GuestGateway inside a
+	// microVM), and only there: the runtime makes it the sandbox's
+	// nameserver. False keeps the template's resolver configuration.
+	GatewayDNS bool
 }
 
 // State is where a sandbox stands as the runtime sees it.
@@ -55,22 +79,6 @@ type Sandbox struct {
 	State State
 }
 
-// Egress is a sandbox's outbound network policy in E2B's terms: whether
-// it may reach the internet at all, and CIDRs (AllowOut) and domain names
-// (AllowDomains: "example.com" or "*.example.com") it may reach, which win
-// over the CIDRs it may not (DenyOut). Hard rules no policy opens (other
-// sandboxes, the host, link-local and metadata addresses) are the
-// runtime's own.
-type Egress struct {
-	AllowInternet bool           `json:"allowInternet"`
-	AllowOut      []netip.Prefix `json:"allowOut,omitempty"`
-	AllowDomains  []string       `json:"allowDomains,omitempty"`
-	DenyOut       []netip.Prefix `json:"denyOut,omitempty"`
-}
-
-// DefaultEgress is the policy of a sandbox nobody asked anything of.
-var DefaultEgress = Egress{AllowInternet: true}
-
 // Stats are resource figures sampled on the host side (cgroups, disk).
 type Stats struct {
 	// CPUUsage is the cumulative CPU time the sandbox has used.
@@ -83,16 +91,6 @@ type Stats struct {
 	// is its size limit in bytes.
 	DiskUsed  uint64
 	DiskTotal uint64
-	// Egress counts what the sandbox sent since it started, as the host's
-	// eBPF egress program saw it. Zero where the runtime has no policy.
-	Egress EgressCounters
-}
-
-// EgressCounters are packets and bytes a sandbox sent that its egress
-// policy let out (Passed) and dropped (Dropped, IPv6 included).
-type EgressCounters struct {
-	PassedPackets, PassedBytes   uint64
-	DroppedPackets, DroppedBytes uint64
 }
 
 // Reasons a sandbox stopped on its own, as Exit.Reason gives them.
@@ -127,19 +125,18 @@ type Runtime interface {
 	Pause(ctx context.Context, id string) error
 	// Resume thaws a paused sandbox.
 	Resume(ctx context.Context, id string) error
-	// Kill destroys the sandbox and everything made for it (processes,
-	// network devices, namespaces, overlay, cgroups). Killing a sandbox that
-	// is already gone is not an error.
+	// Kill destroys the sandbox and everything the runtime made for it
+	// (processes, overlay, disks, cgroups), not Config.Network, which is
+	// the caller's to release afterwards. Killing a sandbox that is
+	// already gone is not an error.
 	Kill(ctx context.Context, id string) error
 	// List reports every sandbox this runtime finds on the host, including
 	// ones started by an earlier run of the server, so that they can be
 	// reconciled at start.
 	List(ctx context.Context) ([]Sandbox, error)
-	// Stats samples the sandbox's resource use.
+	// Stats samples the sandbox's resource use. (Egress counters are
+	// not the runtime's: see the package documentation.)
 	Stats(ctx context.Context, id string) (Stats, error)
-	// SetEgress replaces the sandbox's outbound policy; it takes effect on
-	// the next packet. A new sandbox starts with DefaultEgress.
-	SetEgress(ctx context.Context, id string, e Egress) error
 	// Wait blocks until the sandbox stops running, and says why, or until
 	// ctx is done (ctx's error). It answers at once for a sandbox that has
 	// stopped already, and ErrNotFound for one the runtime does not hold.

@@ -19,7 +19,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cubicle-dev/cubicle/runtime"
+	"github.com/cubicle-dev/cubicle/network/egress"
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 )
 
@@ -312,12 +312,13 @@ type Sandbox struct {
 	AutoResume      bool            `json:"autoResume"`
 	AllowInternet   bool            `json:"allowInternetAccess"`
 	Network         json.RawMessage `json:"network,omitempty"`
-	// Egress is the policy in force, parsed; nil is runtime.DefaultEgress.
-	// A restarted server gives it back to the runtime (the resolver half
-	// of it lives in memory only).
-	Egress  *runtime.Egress `json:"egress,omitempty"`
-	Addr    string          `json:"addr"`
-	Runtime string          `json:"runtime"`
+	// Egress is the policy in force, parsed; nil is egress.Default. A
+	// restarted server applies it again (the resolver half of it lives in
+	// memory only). Its JSON form is the one runtime.Egress had, where
+	// the type lived before: records written then read back unchanged.
+	Egress  *egress.Policy `json:"egress,omitempty"`
+	Addr    string         `json:"addr"`
+	Runtime string         `json:"runtime"`
 	// APIKeyID is the key that created the sandbox; Owner is who may see
 	// and use it (the key today, its team once keys have teams). Records
 	// written before owners existed are owned by their key.

@@ -32,7 +32,6 @@ import (
 	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/orchestrator"
 	"github.com/cubicle-dev/cubicle/proxy"
-	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
 	"github.com/cubicle-dev/cubicle/store"
 	"github.com/cubicle-dev/cubicle/template"
@@ -231,23 +230,19 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	if p.enforcer, err = egress.New(p.pm, dns.Options{Upstreams: k.upstreams, Logger: log.With("component", "dns")}); err != nil {
 		return err
 	}
-	enforcer := p.enforcer
-	p.netPool, err = network.NewPool(network.Options{
+	// Devices are put under the default policy as they are made, off the
+	// create path, and released as they go; the orchestrator claims them
+	// and switches the policy.
+	p.netPool, err = network.NewPool(p.enforcer.PoolOptions(network.Options{
 		Prefix: k.prefix, LinkPrefix: c.linkPrefix, Spares: c.netSpares,
-		// Devices are put under the default policy as they are made, off
-		// the create path; Create then only switches the policy.
-		OnCreate:  func(a network.Attachment) error { return enforcer.Prepare(a, runtime.DefaultEgress) },
-		OnDestroy: func(a network.Attachment) { _ = enforcer.Release(a) },
-		Logger:    log.With("component", "network"),
-	})
+		Logger: log.With("component", "network"),
+	}))
 	if err != nil {
 		return err
 	}
 	p.rt, err = gvisor.New(gvisor.Options{
 		Runsc:    k.runsc,
 		StateDir: filepath.Join(c.dataDir, "gvisor"),
-		Network:  p.netPool,
-		Egress:   p.enforcer,
 		Platform: c.platform,
 		Logger:   log.With("component", "gvisor"),
 	})
@@ -265,6 +260,8 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	px := proxy.New(resolver, c.domain, log.With("component", "proxy"))
 	p.orch, err = orchestrator.New(ctx, orchestrator.Options{
 		Runtime:       p.rt,
+		Network:       p.netPool,
+		Egress:        p.enforcer,
 		Store:         p.st,
 		Templates:     templates,
 		Envd:          k.self,

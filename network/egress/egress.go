@@ -2,9 +2,16 @@
 // the eBPF policy of package network/policy on the host end of its veth,
 // and cubicle's resolver (package network/dns) on its gateway address,
 // which opens the addresses of allowed domain names in that policy as it
-// answers. Runtimes hand an Enforcer their attachments and E2B policies;
-// it keeps the two halves in step, so that no runtime has to know how
-// domain rules are enforced.
+// answers. It also owns the E2B policy itself (Policy, Parse): the one
+// parser of API input and the split into the two halves.
+//
+// Who calls what: a network.Pool made with PoolOptions prepares every set
+// of devices once as it is made (under Default, off the create path for
+// spares) and releases it once before the devices are removed. The
+// orchestrator, which claims a sandbox's devices from that pool, switches
+// them to the sandbox's own policy with Apply and reads Counters. No
+// runtime sees an Enforcer: a runtime is handed the attachment only, so
+// every backend (veth or tap) gets the same enforcement.
 //
 // Why DNS and not an SNI/Host-checking proxy (E2B's choice): it works for
 // every protocol and port, not only HTTP on 80 and TLS on 443; nothing in
@@ -28,7 +35,6 @@ import (
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/dns"
 	"github.com/cubicle-dev/cubicle/network/policy"
-	"github.com/cubicle-dev/cubicle/runtime"
 )
 
 // Enforcer applies sandboxes' egress policies. Its methods are safe for
@@ -59,11 +65,23 @@ func New(pm *policy.Manager, resolverOpts dns.Options) (*Enforcer, error) {
 	return e, nil
 }
 
-// Prepare puts attachment a under policy e before anything in the sandbox
+// PoolOptions returns o with the hooks that put a pool's devices under e:
+// OnCreate prepares each set of devices under Default as it is made,
+// OnDestroy releases it before it is removed. It is the one place where
+// devices are prepared and released, so each is, once.
+func (e *Enforcer) PoolOptions(o network.Options) network.Options {
+	o.OnCreate = func(a network.Attachment) error { return e.prepare(a, Default) }
+	o.OnDestroy = func(a network.Attachment) { _ = e.release(a) }
+	return o
+}
+
+// prepare puts attachment a under policy p before anything in the sandbox
 // runs: the eBPF program on its host end and the resolver on its gateway.
-// On error nothing of it is left.
-func (e *Enforcer) Prepare(a network.Attachment, eg runtime.Egress) error {
-	idx, pol, rules, err := plan(a, eg)
+// On error nothing of it is left. Unexported, as release is: the pool's
+// hooks (PoolOptions) are the only callers, so that no device is prepared
+// or released twice.
+func (e *Enforcer) prepare(a network.Attachment, p Policy) error {
+	idx, pol, rules, err := plan(a, p)
 	if err != nil {
 		return err
 	}
@@ -81,8 +99,9 @@ func (e *Enforcer) Prepare(a network.Attachment, eg runtime.Egress) error {
 	return nil
 }
 
-// Prepared reports whether a is under an Enforcer's policy (after a server
-// restart the eBPF half survives, pinned, but the resolver does not).
+// Prepared reports whether a is under this Enforcer's policy (after a
+// server restart the eBPF half survives, pinned, but the resolver does not
+// until Apply).
 func (e *Enforcer) Prepared(a network.Attachment) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -93,35 +112,50 @@ func (e *Enforcer) Prepared(a network.Attachment) bool {
 // Apply replaces a's policy live: the next packet and the next query see
 // it. An attachment the Enforcer has not prepared (one adopted after a
 // restart, whose eBPF policy is still pinned) gets its resolver back.
-func (e *Enforcer) Apply(a network.Attachment, eg runtime.Egress) error {
-	idx, pol, rules, err := plan(a, eg)
+// p is as Parse makes it; a p that either half refuses (a domain the
+// resolver does not take, an IPv6 prefix) is an error, and for a device
+// being served the resolver's half, which is checked first, is left as
+// it was.
+func (e *Enforcer) Apply(a network.Attachment, p Policy) error {
+	idx, pol, rules, err := plan(a, p)
 	if err != nil {
 		return err
 	}
+	e.mu.Lock()
+	_, serving := e.ifindex[a.HostLink]
+	e.mu.Unlock()
+	if serving {
+		// The resolver swaps its rules only once they all compile.
+		if err := e.dns.SetRules(a.HostLink, rules); err != nil {
+			return fmt.Errorf("egress: resolver of %s: %w", a.ID, err)
+		}
+	}
 	if err := e.policy.Update(idx, pol); errors.Is(err, policy.ErrNotAttached) {
-		return e.Prepare(a, eg)
+		if serving {
+			e.forget(a.HostLink)
+			_ = e.dns.Remove(a.HostLink)
+		}
+		return e.prepare(a, p)
 	} else if err != nil {
 		return fmt.Errorf("egress: policy of %s: %w", a.ID, err)
 	}
-	e.mu.Lock()
-	_, serving := e.ifindex[a.HostLink]
-	e.ifindex[a.HostLink] = idx
-	e.mu.Unlock()
-	if !serving {
-		if err := e.dns.Add(a.HostLink, a.Gateway, rules); err != nil {
-			return fmt.Errorf("egress: resolver of %s: %w", a.ID, err)
-		}
+	if serving {
 		return nil
 	}
-	if err := e.dns.SetRules(a.HostLink, rules); err != nil {
+	e.mu.Lock()
+	e.ifindex[a.HostLink] = idx
+	e.mu.Unlock()
+	if err := e.dns.Add(a.HostLink, a.Gateway, rules); err != nil {
+		e.forget(a.HostLink)
 		return fmt.Errorf("egress: resolver of %s: %w", a.ID, err)
 	}
 	return nil
 }
 
-// Release takes a out of enforcement: resolver, learned addresses, policy.
-// Releasing an attachment that has nothing left is not an error.
-func (e *Enforcer) Release(a network.Attachment) error {
+// release takes a out of enforcement: resolver, learned addresses, policy.
+// Releasing an attachment that has nothing left is not an error (a spare
+// or sandbox device of an earlier server, whose policy is pinned).
+func (e *Enforcer) release(a network.Attachment) error {
 	var errs []error
 	if err := e.dns.Remove(a.HostLink); err != nil {
 		errs = append(errs, fmt.Errorf("egress: resolver of %s: %w", a.ID, err))
@@ -142,16 +176,16 @@ func (e *Enforcer) Release(a network.Attachment) error {
 }
 
 // Counters are a's egress counters since it was prepared.
-func (e *Enforcer) Counters(a network.Attachment) (runtime.EgressCounters, error) {
+func (e *Enforcer) Counters(a network.Attachment) (Counters, error) {
 	idx, err := hostIndex(a)
 	if err != nil {
-		return runtime.EgressCounters{}, err
+		return Counters{}, err
 	}
 	c, err := e.policy.Counters(idx)
 	if err != nil {
-		return runtime.EgressCounters{}, fmt.Errorf("egress: counters of %s: %w", a.ID, err)
+		return Counters{}, fmt.Errorf("egress: counters of %s: %w", a.ID, err)
 	}
-	return runtime.EgressCounters{
+	return Counters{
 		PassedPackets: c.PassedPackets, PassedBytes: c.PassedBytes,
 		DroppedPackets: c.DroppedPackets, DroppedBytes: c.DroppedBytes,
 	}, nil
@@ -198,34 +232,15 @@ func (e *Enforcer) forget(key string) (int, bool) {
 	return idx, ok
 }
 
-// plan is what applying eg to a takes: a's host-end ifindex and eg split
+// plan is what applying p to a takes: a's host-end ifindex and p split
 // into its kernel half and its resolver half.
-func plan(a network.Attachment, eg runtime.Egress) (int, policy.Policy, dns.Rules, error) {
+func plan(a network.Attachment, p Policy) (int, policy.Policy, dns.Rules, error) {
 	idx, err := hostIndex(a)
 	if err != nil {
 		return 0, policy.Policy{}, dns.Rules{}, err
 	}
-	pol, rules, err := split(eg)
-	return idx, pol, rules, err
-}
-
-// split turns an E2B policy into its kernel half and its resolver half.
-func split(eg runtime.Egress) (policy.Policy, dns.Rules, error) {
-	pol := policy.Policy{AllowInternet: eg.AllowInternet, AllowOut: eg.AllowOut, DenyOut: eg.DenyOut}
-	rules := dns.Rules{Open: eg.AllowInternet}
-	for _, d := range eg.DenyOut {
-		if d.Bits() == 0 {
-			rules.Open = false // E2B's way of saying allow_internet_access=false
-		}
-	}
-	for _, d := range eg.AllowDomains {
-		n, err := dns.ParseDomain(d)
-		if err != nil {
-			return policy.Policy{}, dns.Rules{}, fmt.Errorf("egress: %w", err)
-		}
-		rules.Domains = append(rules.Domains, n)
-	}
-	return pol, rules, nil
+	pol, rules := split(p)
+	return idx, pol, rules, nil
 }
 
 // hostIndex is the ifindex of a's host end.

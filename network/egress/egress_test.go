@@ -24,13 +24,12 @@ import (
 	"github.com/cubicle-dev/cubicle/network/dns"
 	"github.com/cubicle-dev/cubicle/network/dns/dnstest"
 	"github.com/cubicle-dev/cubicle/network/policy"
-	"github.com/cubicle-dev/cubicle/runtime"
 )
 
 const pinRoot = "/sys/fs/bpf/cubicle-test"
 
-// fixture is a pool whose devices an Enforcer prepares through the pool's
-// hooks, as cubicle serve wires them, with an upstream DNS server on
+// fixture is a pool whose devices an Enforcer prepares through the hooks
+// of PoolOptions, as cubicle serve wires them, with an upstream DNS server on
 // loopback that answers every A query with upstreamAnswer.
 type fixture struct {
 	pool *network.Pool
@@ -58,12 +57,10 @@ func newFixture(tb testing.TB, prefix string, spares int) *fixture {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { enf.Close() })
-	pool, err := network.NewPool(network.Options{
+	pool, err := network.NewPool(enf.PoolOptions(network.Options{
 		Prefix: netip.MustParsePrefix(prefix), NetnsDir: tb.TempDir(), LinkPrefix: "cbeg", Spares: spares,
-		OnCreate:  func(a network.Attachment) error { return enf.Prepare(a, runtime.DefaultEgress) },
-		OnDestroy: func(a network.Attachment) { _ = enf.Release(a) },
-		Logger:    log,
-	})
+		Logger: log,
+	}))
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -158,18 +155,18 @@ func TestEnforcerFollowsThePolicy(t *testing.T) {
 	}
 	steps := []struct {
 		name   string
-		egress *runtime.Egress // applied before the queries; nil: as made
+		egress *Policy // applied before the queries; nil: as made
 		want   map[string]dnsmessage.RCode
 	}{
 		{"default policy: every name resolves", nil,
 			map[string]dnsmessage.RCode{"example.test": dnsmessage.RCodeSuccess, "other.test": dnsmessage.RCodeSuccess}},
-		{"closed, with domains", &runtime.Egress{AllowInternet: false, AllowDomains: []string{"example.test", "*.wild.test"}},
+		{"closed, with domains", &Policy{AllowInternet: false, AllowDomains: []string{"example.test", "*.wild.test"}},
 			map[string]dnsmessage.RCode{"example.test": dnsmessage.RCodeSuccess, "a.b.wild.test": dnsmessage.RCodeSuccess,
 				"wild.test": dnsmessage.RCodeRefused, "other.test": dnsmessage.RCodeRefused}},
 		{"denyOut 0.0.0.0/0 closes like allow_internet_access=false",
-			&runtime.Egress{AllowInternet: true, DenyOut: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}},
+			&Policy{AllowInternet: true, DenyOut: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}},
 			map[string]dnsmessage.RCode{"example.test": dnsmessage.RCodeRefused}},
-		{"open again", &runtime.Egress{AllowInternet: true},
+		{"open again", &Policy{AllowInternet: true},
 			map[string]dnsmessage.RCode{"other.test": dnsmessage.RCodeSuccess}},
 	}
 	for _, s := range steps {
@@ -204,7 +201,7 @@ func TestEnforcerFollowsThePolicy(t *testing.T) {
 		t.Errorf("queries to the resolver were not counted: %+v", c)
 	}
 
-	if err := f.enf.Apply(a, runtime.Egress{AllowDomains: []string{"*.test"}}); !errors.Is(err, dns.ErrBadDomain) {
+	if err := f.enf.Apply(a, Policy{AllowDomains: []string{"*.test"}}); !errors.Is(err, dns.ErrBadDomain) {
 		t.Errorf("Apply with *.test: %v, want ErrBadDomain", err)
 	}
 
@@ -237,7 +234,7 @@ func BenchmarkCreateNetworking(b *testing.B) {
 
 func benchCreateNetworking(b *testing.B, f *fixture, spares bool) {
 	ctx := context.Background()
-	eg := runtime.Egress{AllowInternet: false,
+	eg := Policy{AllowInternet: false,
 		AllowOut:     []netip.Prefix{netip.MustParsePrefix("203.0.113.0/24")},
 		AllowDomains: []string{"example.test", "*.pypi.org"}}
 	samples := make([]time.Duration, 0, b.N)

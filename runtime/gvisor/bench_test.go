@@ -12,8 +12,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/cubicle-dev/cubicle/network"
 )
 
 // BenchmarkCreate measures Create (with config's 1 GiB disk) until envd
@@ -32,7 +30,7 @@ func BenchmarkCreate(b *testing.B) {
 	var times []time.Duration
 	for b.Loop() {
 		start := time.Now()
-		sb, err := e.rt.Create(ctx, config(testID("bench"), tmpl))
+		sb, err := e.create(ctx, config(testID("bench"), tmpl))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -41,7 +39,7 @@ func BenchmarkCreate(b *testing.B) {
 		}
 		times = append(times, time.Since(start))
 		b.StopTimer()
-		if err := e.rt.Kill(ctx, sb.ID); err != nil {
+		if err := e.kill(ctx, sb.ID); err != nil {
 			b.Fatal(err)
 		}
 		b.StartTimer()
@@ -70,7 +68,7 @@ func BenchmarkCreateDisk(b *testing.B) {
 			cfg := config(testID("bench"), tmpl)
 			cfg.DiskSizeMB = mb
 			start := time.Now()
-			sb, err := e.rt.Create(ctx, cfg)
+			sb, err := e.create(ctx, cfg)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -79,7 +77,7 @@ func BenchmarkCreateDisk(b *testing.B) {
 			}
 			times[i] = append(times[i], time.Since(start))
 			b.StopTimer()
-			if err := e.rt.Kill(ctx, sb.ID); err != nil {
+			if err := e.kill(ctx, sb.ID); err != nil {
 				b.Fatal(err)
 			}
 			b.StartTimer()
@@ -149,7 +147,7 @@ func BenchmarkRunscRun(b *testing.B) {
 		}
 		cfg := config(id, tmpl)
 		cfg.EnvdArgs = []string{"-exit"}
-		spec := e.rt.spec(cfg, dir, network.Attachment{})
+		spec := e.rt.spec(cfg, dir)
 		spec.Root.Path = tmpl
 		spec.Linux.Namespaces = spec.Linux.Namespaces[:len(spec.Linux.Namespaces)-1] // no netns
 		if err := writeJSON(filepath.Join(dir, "config.json"), spec); err != nil {

@@ -9,7 +9,6 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
-	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -54,9 +53,8 @@ func shmSizeKiB(memoryMB int) int {
 	return max(memoryMB, 1) << 10 / 2
 }
 
-// spec builds the OCI runtime spec of a sandbox whose bundle is dir and
-// whose network is att.
-func (r *Runtime) spec(cfg runtime.Config, dir string, att network.Attachment) *specs.Spec {
+// spec builds the OCI runtime spec of a sandbox whose bundle is dir.
+func (r *Runtime) spec(cfg runtime.Config, dir string) *specs.Spec {
 	memLimit := int64(cfg.MemoryMB) << 20
 	cpuQuota := int64(cfg.CPUCount) * cpuPeriod
 	period := uint64(cpuPeriod)
@@ -107,11 +105,11 @@ func (r *Runtime) spec(cfg runtime.Config, dir string, att network.Attachment) *
 				{Type: specs.IPCNamespace},
 				{Type: specs.UTSNamespace},
 				{Type: specs.MountNamespace},
-				{Type: specs.NetworkNamespace, Path: att.Netns},
+				{Type: specs.NetworkNamespace, Path: cfg.Network.Netns},
 			},
 		},
 	}
-	if r.egress != nil {
+	if cfg.GatewayDNS {
 		// The only resolver the policy lets through is cubicle's, on the
 		// sandbox's gateway (written by writeResolvConf). Read-only: a
 		// sandbox that points elsewhere would only find port 53 closed.

@@ -149,7 +149,7 @@ func TestDiskLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	hostBefore := allocated(t, e.stateDir)
-	sb, err := e.rt.Create(ctx, cfg)
+	sb, err := e.create(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -212,7 +212,7 @@ func TestDiskLimit(t *testing.T) {
 	if s2.DiskUsed != s1.DiskUsed || s2.DiskTotal != s1.DiskTotal {
 		t.Errorf("Stats after restart: DiskUsed %d, DiskTotal %d; before %d, %d", s2.DiskUsed, s2.DiskTotal, s1.DiskUsed, s1.DiskTotal)
 	}
-	if err := e.rt.Kill(ctx, sb.ID); err != nil {
+	if err := e.kill(ctx, sb.ID); err != nil {
 		t.Fatalf("Kill after restart: %v", err)
 	}
 	// Kill leaves no loop device, mount or file (the cache aside).
@@ -231,7 +231,7 @@ func TestDiskOldLayout(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			cfg := config(testID(name), tmpl)
 			cfg.DiskSizeMB = 0
-			sb, err := e.rt.Create(ctx, cfg)
+			sb, err := e.create(ctx, cfg)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -268,7 +268,7 @@ func TestDiskOldLayout(t *testing.T) {
 			if s.DiskUsed < 10<<20 || s.DiskUsed > 11<<20 || s.DiskTotal != wantTotal {
 				t.Errorf("Stats: DiskUsed %d, DiskTotal %d; want about 10 MiB and %d", s.DiskUsed, s.DiskTotal, wantTotal)
 			}
-			if err := e.rt.Kill(ctx, sb.ID); err != nil {
+			if err := e.kill(ctx, sb.ID); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := os.Stat(dir); err == nil {
@@ -299,7 +299,7 @@ func TestDiskFailureCleansUp(t *testing.T) {
 	if err := os.Truncate(cached, 32<<20); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.rt.Create(ctx, cfg); err == nil || !strings.Contains(err.Error(), "mount") {
+	if _, err := e.create(ctx, cfg); err == nil || !strings.Contains(err.Error(), "mount") {
 		t.Fatalf("Create over a damaged image: err %v, want a mount error", err)
 	}
 	e.checkNoLeaks()
@@ -307,12 +307,12 @@ func TestDiskFailureCleansUp(t *testing.T) {
 		t.Fatal("the damaged image is still cached")
 	}
 	cfg.ID = testID("dmg")
-	sb, err := e.rt.Create(ctx, cfg)
+	sb, err := e.create(ctx, cfg)
 	if err != nil {
 		t.Fatalf("Create after the damaged image: %v", err)
 	}
 	waitHealthy(t, sb, 10*time.Second)
-	if err := e.rt.Kill(ctx, sb.ID); err != nil {
+	if err := e.kill(ctx, sb.ID); err != nil {
 		t.Fatal(err)
 	}
 }

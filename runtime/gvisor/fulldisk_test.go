@@ -117,7 +117,7 @@ func TestFullDataDir(t *testing.T) {
 	for i := 0; i < 5 && refusal == nil; i++ {
 		cfg := config(testID(fmt.Sprintf("full%d", i)), tmpl)
 		cfg.DiskSizeMB = diskMB
-		sb, err := e.rt.Create(ctx, cfg)
+		sb, err := e.create(ctx, cfg)
 		if err != nil {
 			refusal = err
 			if _, serr := os.Stat(e.rt.sandboxDir(cfg.ID)); serr == nil {
@@ -181,13 +181,13 @@ func TestFullDataDir(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, s := range made {
-		if err := e.rt.Kill(ctx, s.ID); err != nil {
+		if err := e.kill(ctx, s.ID); err != nil {
 			t.Fatal(err)
 		}
 	}
 	cfg := config(testID("fullagain"), tmpl)
 	cfg.DiskSizeMB = diskMB
-	sb, err := e.rt.Create(ctx, cfg)
+	sb, err := e.create(ctx, cfg)
 	if err != nil {
 		t.Fatalf("create after freeing space: %v", err)
 	}

@@ -2,7 +2,9 @@
 // sandbox as a runsc container whose root filesystem is a host overlayfs
 // (the template's rootfs as the read-only lower layer, a per-sandbox upper
 // layer on the sandbox's own ext4 disk of Config.DiskSizeMB) and whose
-// network is a namespace from package network.
+// network is the namespace of Config.Network, which the caller claimed
+// (and put under its egress policy) and releases after Kill: the runtime
+// only joins it.
 //
 // Everything a sandbox needs lives in StateDir/<id>/ (the OCI bundle, the
 // disk image, the overlay layers, the persisted Config) and in runsc's own
@@ -64,8 +66,6 @@ import (
 	"regexp"
 	"strings"
 
-	"github.com/cubicle-dev/cubicle/network"
-	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/template"
 )
@@ -129,13 +129,6 @@ type Options struct {
 	// StateDir holds the sandboxes' bundles and runsc's state; typically a
 	// directory under the server's data dir. Required.
 	StateDir string
-	// Network provides each sandbox's namespace and address. Required.
-	Network *network.Pool
-	// Egress enforces each sandbox's egress policy: the eBPF program on its
-	// host-side device and the resolver on its gateway. Nil runs sandboxes
-	// without either (tests): SetEgress then fails, and sandboxes keep
-	// the template's resolver configuration.
-	Egress *egress.Enforcer
 	// Platform is runsc's --platform: "systrap" (the default; needs
 	// nothing from the host), "ptrace" (slower) or "kvm" (needs /dev/kvm
 	// with hardware virtualisation: on a PVM host such as the development
@@ -161,8 +154,6 @@ type Runtime struct {
 	runsc        string
 	stateDir     string
 	runscRoot    string
-	net          *network.Pool
-	egress       *egress.Enforcer
 	cgroupParent string
 	// noDisks, when set, says why this host cannot give sandboxes disks of
 	// their own (no loop devices, no mkfs.ext4): DiskSizeMB is then
@@ -189,9 +180,6 @@ func New(opts Options) (*Runtime, error) {
 	if opts.StateDir == "" || !filepath.IsAbs(opts.StateDir) {
 		return nil, fmt.Errorf("%w: StateDir %q must be an absolute path", ErrInvalidConfig, opts.StateDir)
 	}
-	if opts.Network == nil {
-		return nil, fmt.Errorf("%w: no network pool", ErrInvalidConfig)
-	}
 	if opts.Platform == "" {
 		opts.Platform = "systrap"
 	}
@@ -215,8 +203,6 @@ func New(opts Options) (*Runtime, error) {
 		runsc:        runsc,
 		stateDir:     opts.StateDir,
 		runscRoot:    filepath.Join(opts.StateDir, runscDir),
-		net:          opts.Network,
-		egress:       opts.Egress,
 		cgroupParent: filepath.Clean(opts.CgroupParent),
 		log:          opts.Logger.With("runtime", Name),
 		noDisks:      diskSupport(),

@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -32,8 +33,8 @@ func TestLifecycle(t *testing.T) {
 	var errA, errB error
 	var wg sync.WaitGroup
 	wg.Add(2) // concurrent Creates: the pool and runtime must cope
-	go func() { defer wg.Done(); a, errA = e.rt.Create(ctx, cfgA) }()
-	go func() { defer wg.Done(); b, errB = e.rt.Create(ctx, cfgB) }()
+	go func() { defer wg.Done(); a, errA = e.create(ctx, cfgA) }()
+	go func() { defer wg.Done(); b, errB = e.create(ctx, cfgB) }()
 	wg.Wait()
 	if err := errors.Join(errA, errB); err != nil {
 		t.Fatal(err)
@@ -222,7 +223,7 @@ func TestLifecycle(t *testing.T) {
 		if _, err := e.rt.Stats(ctx, a.ID); err != nil {
 			t.Fatalf("Stats after restart: %v", err)
 		}
-		if err := e.rt.Kill(ctx, a.ID); err != nil {
+		if err := e.kill(ctx, a.ID); err != nil {
 			t.Fatalf("Kill after restart: %v", err)
 		}
 		if err := pollHealth(a.Addr, 200*time.Millisecond); err == nil {
@@ -238,10 +239,10 @@ func TestLifecycle(t *testing.T) {
 	if err := e.rt.Pause(ctx, b.ID); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.rt.Kill(ctx, b.ID); err != nil {
+	if err := e.kill(ctx, b.ID); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.rt.Kill(ctx, b.ID); err != nil {
+	if err := e.kill(ctx, b.ID); err != nil {
 		t.Fatalf("second Kill: %v", err)
 	}
 	e.checkNoLeaks()
@@ -257,7 +258,7 @@ func TestMemoryLimit(t *testing.T) {
 	ctx := context.Background()
 	cfg := config(testID("mem"), makeTemplate(t))
 	cfg.MemoryMB = 128
-	sb, err := e.rt.Create(ctx, cfg)
+	sb, err := e.create(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,7 +298,7 @@ func TestMemoryLimit(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	checkState(t, e.rt, sb.ID, runtime.StateStopped)
-	if err := e.rt.Kill(ctx, sb.ID); err != nil {
+	if err := e.kill(ctx, sb.ID); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -308,6 +309,12 @@ func TestCreateErrors(t *testing.T) {
 	tmpl := makeTemplate(t)
 	file := filepath.Join(t.TempDir(), "file")
 	os.WriteFile(file, nil, 0o644)
+	// Devices for the configs below; the runtime must refuse each before
+	// it uses them.
+	att, err := e.pool.Setup(ctx, testID("badnet"))
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	for _, tc := range []struct {
 		name string
@@ -322,9 +329,12 @@ func TestCreateErrors(t *testing.T) {
 		{"no memory", func(c *runtime.Config) { c.MemoryMB = 0 }},
 		{"envd missing", func(c *runtime.Config) { c.Envd = "/nonexistent" }},
 		{"envd not executable", func(c *runtime.Config) { c.Envd = file }},
+		{"no network", func(c *runtime.Config) { c.Network = network.Attachment{} }},
+		{"relative netns", func(c *runtime.Config) { c.Network.Netns = "netns" }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := config(testID("bad"), tmpl)
+			cfg.Network = att
 			tc.mod(&cfg)
 			if _, err := e.rt.Create(ctx, cfg); !errors.Is(err, ErrInvalidConfig) {
 				t.Fatalf("err %v, want ErrInvalidConfig", err)
@@ -332,11 +342,13 @@ func TestCreateErrors(t *testing.T) {
 		})
 	}
 
-	sb, err := e.rt.Create(ctx, config(testID("dup"), tmpl))
+	sb, err := e.create(ctx, config(testID("dup"), tmpl))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.rt.Create(ctx, config(sb.ID, tmpl)); !errors.Is(err, ErrExists) {
+	dup := config(sb.ID, tmpl)
+	dup.Network = att
+	if _, err := e.rt.Create(ctx, dup); !errors.Is(err, ErrExists) {
 		t.Fatalf("second Create of %s: err %v, want ErrExists", sb.ID, err)
 	}
 	waitHealthy(t, sb, 10*time.Second) // the failed Create did not harm it
@@ -350,7 +362,7 @@ func TestCreateErrors(t *testing.T) {
 			t.Errorf("%s of an unknown sandbox: err %v, want ErrNotFound", name, err)
 		}
 	}
-	if err := e.rt.Kill(ctx, "nosuchsandbox"); err != nil {
+	if err := e.kill(ctx, "nosuchsandbox"); err != nil {
 		t.Errorf("Kill of an unknown sandbox: %v", err)
 	}
 }
@@ -360,7 +372,7 @@ func TestCreateErrors(t *testing.T) {
 func TestCreateFailureCleansUp(t *testing.T) {
 	e := newEnv(t, "100.88.252.48/28")
 	e.rt.flags = append(e.rt.flags, "--platform=nosuchplatform")
-	_, err := e.rt.Create(context.Background(), config(testID("fail"), makeTemplate(t)))
+	_, err := e.create(context.Background(), config(testID("fail"), makeTemplate(t)))
 	var re *RunscError
 	if !errors.As(err, &re) || !strings.Contains(err.Error(), "nosuchplatform") {
 		t.Fatalf("err %v, want a RunscError that names the bad platform", err)

@@ -64,7 +64,9 @@ func requireRunsc(tb testing.TB) {
 }
 
 // env is one test's world: a network pool and a runtime over a fresh state
-// dir. Its cleanup kills every sandbox left and checks nothing leaked.
+// dir. Its cleanup kills every sandbox left and checks nothing leaked. As
+// the orchestrator does, create claims each sandbox's devices from the
+// pool before the runtime runs it, and kill releases them after.
 type env struct {
 	tb       testing.TB
 	stateDir string
@@ -111,7 +113,6 @@ func (e *env) restart() (*network.Pool, *Runtime) {
 	}
 	rt, err := New(Options{
 		StateDir:     e.stateDir,
-		Network:      pool,
 		CgroupParent: e.cgroupParent,
 		Logger:       e.logger(),
 	})
@@ -119,6 +120,32 @@ func (e *env) restart() (*network.Pool, *Runtime) {
 		e.tb.Fatal(err)
 	}
 	return pool, rt
+}
+
+// create claims cfg.ID's network devices and starts the sandbox in them;
+// on error the devices go again.
+func (e *env) create(ctx context.Context, cfg runtime.Config) (runtime.Sandbox, error) {
+	att, err := e.pool.Setup(ctx, cfg.ID)
+	if err != nil {
+		return runtime.Sandbox{}, err
+	}
+	cfg.Network = att
+	sb, err := e.rt.Create(ctx, cfg)
+	if err != nil {
+		if terr := e.pool.Teardown(ctx, cfg.ID); terr != nil {
+			e.tb.Errorf("releasing the network of a failed create: %v", terr)
+		}
+		return runtime.Sandbox{}, err
+	}
+	return sb, nil
+}
+
+// kill destroys sandbox id, then releases its network devices.
+func (e *env) kill(ctx context.Context, id string) error {
+	if err := e.rt.Kill(ctx, id); err != nil {
+		return err
+	}
+	return e.pool.Teardown(ctx, id)
 }
 
 // logger sends the runtime's log to the test's log, shown when it fails
@@ -146,6 +173,11 @@ func (e *env) cleanup() {
 	for _, sb := range sbs {
 		if err := e.rt.Kill(ctx, sb.ID); err != nil {
 			e.tb.Errorf("Kill %s at cleanup: %v", sb.ID, err)
+		}
+	}
+	for _, a := range e.pool.List() {
+		if err := e.pool.Teardown(ctx, a.ID); err != nil {
+			e.tb.Errorf("Teardown %s at cleanup: %v", a.ID, err)
 		}
 	}
 	e.checkNoLeaks()

@@ -16,7 +16,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -37,10 +36,11 @@ const recordFile = "sandbox.json"
 // killTimeout bounds each runsc command of Kill.
 const killTimeout = 10 * time.Second
 
-// Create implements runtime.Runtime. It claims StateDir/<id>, attaches the
-// network, mounts the sandbox's disk (DiskSizeMB > 0) and the overlay,
-// writes the bundle and runs `runsc create` and `runsc start`. On error
-// everything it made is removed again.
+// Create implements runtime.Runtime. It claims StateDir/<id>, mounts the
+// sandbox's disk (DiskSizeMB > 0) and the overlay, writes the bundle (the
+// sandbox joins Config.Network's namespace) and runs `runsc create` and
+// `runsc start`. On error everything it made is removed again; the
+// network is the caller's.
 func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sandbox, err error) {
 	if err := r.checkConfig(cfg); err != nil {
 		return runtime.Sandbox{}, err
@@ -62,23 +62,14 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 			}
 		}
 	}()
-	rec := record{Config: cfg, Created: start.UTC()}
+	att := cfg.Network
+	rec := record{Config: cfg, Addr: att.Addr, Created: start.UTC()}
 	// Written first, so that a crash anywhere below leaves a sandbox that
 	// List reports (as stopped) and Kill removes.
 	if err := writeJSON(filepath.Join(dir, recordFile), rec); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("gvisor: write %s: %w", recordFile, err)
 	}
-
-	att, err := r.net.Setup(ctx, cfg.ID)
-	if err != nil {
-		return runtime.Sandbox{}, fmt.Errorf("gvisor: %w", err)
-	}
-	// The policy is in force before the sandbox's first instruction runs.
-	if err := r.prepareEgress(att); err != nil {
-		return runtime.Sandbox{}, err
-	}
-	rec.Addr = att.Addr
-	tNet := time.Now()
+	tRecord := time.Now()
 
 	if cfg.DiskSizeMB > 0 && r.noDisks == "" {
 		if rec.Disk, err = r.setupDisk(dir, cfg.DiskSizeMB); err != nil {
@@ -99,12 +90,12 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	if err := ensureTmpDir(filepath.Join(dir, "rootfs", "tmp")); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("gvisor: %w", err)
 	}
-	if r.egress != nil {
+	if cfg.GatewayDNS {
 		if err := writeResolvConf(dir, att.Gateway); err != nil {
 			return runtime.Sandbox{}, fmt.Errorf("gvisor: %w", err)
 		}
 	}
-	if err := writeJSON(filepath.Join(dir, "config.json"), r.spec(cfg, dir, att)); err != nil {
+	if err := writeJSON(filepath.Join(dir, "config.json"), r.spec(cfg, dir)); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("gvisor: write config.json: %w", err)
 	}
 	tBundle := time.Now()
@@ -113,7 +104,7 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 		return runtime.Sandbox{}, err
 	}
 	r.log.Info("sandbox created", "sandbox", cfg.ID, "addr", att.Addr,
-		"total", time.Since(start), "network", tNet.Sub(start), "disk", tDisk.Sub(tNet), "bundle", tBundle.Sub(tDisk), "runsc", time.Since(tBundle))
+		"total", time.Since(start), "record", tRecord.Sub(start), "disk", tDisk.Sub(tRecord), "bundle", tBundle.Sub(tDisk), "runsc", time.Since(tBundle))
 	return runtime.Sandbox{ID: cfg.ID, Addr: att.Addr, State: runtime.StateRunning}, nil
 }
 
@@ -123,6 +114,10 @@ func (r *Runtime) checkConfig(cfg runtime.Config) error {
 	}
 	if err := checkLowerDir(cfg.RootFS); err != nil {
 		return err
+	}
+	if n := cfg.Network; n.Netns == "" || !filepath.IsAbs(n.Netns) || !n.Addr.IsValid() || !n.Gateway.IsValid() {
+		return fmt.Errorf("%w: Network needs a namespace path, an address and a gateway (got %q, %v, %v)",
+			ErrInvalidConfig, n.Netns, n.Addr, n.Gateway)
 	}
 	if cfg.CPUCount < 1 || cfg.MemoryMB < 1 || cfg.DiskSizeMB < 0 {
 		return fmt.Errorf("%w: CPUCount %d, MemoryMB %d and DiskSizeMB %d must be positive",
@@ -298,12 +293,6 @@ func (r *Runtime) Kill(ctx context.Context, id string) error {
 	} else if err := unmountDisk(dir); err != nil {
 		errs = append(errs, err)
 	}
-	if err := r.releaseEgress(id); err != nil {
-		errs = append(errs, err)
-	}
-	if err := r.net.Teardown(context.WithoutCancel(ctx), id); err != nil {
-		errs = append(errs, err)
-	}
 	if err := errors.Join(errs...); err != nil {
 		// Keep the directory (and sandbox.json): List still shows the
 		// sandbox, so the caller can Kill it again.
@@ -372,16 +361,12 @@ func (r *Runtime) List(ctx context.Context) ([]runtime.Sandbox, error) {
 	}
 	// Containers in runsc's root whose directory is gone (removed by hand,
 	// or a crash in Kill) are still this runtime's: report them, so that
-	// the caller kills them.
+	// the caller kills them. Their address went with sandbox.json.
 	for id, st := range status {
 		if checkID(id) != nil {
 			continue
 		}
-		sb := runtime.Sandbox{ID: id, State: stateOf(st)}
-		if att, ok := r.net.Lookup(id); ok {
-			sb.Addr = att.Addr
-		}
-		sbs = append(sbs, sb)
+		sbs = append(sbs, runtime.Sandbox{ID: id, State: stateOf(st)})
 	}
 	sort.Slice(sbs, func(i, j int) bool { return sbs[i].ID < sbs[j].ID })
 	return sbs, nil
@@ -426,9 +411,6 @@ func (r *Runtime) Stats(ctx context.Context, id string) (runtime.Stats, error) {
 		return runtime.Stats{}, fmt.Errorf("gvisor: disk usage of %s: %w", id, err)
 	}
 	s.DiskTotal = uint64(rec.Config.DiskSizeMB) << 20
-	if s.Egress, err = r.egressCounters(id); err != nil {
-		return runtime.Stats{}, err
-	}
 	return s, nil
 }
 
@@ -444,22 +426,6 @@ func (r *Runtime) diskUsed(id string, d *disk) (uint64, error) {
 	return used - min(used, d.BaseUsed), nil
 }
 
-// egressCounters reads the sandbox's counters from the eBPF policy maps.
-func (r *Runtime) egressCounters(id string) (runtime.EgressCounters, error) {
-	if r.egress == nil {
-		return runtime.EgressCounters{}, nil
-	}
-	att, ok := r.net.Lookup(id)
-	if !ok {
-		return runtime.EgressCounters{}, fmt.Errorf("gvisor: stats of %s: no network attached: %w", id, runtime.ErrNotFound)
-	}
-	c, err := r.egress.Counters(att)
-	if err != nil {
-		return runtime.EgressCounters{}, fmt.Errorf("gvisor: %w", err)
-	}
-	return c, nil
-}
-
 // ensureTmpDir makes a world-writable sticky /tmp when it is missing.
 func ensureTmpDir(dir string) error {
 	if _, err := os.Stat(dir); err == nil {
@@ -469,54 +435,4 @@ func ensureTmpDir(dir string) error {
 		return err
 	}
 	return os.Chmod(dir, 0o777|os.ModeSticky)
-}
-
-// prepareEgress puts a fresh attachment under the default policy, unless
-// the pool's hooks did so when they made its devices.
-func (r *Runtime) prepareEgress(att network.Attachment) error {
-	if r.egress == nil || r.egress.Prepared(att) {
-		return nil
-	}
-	if err := r.egress.Prepare(att, runtime.DefaultEgress); err != nil {
-		return fmt.Errorf("gvisor: %w", err)
-	}
-	return nil
-}
-
-// releaseEgress takes the sandbox's device out of enforcement before its
-// devices go. cubicle serve's pool releases devices in its OnDestroy hook
-// as well; Release is idempotent, and this call is what covers a pool made
-// without the hooks.
-func (r *Runtime) releaseEgress(id string) error {
-	if r.egress == nil {
-		return nil
-	}
-	att, ok := r.net.Lookup(id)
-	if !ok {
-		return nil // no device, so nothing attached to it
-	}
-	if err := r.egress.Release(att); err != nil {
-		return fmt.Errorf("gvisor: %w", err)
-	}
-	return nil
-}
-
-// ErrNoPolicy is returned by SetEgress on a runtime made without an
-// egress enforcer.
-var ErrNoPolicy = errors.New("gvisor: no egress policy enforcer")
-
-// SetEgress replaces the sandbox's egress policy; the next packet and the
-// next DNS query see it.
-func (r *Runtime) SetEgress(ctx context.Context, id string, e runtime.Egress) error {
-	if r.egress == nil {
-		return ErrNoPolicy
-	}
-	att, ok := r.net.Lookup(id)
-	if !ok {
-		return fmt.Errorf("%w: %s", runtime.ErrNotFound, id)
-	}
-	if err := r.egress.Apply(att, e); err != nil {
-		return fmt.Errorf("gvisor: %w", err)
-	}
-	return nil
 }

@@ -43,7 +43,7 @@ func TestSetuidInsideOnly(t *testing.T) {
 	if err := os.Chmod(suid, 0o755|os.ModeSetuid); err != nil {
 		t.Fatal(err)
 	}
-	sb, err := e.rt.Create(ctx, config(testID("suid"), tmpl))
+	sb, err := e.create(ctx, config(testID("suid"), tmpl))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func TestSetuidInsideOnly(t *testing.T) {
 	if got := strings.TrimSpace(string(out)); got != "1000" {
 		t.Fatalf("uid 1000 on the host ran the sandbox's setuid binary with euid %s: the host honours its setuid bit", got)
 	}
-	if err := e.rt.Kill(ctx, sb.ID); err != nil {
+	if err := e.kill(ctx, sb.ID); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -70,11 +70,11 @@ func TestWait(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := config(testID("w"), tmpl)
 			cfg.MemoryMB = 128
-			sb, err := e.rt.Create(ctx, cfg)
+			sb, err := e.create(ctx, cfg)
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer e.rt.Kill(ctx, sb.ID)
+			defer e.kill(ctx, sb.ID)
 			waitHealthy(t, sb, 10*time.Second)
 			rt := e.rt
 			if tc.restart {
@@ -109,7 +109,7 @@ func TestWait(t *testing.T) {
 			if ex, err := rt.Wait(ctx, sb.ID); err != nil || ex.Reason != tc.reason {
 				t.Fatalf("second Wait = %+v, %v", ex, err)
 			}
-			if err := rt.Kill(ctx, sb.ID); err != nil {
+			if err := e.kill(ctx, sb.ID); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -122,7 +122,7 @@ func TestWait(t *testing.T) {
 func TestWaitPausedAndCancelled(t *testing.T) {
 	e := newEnv(t, "100.88.248.16/28")
 	ctx := context.Background()
-	sb, err := e.rt.Create(ctx, config(testID("p"), makeTemplate(t)))
+	sb, err := e.create(ctx, config(testID("p"), makeTemplate(t)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,7 +141,7 @@ func TestWaitPausedAndCancelled(t *testing.T) {
 		done <- err
 	}()
 	time.Sleep(200 * time.Millisecond)
-	if err := e.rt.Kill(ctx, sb.ID); err != nil {
+	if err := e.kill(ctx, sb.ID); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -162,7 +162,7 @@ func TestShmSize(t *testing.T) {
 	ctx := context.Background()
 	cfg := config(testID("shm"), makeTemplate(t))
 	cfg.MemoryMB = 256
-	sb, err := e.rt.Create(ctx, cfg)
+	sb, err := e.create(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,10 +4,14 @@
 //
 //	faults alloc MIB      allocate and touch MIB MiB, then sleep
 //	faults kill PID SIG   kill(2) PID with signal number SIG
+//	faults resolve NAME   look NAME's IPv4 addresses up through the
+//	                      sandbox's /etc/resolv.conf; print them, or the error
 package main
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"os"
 	"strconv"
 	"syscall"
@@ -25,7 +29,7 @@ var ballast [][]byte
 
 func run(args []string) error {
 	if len(args) < 2 {
-		return fmt.Errorf("usage: faults alloc MIB | faults kill PID SIG")
+		return fmt.Errorf("usage: faults alloc MIB | faults kill PID SIG | faults resolve NAME")
 	}
 	switch args[0] {
 	case "alloc":
@@ -61,6 +65,14 @@ func run(args []string) error {
 		// takes this process with it, which is the point.
 		time.Sleep(2 * time.Second)
 		fmt.Println("signal sent; still alive")
+	case "resolve":
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		addrs, err := (&net.Resolver{PreferGo: true}).LookupNetIP(ctx, "ip4", args[1])
+		if err != nil {
+			return err
+		}
+		fmt.Println("resolved", addrs)
 	default:
 		return fmt.Errorf("unknown fault %q", args[0])
 	}
