@@ -64,6 +64,7 @@ func main() {
 		envdCmd(),
 		codeinterpCmd(),
 		vmmCmd(),
+		doctorCmd(),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version",
