@@ -24,7 +24,9 @@ func doctorCmd() *cobra.Command {
 item (ok, limited or missing, and why), then the backend ` + "`cubicle serve --isolation auto`" + `
 would pick: microvm where /dev/kvm has hardware virtualization, else gvisor. It exits 0
 when serve can run with some backend, 1 when it cannot. Run it as root, as serve runs.`,
-		Args: cobra.NoArgs,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			r := hostcheck.Check(o)
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)

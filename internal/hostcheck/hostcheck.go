@@ -394,7 +394,7 @@ func checkRunsc(o Options) Item {
 	it := Item{Name: "runsc", Status: Missing}
 	p, err := gvisor.FindRunsc(o.Runsc, o.CacheDir)
 	if err != nil {
-		it.Detail = err.Error()
+		it.Detail = strings.TrimPrefix(err.Error(), "gvisor: ")
 		return it
 	}
 	bi, err := buildinfo.ReadFile(p)
