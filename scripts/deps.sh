@@ -22,6 +22,10 @@ pkgs=(debootstrap ca-certificates iproute2 e2fsprogs curl unzip)
 # guest (vmm/testguest).
 $with_tests && pkgs+=(gcc libc6-dev binutils)
 # guest/codeinterp's tests drive real Jupyter kernels (Debian's python3, not a pyenv one).
+# The guest kernel's build (vmm/linux/build.sh). scripts/nested-kvm.sh
+# installs QEMU and its L1's tools itself, only where the host needs them
+# (busybox-static replaces a busybox package).
+$with_tests && pkgs+=(linux-source-6.1 bc flex bison libelf-dev libssl-dev make)
 $with_tests && pkgs+=(python3-ipykernel python3-numpy python3-pandas python3-matplotlib python3-scipy)
 missing=()
 for p in "${pkgs[@]}"; do

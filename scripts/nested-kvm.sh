@@ -6,13 +6,19 @@
 # cubicle's VMM boots a Linux guest (L2). Works where the host has no
 # /dev/kvm, a PVM one, or a real one (docs/STATUS.md has what was seen with it).
 #
-#   scripts/nested-kvm.sh
-#       runs the microVM checks (TestLinuxBoot, TestLinuxInit, and any
-#       TestLinux*Snapshot*/TestLinux*Restore* test in vmm/linux), one
-#       "PASS name" / "FAIL name" line each, ending with exactly one line
-#       "nested-kvm: N passed, M failed"; exits 1 if M > 0. Where the host's
-#       /dev/kvm has real VT-x/AMD-V (vmm/linux.CanBoot), the checks run
-#       directly on the host instead.
+#   scripts/nested-kvm.sh [--uncovered]
+#       runs the tests listed in scripts/nested-kvm.tests (package, -run
+#       regex, timeout, what they need: a Linux-booting /dev/kvm or any
+#       usable one), each on the host where its /dev/kvm has what the line
+#       needs (vmm/linux/internal/canboot says), else all together in one
+#       L1. One "PASS line" / "FAIL line: why" per line, ending with
+#       exactly one line "nested-kvm: N passed, M failed"; exits 1 if
+#       M > 0. Under emulation a line that fails is run once more in a
+#       fresh L1, and the output says so ("passed only on a second run");
+#       failing twice is a failure. A line kept from running by an earlier
+#       one that wedged L1 runs in the next L1 without losing its try.
+#       With --uncovered (scripts/test.sh), lines the host can run are only
+#       named ("HOST ..."): its go test run covers them.
 #   scripts/nested-kvm.sh run [--share DIR] -- CMD [ARG...]
 #       boots L1 with DIR's files (a copy, read-write, in L1's memory) at
 #       /work, runs CMD there as root, streams L1's serial console to
@@ -22,14 +28,19 @@
 #       -c), the L2 kernel comes from vmm/linux/build.sh, and the hooks
 #       $CUBICLE_VMLINUX, $CUBICLE_TESTINIT and $CUBICLE_TESTGUEST_DIR
 #       point the tests at prebuilt files.
+#   scripts/nested-kvm.sh without-kvm
+#       runs go test on the packages of scripts/nested-kvm.tests where
+#       /dev/kvm has no driver (ENODEV, as on a kernel that is itself a PVM
+#       guest): every test that needs KVM must skip there, none fail.
 #   scripts/nested-kvm.sh prepare
 #       builds (or finds) the cached L1 kernel and base initramfs and
 #       prints their directory.
 #
 # Environment: NESTED_KVM_TIMEOUT (seconds QEMU may run, default 1800 for
-# run, and 180 + 360 per check for the checks),
+# run, and for the tests 180 + each line's timeout + 60 per line),
+# NESTED_KVM_TESTS (the tests file, default scripts/nested-kvm.tests),
 # NESTED_KVM_MEM (default 4G), NESTED_KVM_SMP (default 2), NESTED_KVM_FORCE=1
-# (use QEMU even where the host could run the checks directly),
+# (use QEMU even where the host could run a line directly),
 # NESTED_KVM_KERNEL_PKG (the Debian linux-image package, default what
 # linux-image-amd64 depends on), CUBICLE_CACHE_DIR (default
 # /var/cache/cubicle; the L1 files are cached in nested-kvm/<key> below it,
@@ -126,6 +137,10 @@ for c in memory pids; do
 done
 mkdir /sys/fs/cgroup/unified
 mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+# A host's usual files that tests expect (vmm/jailer bind-mounts
+# /etc/hostname into its jail).
+mkdir -p /etc
+echo l1 >/etc/hostname
 hostname l1
 ip link set lo up
 for m in /lib/nested-kvm/*.ko; do
@@ -306,15 +321,24 @@ boot() {
 	esac
 }
 
-# direct says whether the host itself can boot Linux guests (and so runs
-# things without QEMU).
-direct() {
+# host_can NEEDS says whether the host itself can run tests that need
+# NEEDS (linux: a Linux guest boots on its /dev/kvm; kvm: the VMM can use
+# its /dev/kvm, PVM included), as vmm/linux/internal/canboot answers;
+# NESTED_KVM_FORCE=1 says no. The answer is asked once.
+host_can() {
 	[ "${NESTED_KVM_FORCE:-}" != 1 ] || return 1
-	command -v go >/dev/null || return 1
-	local why
-	why=$(cd "$root" && go run ./vmm/linux/internal/canboot 2>/dev/null) && return 0
-	log "${why:-no: cannot tell (vmm/linux/internal/canboot failed)}; using nested KVM under QEMU"
-	return 1
+	local var=host_$1 arg='' why
+	if [ -z "${!var:-}" ]; then
+		[ "$1" = kvm ] && arg=-kvm
+		if ! command -v go >/dev/null; then
+			why="no: cannot tell (no go command to run vmm/linux/internal/canboot)"
+		elif why=$(cd "$root" && go run ./vmm/linux/internal/canboot $arg 2>&1); then
+			why=yes
+		fi
+		printf -v "$var" '%s' "${why:-no: cannot tell (vmm/linux/internal/canboot failed)}"
+		[ "${!var}" = yes ] || log "host, for tests that need $1: ${!var}"
+	fi
+	[ "${!var}" = yes ]
 }
 
 cmd_run() {
@@ -335,7 +359,7 @@ cmd_run() {
 	done
 	[ $# -gt 0 ] || die "run: no command (usage: run [--share DIR] -- CMD [ARG...])"
 	[ -z "$share" ] || [ -d "$share" ] || die "run: --share $share is not a directory"
-	if direct; then
+	if host_can linux; then
 		log "the host has hardware virtualization: running directly"
 		(cd "${share:-.}" && "$@")
 		return
@@ -355,99 +379,263 @@ cmd_run() {
 	boot "$stage"
 }
 
-# checks prints the microVM checks in vmm/linux: TestLinuxBoot,
-# TestLinuxInit (cubicle init as PID 1, guest/init) and any Linux
-# snapshot/restore test.
-checks() {
-	echo TestLinuxBoot
-	echo TestLinuxInit
-	sed -n 's/^func \(TestLinux[A-Za-z0-9_]*\(Snapshot\|Restore\)[A-Za-z0-9_]*\)(t \*testing\.T).*/\1/p' \
-		"$root"/vmm/linux/*_test.go | sort -u
+# The lines of the tests file (see scripts/nested-kvm.tests), by index.
+t_pkg=() t_run=() t_timeout=() t_needs=() t_skip=()
+
+# seconds DURATION prints a Go duration of the form 90s, 5m or 1h in
+# seconds.
+seconds() {
+	case $1 in
+	*[!0-9smh]* | [!0-9]* | *[0-9]) return 1 ;;
+	*s) echo "${1%s}" ;;
+	*m) echo $((${1%m} * 60)) ;;
+	*h) echo $((${1%h} * 3600)) ;;
+	*) return 1 ;;
+	esac
 }
 
-# checks_script prints the sh script (busybox or the host's) that runs the
-# checks with the test binary and prebuilt files in the current directory.
-# A check passes only if the test ran and passed: a skip is a failure here.
+# read_tests reads the tests file, refusing a malformed line.
+read_tests() {
+	local file=$1 pkg run timeout needs skip extra n=0
+	[ -f "$file" ] || die "no tests file $file"
+	while read -r pkg run timeout needs skip extra; do
+		n=$((n + 1))
+		case $pkg in "" | \#*) continue ;; esac
+		if [ -z "$needs" ] || [ -n "$extra" ]; then
+			die "$file:$n: want: package regex timeout needs [skip-regex]"
+		fi
+		case $needs in linux | kvm) ;; *) die "$file:$n: needs is linux or kvm, not $needs" ;; esac
+		seconds "$timeout" >/dev/null || die "$file:$n: timeout $timeout is not like 90s, 5m or 1h"
+		[ -d "$root/$pkg" ] || die "$file:$n: no package directory $pkg"
+		t_pkg+=("$pkg") t_run+=("$run") t_timeout+=("$timeout") t_needs+=("$needs") t_skip+=("$skip")
+	done <"$file"
+	[ ${#t_pkg[@]} -gt 0 ] || die "$file lists no tests"
+}
+
+# label I names line I of the tests file in the output.
+label() { echo "${t_pkg[$1]} -run ${t_run[$1]}${t_skip[$1]:+ -skip ${t_skip[$1]}}"; }
+
+# checks_script I... prints the sh script (busybox's in L1, or the
+# host's) that runs lines I... with the work directory (test binaries in
+# <package>/, prebuilt files in prebuilt/) as the current directory. Each
+# line prints nested-kvm-start and then nested-kvm-check PASS or FAIL with
+# a nested-kvm-why; a line passes only if its binary exited 0, some test
+# passed and none skipped (a skip here means the test ran nowhere).
 checks_script() {
-	cat <<'EOF'
-export CUBICLE_VMLINUX=$PWD/vmlinux CUBICLE_TESTINIT=$PWD/testinit CUBICLE_INIT_DISKS=$PWD/initdisks
-failed=0
-EOF
-	local c
-	for c in "$@"; do
-		cat <<EOF
-echo "=== nested-kvm check $c"
-{ ./linux.test -test.run '^$c\$' -test.v -test.count=1 -test.timeout 5m; echo \$? >/tmp/$c.rc; } 2>&1 | tee /tmp/$c.out
-if [ "\$(cat /tmp/$c.rc)" = 0 ] && grep -q '^--- PASS: $c ' /tmp/$c.out; then
-	echo "nested-kvm-check: $c PASS"
+	cat <<'EOF2'
+top=$PWD
+export CUBICLE_VMLINUX=$top/prebuilt/vmlinux CUBICLE_TESTINIT=$top/prebuilt/testinit
+export CUBICLE_TESTGUEST_DIR=$top/prebuilt/testguest CUBICLE_INIT_DISKS=$top/prebuilt/initdisks
+EOF2
+	local i args
+	for i in "$@"; do
+		args="-test.run $(quote "${t_run[i]}")"
+		[ -z "${t_skip[i]}" ] || args+=" -test.skip $(quote "${t_skip[i]}")"
+		args+=" -test.timeout ${t_timeout[i]} -test.v -test.count=1"
+		cat <<EOF2
+echo "nested-kvm-start: $i"
+cd "\$top/${t_pkg[i]}"
+{ ./pkg.test $args; echo \$? >/tmp/nested-kvm-$i.rc; } 2>&1 | tee /tmp/nested-kvm-$i.out
+cd "\$top"
+rc=\$(cat /tmp/nested-kvm-$i.rc)
+out=/tmp/nested-kvm-$i.out
+if [ "\$rc" != 0 ]; then
+	why="exit \$rc\$(sed -n 's/^--- FAIL: \([^ ]*\).*/ \1/p' \$out | head -n 5 | tr -d '\n')"
+elif ! grep -q '^--- PASS: ' \$out; then
+	why="no test ran"
+elif grep -q -- '--- SKIP: ' \$out; then
+	why="skipped:\$(sed -n 's/^ *--- SKIP: \([^ ]*\).*/ \1/p' \$out | head -n 5 | tr -d '\n')"
 else
-	echo "nested-kvm-check: $c FAIL"
-	failed=\$((failed + 1))
+	why=
 fi
-EOF
+if [ -z "\$why" ]; then
+	echo "nested-kvm-check: $i PASS"
+else
+	echo "nested-kvm-why: $i \$why"
+	echo "nested-kvm-check: $i FAIL"
+fi
+EOF2
 	done
-	cat <<'EOF'
-exit $failed
-EOF
 }
 
+# verdict LOG I prints PASS or FAIL for line I from a log, or nothing.
+verdict() { sed -n "s/^.*nested-kvm-check: $2 \(PASS\|FAIL\)\$/\1/p" "$1" | tail -n 1; }
+why() { sed -n "s/^.*nested-kvm-why: $2 //p" "$1" | tail -n 1; }
+started() { grep -q "nested-kvm-start: $2\$" "$1"; }
+
+# cmd_checks runs the tests file's lines: each on the host where its
+# /dev/kvm has what the line needs, else inside L1 (see the tests file for
+# the retry rule). With --uncovered, lines the host can run are left to
+# scripts/test.sh's go test, which runs them already.
 cmd_checks() {
+	local uncovered=false
+	case ${1:-} in
+	--uncovered) uncovered=true ;;
+	"") ;;
+	*) die "unknown option $1 (run with --help)" ;;
+	esac
 	command -v go >/dev/null || die "the checks need go to build the test binaries"
-	local tmp stage work vmlinux list=() c
-	mapfile -t list < <(checks)
-	if [ "${#list[@]}" -lt 2 ]; then
-		log "vmm/linux has no Linux snapshot/restore test yet: only TestLinuxBoot runs"
-	fi
-	# An L2 can wedge both of L1's CPUs (soft lockup), so that not even the
-	# test's own timeout fires: QEMU's limit is what ends that. Unless set,
-	# it is L1's boot plus each check's 5 minutes, with room to spare.
-	[ -n "${NESTED_KVM_TIMEOUT:-}" ] || qemu_timeout=$((180 + 360 * ${#list[@]}))
+	read_tests "${NESTED_KVM_TESTS:-$root/scripts/nested-kvm.tests}"
+	local n=${#t_pkg[@]} i host=() l1=() covered=() pkgs=() p needs_linux=false needs_kvm=false
+	for ((i = 0; i < n; i++)); do
+		if host_can "${t_needs[i]}"; then
+			if $uncovered; then
+				covered+=("$i")
+				continue
+			fi
+			host+=("$i")
+		else
+			l1+=("$i")
+		fi
+		[ "${t_needs[i]}" = linux ] && needs_linux=true
+		[ "${t_needs[i]}" = kvm ] && needs_kvm=true
+		case " ${pkgs[*]} " in *" ${t_pkg[i]} "*) ;; *) pkgs+=("${t_pkg[i]}") ;; esac
+	done
+	for i in "${covered[@]}"; do
+		echo "HOST $(label "$i") (this host's /dev/kvm runs it: scripts/test.sh's go test does)"
+	done
+	local tmp stage work
 	tmp=$(mktemp -d "${TMPDIR:-/tmp}/nested-kvm.XXXXXX")
 	# shellcheck disable=SC2064 # expand $tmp now: it is local
 	trap "rm -rf '$tmp'" EXIT
 	stage=$tmp/stage
 	work=$stage/work
-	mkdir -p "$work"
-	log "building the L2 guest kernel (vmm/linux/build.sh; cached)"
-	vmlinux=$(bash "$root/vmm/linux/build.sh")
-	cp "$vmlinux" "$work/vmlinux"
-	log "building the test binaries"
-	(cd "$root" && CGO_ENABLED=0 go test -c -o "$work/linux.test" ./vmm/linux &&
-		CGO_ENABLED=0 go build -trimpath -o "$work/testinit" ./vmm/linux/internal/testinit &&
-		CGO_ENABLED=0 go build -trimpath -o "$tmp/cubicle" ./cmd/cubicle &&
-		go run ./vmm/linux/internal/initdisks -cubicle "$tmp/cubicle" "$work/initdisks")
-	checks_script "${list[@]}" >"$work/checks.sh"
-	# The verdicts come from the log: a failed check or a dead L1 is
-	# counted below, not an early exit here.
-	if direct; then
-		log "the host has hardware virtualization: running the checks directly"
-		(cd "$work" && sh ./checks.sh) | tee "$stage.log" || true
-	else
+	mkdir -p "$work/prebuilt"
+	# The L2 kernel and testinit are what Linux-guest tests need, the C
+	# test guest what the others need: nothing in L1 can build them.
+	if $needs_linux; then
+		log "building the L2 guest kernel (vmm/linux/build.sh; cached)"
+		cp "$(bash "$root/vmm/linux/build.sh")" "$work/prebuilt/vmlinux"
+		(cd "$root" && CGO_ENABLED=0 go build -trimpath -o "$work/prebuilt/testinit" ./vmm/linux/internal/testinit)
+		# TestLinuxInit's template image and sandbox disk, with a static
+		# cubicle as the guest's init: L1 has no mkfs.ext4.
+		(cd "$root" && CGO_ENABLED=0 go build -trimpath -o "$tmp/cubicle" ./cmd/cubicle &&
+			go run ./vmm/linux/internal/initdisks -cubicle "$tmp/cubicle" "$work/prebuilt/initdisks")
+	fi
+	if $needs_kvm; then
+		(cd "$root" && go run ./vmm/testguest/internal/prebuild "$work/prebuilt/testguest")
+	fi
+	for p in "${pkgs[@]}"; do
+		log "building the tests of $p"
+		mkdir -p "$work/$p"
+		(cd "$root" && CGO_ENABLED=0 go test -c -o "$work/$p/pkg.test" "./$p")
+		[ ! -d "$root/$p/testdata" ] || cp -a "$root/$p/testdata" "$work/$p/"
+	done
+	local passed=0 failed=0 retried=()
+	declare -A result reason tries
+	if [ ${#host[@]} -gt 0 ]; then
+		# On hardware a failure is real: no second run.
+		log "running ${#host[@]} line(s) on the host, whose /dev/kvm can"
+		checks_script "${host[@]}" >"$work/host.sh"
+		(cd "$work" && sh ./host.sh) >"$stage.host.log" 2>&1 || true
+		cat "$stage.host.log"
+		for i in "${host[@]}"; do
+			result[$i]=$(verdict "$stage.host.log" "$i")
+			reason[$i]=$(why "$stage.host.log" "$i")
+			[ -n "${result[$i]}" ] || reason[$i]="did not run to the end"
+		done
+	fi
+	# L1: every pending line runs in one boot; a line that fails is run
+	# once more in a fresh L1; a line an earlier one kept from running
+	# (L1 died, or QEMU's limit ended it) runs in the next boot without
+	# losing its try. Every boot spends at least one try, so this ends.
+	local pending=("${l1[@]}") next boots=0 any limit
+	while [ ${#pending[@]} -gt 0 ]; do
+		boots=$((boots + 1))
+		# An L2 can wedge both of L1's CPUs (soft lockup) so that not even
+		# the test's own timeout fires: QEMU's limit ends that. Unless
+		# set, it is L1's boot plus each line's timeout and a minute.
+		if [ -z "${NESTED_KVM_TIMEOUT:-}" ]; then
+			qemu_timeout=180
+			for i in "${pending[@]}"; do
+				qemu_timeout=$((qemu_timeout + $(seconds "${t_timeout[i]}") + 60))
+			done
+		fi
+		limit=$qemu_timeout
+		checks_script "${pending[@]}" | sed '1a export CUBICLE_TEST_EMULATED=1' >"$work/checks.sh"
 		mkdir -p "$stage/nested-kvm"
 		echo "exec sh ./checks.sh" >"$stage/nested-kvm/run"
+		log "L1 boot $boots: ${#pending[@]} line(s)"
 		boot "$stage" || true
-	fi
-	local passed=0 failed=0 verdict
-	for c in "${list[@]}"; do
-		verdict=$(sed -n "s/^nested-kvm-check: $c \(PASS\|FAIL\)$/\1/p" "$stage.log" | tail -n 1)
-		if [ "$verdict" = PASS ]; then
-			echo "PASS $c"
+		cp "$stage.log" "$stage.log.$boots"
+		any=false
+		for i in "${pending[@]}"; do
+			started "$stage.log" "$i" && any=true
+		done
+		next=()
+		for i in "${pending[@]}"; do
+			local v
+			v=$(verdict "$stage.log" "$i")
+			if [ "$v" = PASS ]; then
+				result[$i]=PASS
+				continue
+			fi
+			if [ "$v" = FAIL ]; then
+				reason[$i]=$(why "$stage.log" "$i")
+			elif started "$stage.log" "$i"; then
+				reason[$i]="did not run to the end (L1 died, or QEMU's ${limit}s limit ended it)"
+			elif ! $any; then
+				reason[$i]="L1 ran no test (it did not boot, or died first)"
+			else
+				next+=("$i") # kept from running by an earlier line: no try spent
+				continue
+			fi
+			tries[$i]=$((${tries[$i]:-0} + 1))
+			if [ "${tries[$i]}" -lt 2 ]; then
+				echo "nested-kvm: $(label "$i") failed (${reason[$i]}): one more run in a fresh L1"
+				next+=("$i")
+			else
+				result[$i]=FAIL
+			fi
+		done
+		pending=("${next[@]}")
+	done
+	for i in "${host[@]}" "${l1[@]}"; do
+		if [ "${result[$i]:-}" = PASS ]; then
+			if [ "${tries[$i]:-0}" -gt 0 ]; then
+				echo "PASS $(label "$i") (on its second run; the first: ${reason[$i]})"
+				retried+=("$(label "$i")")
+			else
+				echo "PASS $(label "$i")"
+			fi
 			passed=$((passed + 1))
 		else
-			if [ "$verdict" = FAIL ]; then
-				echo "FAIL $c"
-			else
-				echo "FAIL $c (no result: it did not run to the end)"
-			fi
+			echo "FAIL $(label "$i"): ${reason[$i]:-no result}"
 			failed=$((failed + 1))
 		fi
 	done
+	[ ${#retried[@]} -eq 0 ] || echo "nested-kvm: ${#retried[@]} passed only on a second run in a fresh L1: ${retried[*]}"
 	echo "nested-kvm: $passed passed, $failed failed"
 	[ "$failed" -eq 0 ]
 }
 
+# cmd_without_kvm runs the tests file's packages with go test where
+# /dev/kvm is a node with no driver behind it (a misc minor nobody
+# registers: open fails with ENODEV, as on a kernel that is itself a PVM
+# guest), in a private mount namespace: every test that needs KVM must
+# skip, saying why; none may fail for it.
+cmd_without_kvm() {
+	command -v go >/dev/null || die "without-kvm needs go"
+	command -v unshare >/dev/null || die "without-kvm needs unshare (util-linux)"
+	read_tests "${NESTED_KVM_TESTS:-$root/scripts/nested-kvm.tests}"
+	local pkgs=() p
+	for p in "${t_pkg[@]}"; do
+		case " ${pkgs[*]} " in *" ./$p "*) ;; *) pkgs+=("./$p") ;; esac
+	done
+	log "go test ${pkgs[*]} with a /dev/kvm that has no driver (ENODEV)"
+	# shellcheck disable=SC2016 # expanded by the inner bash
+	(cd "$root" && unshare -m --propagation private bash -c '
+		set -e
+		node=$(mktemp -u /tmp/nested-kvm-nokvm.XXXXXX)
+		mknod "$node" c 10 250
+		mount --bind "$node" /dev/kvm
+		rm -f "$node"
+		exec go test -count=1 "$@"' _ "${pkgs[@]}")
+}
+
 case ${1:-} in
-"") cmd_checks ;;
+"" | --uncovered) cmd_checks "$@" ;;
+without-kvm) cmd_without_kvm ;;
 run)
 	shift
 	cmd_run "$@"

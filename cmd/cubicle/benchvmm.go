@@ -1,3 +1,5 @@
+//go:build vmmbench
+
 package main
 
 import (
@@ -15,7 +17,10 @@ import (
 )
 
 // benchVMMCmd measures the VMM on this host (package vmm/vmmbench): one
-// line per figure, medians and percentiles, never a pass/fail verdict.
+// line per figure, medians and percentiles, never a pass/fail verdict. It
+// is built only with -tags vmmbench: it embeds the freestanding C test
+// guest (vmm/testguest) and builds it with gcc, which the product binary
+// has no use for (benchvmm_off.go says how to get it).
 func benchVMMCmd() *cobra.Command {
 	var n, parallel, procN, poolSize, clones int
 	var jail bool

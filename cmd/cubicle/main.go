@@ -66,6 +66,7 @@ func main() {
 		initCmd(),
 		codeinterpCmd(),
 		vmmCmd(),
+		doctorCmd(),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version",

@@ -90,3 +90,23 @@ func RequireCommand(tb testing.TB, name string) string {
 	}
 	return p
 }
+
+// EmulatedEnv is the environment variable scripts/nested-kvm.sh sets to 1
+// in its L1 guest, where /dev/kvm is nested KVM under QEMU's software
+// emulation: guest code runs 10-100x slower than on hardware, on two
+// emulated CPUs.
+const EmulatedEnv = "CUBICLE_TEST_EMULATED"
+
+// Emulated reports whether the tests run under software emulation
+// ($CUBICLE_TEST_EMULATED=1).
+func Emulated() bool { return os.Getenv(EmulatedEnv) == "1" }
+
+// Scale returns n, or emulated where the tests run under software
+// emulation: a test that starts many guests keeps proving the same thing
+// with fewer of them there, instead of running into its own time limits.
+func Scale(n, emulated int) int {
+	if Emulated() {
+		return emulated
+	}
+	return n
+}

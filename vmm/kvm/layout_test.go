@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"unsafe"
+
+	"github.com/cubicle-dev/cubicle/internal/testenv"
 )
 
 // TestStructSizes pins every uapi mirror to the size of its C struct in
@@ -116,9 +118,7 @@ int main(void) {
 // compares every number with the Go side. It needs gcc and the kernel uapi
 // headers (linux-libc-dev); they are part of the development machines.
 func TestLayoutAgainstHeaders(t *testing.T) {
-	if _, err := exec.LookPath("gcc"); err != nil {
-		t.Fatalf("gcc is needed to check struct layouts against <linux/kvm.h>: %v", err)
-	}
+	testenv.RequireCommand(t, "gcc") // scripts/deps.sh --test installs it
 	dir := t.TempDir()
 	src := filepath.Join(dir, "layout.c")
 	bin := filepath.Join(dir, "layout")
