@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/cubicle-dev/cubicle/network"
+	"github.com/cubicle-dev/cubicle/network/egress"
+	"github.com/cubicle-dev/cubicle/runtime"
+	"github.com/cubicle-dev/cubicle/runtime/gvisor"
+	"github.com/cubicle-dev/cubicle/runtime/microvm"
+	"github.com/cubicle-dev/cubicle/vmm/linux"
+)
+
+// The values of serve's --isolation.
+const (
+	isolationAuto    = "auto"
+	isolationMicroVM = microvm.Name
+	isolationGVisor  = gvisor.Name
+)
+
+// chooseIsolation turns --isolation into the backend serve runs, and why:
+// auto is microvm where this host's /dev/kvm can boot a Linux guest
+// (hardware virtualization, not PVM), gVisor elsewhere; an explicit
+// microvm on a host that cannot is an error. canBoot is
+// vmm/linux.CanBoot (a parameter for tests, and the one place a host
+// probe shared with `cubicle doctor` would plug in).
+func chooseIsolation(flag string, canBoot func() (bool, string)) (backend, why string, err error) {
+	switch flag {
+	case isolationGVisor:
+		return isolationGVisor, "--isolation gvisor", nil
+	case isolationMicroVM, isolationAuto:
+		ok, reason := canBoot()
+		switch {
+		case ok && flag == isolationMicroVM:
+			return isolationMicroVM, "--isolation microvm", nil
+		case ok:
+			return isolationMicroVM, "auto: /dev/kvm has hardware virtualization", nil
+		case flag == isolationMicroVM:
+			return "", "", fmt.Errorf("--isolation microvm: this host cannot run microVMs: %s", reason)
+		default:
+			return isolationGVisor, "auto: no microVMs here (" + reason + ")", nil
+		}
+	}
+	return "", "", fmt.Errorf("--isolation %q: want auto, microvm or gvisor", flag)
+}
+
+// backendRuntime is what serve needs of either backend.
+type backendRuntime interface {
+	runtime.Runtime
+	StateDir() string
+	Close() error
+}
+
+// networkMode is the network device kind the backend's sandboxes use.
+func networkMode(backend string) network.Mode {
+	if backend == isolationMicroVM {
+		return network.ModeTap
+	}
+	return network.ModeVeth
+}
+
+// microvmImage returns a template's root filesystem as the ext4 image a
+// microVM boots (package template's Ext4Image, from branch i10-init).
+// Until that is merged this build has no way to make one, and says so.
+var microvmImage = func(ctx context.Context, cacheDir string, cfg runtime.Config) (microvm.Image, error) {
+	return microvm.Image{}, errors.New("this build cannot make template ext4 images yet (template.Ext4Image)")
+}
+
+// newBackend makes the chosen backend's runtime. For microvm the guest
+// kernel is built first unless it is cached (minutes, once).
+func newBackend(ctx context.Context, backend string, c serveConfig, k checked, net *network.Pool, enf *egress.Enforcer, log *slog.Logger) (backendRuntime, error) {
+	if backend != isolationMicroVM {
+		return gvisor.New(gvisor.Options{
+			Runsc:    k.runsc,
+			StateDir: filepath.Join(c.dataDir, "gvisor"),
+			Network:  net,
+			Egress:   enf,
+			Platform: c.platform,
+			Logger:   log.With("component", "gvisor"),
+		})
+	}
+	kdir := filepath.Join(c.cacheDir, "linux")
+	kernel, ok := linux.Cached(kdir)
+	if !ok {
+		if c.noBuild {
+			return nil, fmt.Errorf("the guest kernel is not built in %s (--no-build)", kdir)
+		}
+		log.Info("building the guest kernel (first start with microVMs; minutes)", "cache", kdir)
+		var err error
+		if kernel, err = linux.Build(kdir); err != nil {
+			return nil, err
+		}
+	}
+	return microvm.New(microvm.Options{
+		StateDir:  filepath.Join(c.dataDir, "microvm"),
+		CacheDir:  c.cacheDir,
+		Kernel:    kernel,
+		KernelKey: linux.Key(),
+		Image: func(ctx context.Context, cfg runtime.Config) (microvm.Image, error) {
+			return microvmImage(ctx, c.cacheDir, cfg)
+		},
+		Network: net,
+		Egress:  enf,
+		Logger:  log.With("component", "microvm"),
+	})
+}
