@@ -1,6 +1,7 @@
 // Command cubicle is the whole system in one binary: the server (`serve`),
 // the CLI (`sandbox`, `template`, `keys`, `bench`), and, as hidden
-// subcommands, the in-sandbox daemon (`envd`).
+// subcommands, the in-sandbox daemon (`envd`) and the microVM guest's PID 1
+// (`init`).
 package main
 
 import (
@@ -62,6 +63,7 @@ func main() {
 		keysCmd(),
 		benchCmd(),
 		envdCmd(),
+		initCmd(),
 		codeinterpCmd(),
 		vmmCmd(),
 		&cobra.Command{

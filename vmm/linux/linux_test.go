@@ -44,6 +44,10 @@ func TestConfigFragment(t *testing.T) {
 	for _, opt := range []string{
 		"CONFIG_PVH=y", "CONFIG_VIRTIO_MMIO=y", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y", "CONFIG_VIRTIO_BLK=y",
 		"CONFIG_VSOCKETS=y", "CONFIG_VIRTIO_VSOCKETS=y", "CONFIG_SERIAL_8250_CONSOLE=y", "CONFIG_BLK_DEV_INITRD=y",
+		// What guest/init's contract needs of the kernel.
+		"CONFIG_EXT4_FS=y", "CONFIG_OVERLAY_FS=y", "CONFIG_TMPFS=y", "CONFIG_DEVTMPFS=y", "CONFIG_UNIX98_PTYS=y",
+		"CONFIG_CGROUPS=y", "CONFIG_MEMCG=y", "CONFIG_CGROUP_SCHED=y", "CONFIG_CGROUP_PIDS=y",
+		"CONFIG_INOTIFY_USER=y", "CONFIG_VIRTIO_NET=y", "CONFIG_INET=y",
 	} {
 		if !bytes.Contains(config, []byte("\n"+opt+"\n")) {
 			t.Errorf("config lacks %s", opt)
