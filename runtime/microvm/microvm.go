@@ -112,7 +112,7 @@ type Options struct {
 	// (Inside scripts/nested-kvm.sh's L1 there is no mkfs: tests copy
 	// one formatted beforehand.)
 	FormatDisk func(path string, sizeMB int) error
-	Logger       *slog.Logger
+	Logger     *slog.Logger
 }
 
 // Runtime runs sandboxes as microVMs. The pools and the verified
