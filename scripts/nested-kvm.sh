@@ -50,7 +50,7 @@ smp=${NESTED_KVM_SMP:-2}
 # irqbypass through modules.dep), tun for the virtio-net tests, and what
 # package network's tap mode needs for runtime/microvm's tests (veth,
 # nftables NAT and conntrack over netlink).
-modules=(kvm-amd tun veth nft-chain-nat nft-nat nf-conntrack-netlink)
+modules=(kvm-amd tun veth crc32c-generic nft-chain-nat nft-nat nf-conntrack-netlink)
 
 log() { echo "nested-kvm: $*" >&2; }
 die() {

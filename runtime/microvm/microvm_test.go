@@ -105,7 +105,10 @@ func testOptions(t *testing.T) Options {
 		Image: func(context.Context, runtime.Config) (Image, error) {
 			return Image{Path: img, Key: fmt.Sprintf("test-%d-%d", fi.Size(), fi.ModTime().UnixNano())}, nil
 		},
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	if testing.Verbose() {
+		followConsoles(t, opts)
 	}
 	if disk := os.Getenv("CUBICLE_MICROVM_DISK"); disk != "" {
 		opts.FormatDisk = func(path string, sizeMB int) error {
@@ -386,4 +389,43 @@ func killPid(pid int) error {
 		return err
 	}
 	return p.Kill()
+}
+
+// followConsoles copies what the guests print on their consoles (the
+// template build's and each sandbox's) to the test's output as it comes:
+// inside nested KVM that output is all there is to see of a guest that
+// hangs.
+func followConsoles(t *testing.T, opts Options) {
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	t.Cleanup(func() { close(stop); <-done })
+	go func() {
+		defer close(done)
+		seen := map[string]int64{}
+		for {
+			var files []string
+			for _, pat := range []string{filepath.Join(opts.CacheDir, "microvm", ".build-*", "console.log"), filepath.Join(opts.StateDir, "*", "console.log")} {
+				m, _ := filepath.Glob(pat)
+				files = append(files, m...)
+			}
+			for _, f := range files {
+				b, err := os.ReadFile(f)
+				if err != nil || int64(len(b)) <= seen[f] {
+					continue
+				}
+				name := filepath.Base(filepath.Dir(f))
+				for _, line := range strings.SplitAfter(string(b[seen[f]:]), "\n") {
+					if line != "" {
+						fmt.Fprintf(os.Stderr, "[%s] %s", name, line)
+					}
+				}
+				seen[f] = int64(len(b))
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Second):
+			}
+		}
+	}()
 }

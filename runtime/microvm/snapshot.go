@@ -319,6 +319,8 @@ func syncPath(path string) error {
 // the contract's devices, waits for envd, syncs, pauses and saves the
 // VM into dir (state, memory; disk.img is the disk it booted with).
 func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData, dir string) (err error) {
+	ctx, cancel := context.WithTimeout(ctx, r.opts.BootTimeout)
+	defer cancel()
 	format := r.opts.FormatDisk
 	if format == nil {
 		format = makeDisk
@@ -352,8 +354,6 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 	fail := func(what string, err error) error {
 		return fmt.Errorf("microvm: template boot: %s: %w; console:\n%s", what, err, tail(console, 4096))
 	}
-	ctx, cancel := context.WithTimeout(ctx, r.opts.BootTimeout)
-	defer cancel()
 	uds := filepath.Join(dir, "vsock.sock")
 	devs := []control.Device{
 		{Kind: control.KindBlock, Name: devRootFS, Path: img.Path, ReadOnly: true},
@@ -369,6 +369,7 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 	if err := proc.Start(ctx, false); err != nil {
 		return fail("start", err)
 	}
+	r.log.Debug("template VM started; waiting for envd", "console", console)
 	if err := waitEnvd(ctx, uds, proc.Done()); err != nil {
 		return fail("waiting for envd", err)
 	}
@@ -381,6 +382,7 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 	if err != nil {
 		return fail("sync", err)
 	}
+	r.log.Debug("template guest synced; pausing and saving it")
 	if err := proc.Pause(ctx); err != nil {
 		return fail("pause", err)
 	}
