@@ -197,6 +197,12 @@ func (r *Runtime) Close() error {
 	for _, p := range pools {
 		errs = append(errs, p.Close())
 	}
+	r.mu.Lock()
+	if r.logf != nil {
+		errs = append(errs, r.logf.Close())
+		r.logf = nil
+	}
+	r.mu.Unlock()
 	return errors.Join(errs...)
 }
 

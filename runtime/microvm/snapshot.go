@@ -182,7 +182,9 @@ func (r *Runtime) snapshot(ctx context.Context, cfg runtime.Config) (*templateSn
 	}
 	dir := filepath.Join(r.snapshotRoot(), want.Key)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		if err := r.buildLocked(ctx, img, want); err != nil {
+		// The build outlives a caller that gives up (BootTimeout bounds
+		// it): the next create would only have to start it again.
+		if err := r.buildLocked(context.WithoutCancel(ctx), img, want); err != nil {
 			return nil, err
 		}
 	}
