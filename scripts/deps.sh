@@ -13,7 +13,9 @@ as_root "$@"
 with_tests=false
 [ "${1:-}" = --test ] && with_tests=true
 
-# e2fsprogs: mkfs.ext4 formats the sandboxes' disks (runtime/gvisor/disk.go).
+# e2fsprogs: mkfs.ext4 formats the sandboxes' disks (runtime/gvisor/disk.go)
+# and, with debugfs and e2fsck, makes the templates' ext4 images
+# (template/image.go).
 # curl, unzip: fetching Go and Node below.
 pkgs=(debootstrap ca-certificates iproute2 e2fsprogs curl unzip)
 # gcc: cgo for go test -race; gcc and binutils (objcopy): the VMM's C test

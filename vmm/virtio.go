@@ -293,10 +293,20 @@ func removeString(s []string, v string) []string {
 	return s
 }
 
-// fullCmdline appends the virtio devices' fragments to cmdline.
+// fullCmdline adds the virtio devices' fragments to cmdline's kernel
+// parameters: at the end, or before a "--" word, since the kernel hands
+// everything after "--" to init as its arguments (cubicle init's
+// command line ends in "-- init").
 func fullCmdline(cmdline string, extra []string) string {
 	if len(extra) == 0 {
 		return cmdline
+	}
+	words := strings.Fields(cmdline)
+	for i, w := range words {
+		if w == "--" {
+			params := append(words[:i:i], extra...)
+			return strings.Join(append(params, words[i:]...), " ")
+		}
 	}
 	return strings.TrimSpace(cmdline + " " + strings.Join(extra, " "))
 }

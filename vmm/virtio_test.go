@@ -569,3 +569,25 @@ func TestVirtioRestoreMismatch(t *testing.T) {
 	expect(t, good, gcon, "G", `rng 32 [0-9a-f]{64}\n`)
 	expect(t, good, gcon, "0R", `blk read 0 status=0 `)
 }
+
+// TestFullCmdline: the devices' parameters go before a "--", after which
+// the kernel passes words to init, never to itself.
+func TestFullCmdline(t *testing.T) {
+	dev := []string{"virtio_mmio.device=4K@0xd0000000:5", "virtio_mmio.device=4K@0xd0001000:6"}
+	for _, tc := range []struct {
+		in    string
+		extra []string
+		want  string
+	}{
+		{"console=ttyS0", nil, "console=ttyS0"},
+		{"console=ttyS0", dev, "console=ttyS0 " + strings.Join(dev, " ")},
+		{"", dev, strings.Join(dev, " ")},
+		{"console=ttyS0 init=/.cubicle/cubicle -- init", dev, "console=ttyS0 init=/.cubicle/cubicle " + strings.Join(dev, " ") + " -- init"},
+		{"-- init --x", dev[:1], dev[0] + " -- init --x"},
+		{"a --b", dev[:1], "a --b " + dev[0]},
+	} {
+		if got := fullCmdline(tc.in, tc.extra); got != tc.want {
+			t.Errorf("fullCmdline(%q, %q) = %q, want %q", tc.in, tc.extra, got, tc.want)
+		}
+	}
+}
