@@ -2,16 +2,17 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"strings"
 
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
 	"github.com/cubicle-dev/cubicle/runtime/microvm"
+	"github.com/cubicle-dev/cubicle/template"
 	"github.com/cubicle-dev/cubicle/vmm/linux"
 )
 
@@ -64,15 +65,24 @@ func networkMode(backend string) network.Mode {
 }
 
 // microvmImage returns a template's root filesystem as the ext4 image a
-// microVM boots (package template's Ext4Image, from branch i10-init).
-// Until that is merged this build has no way to make one, and says so.
-var microvmImage = func(ctx context.Context, cacheDir string, cfg runtime.Config) (microvm.Image, error) {
-	return microvm.Image{}, errors.New("this build cannot make template ext4 images yet (template.Ext4Image)")
+// microVM boots (template.Registry.Image: built once per template and
+// cubicle binary, cached beside the template), keyed by its file name,
+// which names its inputs.
+func microvmImage(ctx context.Context, reg *template.Registry, self string, cfg runtime.Config) (microvm.Image, error) {
+	t, err := reg.Get(cfg.TemplateID)
+	if err != nil {
+		return microvm.Image{}, err
+	}
+	path, err := reg.Image(ctx, t, self)
+	if err != nil {
+		return microvm.Image{}, err
+	}
+	return microvm.Image{Path: path, Key: strings.TrimSuffix(filepath.Base(path), ".ext4")}, nil
 }
 
 // newBackend makes the chosen backend's runtime. For microvm the guest
 // kernel is built first unless it is cached (minutes, once).
-func newBackend(ctx context.Context, backend string, c serveConfig, k checked, net *network.Pool, enf *egress.Enforcer, log *slog.Logger) (backendRuntime, error) {
+func newBackend(ctx context.Context, backend string, c serveConfig, k checked, reg *template.Registry, net *network.Pool, enf *egress.Enforcer, log *slog.Logger) (backendRuntime, error) {
 	if backend != isolationMicroVM {
 		return gvisor.New(gvisor.Options{
 			Runsc:    k.runsc,
@@ -101,7 +111,7 @@ func newBackend(ctx context.Context, backend string, c serveConfig, k checked, n
 		Kernel:    kernel,
 		KernelKey: linux.Key(),
 		Image: func(ctx context.Context, cfg runtime.Config) (microvm.Image, error) {
-			return microvmImage(ctx, c.cacheDir, cfg)
+			return microvmImage(ctx, reg, k.self, cfg)
 		},
 		Network: net,
 		Egress:  enf,

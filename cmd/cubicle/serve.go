@@ -246,7 +246,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	if err != nil {
 		return err
 	}
-	p.rt, err = newBackend(ctx, k.backend, c, k, p.netPool, p.enforcer, log)
+	p.rt, err = newBackend(ctx, k.backend, c, k, templates.reg, p.netPool, p.enforcer, log)
 	if err != nil {
 		return err
 	}
