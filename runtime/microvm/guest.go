@@ -137,9 +137,39 @@ func (g *guestConn) do(ctx context.Context, req map[string]any) (guestResponse, 
 		return resp, fmt.Errorf("%w: %v: malformed answer %.200q", ErrGuest, req["op"], line)
 	}
 	if !resp.OK {
-		return resp, fmt.Errorf("%w: %v: %s", ErrGuest, req["op"], resp.Error)
+		return resp, fmt.Errorf("%w: %v: %w: %s", ErrGuest, req["op"], errRefused, resp.Error)
 	}
 	return resp, nil
+}
+
+// errRefused marks an answer with ok=false: the guest understood and said
+// no, so asking again will not help.
+var errRefused = errors.New("refused")
+
+// withGuest runs fn on a connection to init, again on a fresh connection
+// when the connection fails (not when init refuses), until ctx ends.
+//
+// TODO(i10-vmmfix): after a restore, the first vsock connection can be
+// accepted and then dropped (EOF) by the VMM's vsock device; the retry
+// covers that until the fix lands, and then only a real failure should
+// end here.
+func withGuest(ctx context.Context, uds string, fn func(*guestConn) error) error {
+	for {
+		g, err := dialGuest(ctx, uds)
+		if err != nil {
+			return err
+		}
+		err = fn(g)
+		g.Close()
+		if err == nil || errors.Is(err, errRefused) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (and then: %w)", err, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // identity gives a restored guest its own clock and fresh entropy (and a

@@ -60,7 +60,7 @@ func TestGuestChannelBadAnswers(t *testing.T) {
 	}{
 		{"flood", strings.Repeat("x", 1<<20) + "\n", "longer than"},
 		{"garbage", "not json\n", "malformed answer"},
-		{"refusal", `{"ok":false,"error":"no entropy for you"}` + "\n", "identity: no entropy for you"},
+		{"refusal", `{"ok":false,"error":"no entropy for you"}` + "\n", "identity: refused: no entropy for you"},
 		{"silence", "", "timeout"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

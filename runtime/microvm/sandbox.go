@@ -163,14 +163,8 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	// A new identity before anything else reaches the guest.
 	gctx, cancel := context.WithTimeout(ctx, r.opts.GuestTimeout)
 	defer cancel()
-	g, err := dialGuest(gctx, uds)
-	if err != nil {
+	if err := withGuest(gctx, uds, func(g *guestConn) error { return g.identity(gctx, "") }); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("microvm: %w (the VM is destroyed); console:\n%s", err, tail(console, 2048))
-	}
-	err = g.identity(gctx, "")
-	g.Close()
-	if err != nil {
-		return runtime.Sandbox{}, fmt.Errorf("microvm: %w (the VM is destroyed)", err)
 	}
 	r.log.Info("sandbox created", "sandbox", cfg.ID, "addr", att.Addr, "prepared", prepared, "total", time.Since(start),
 		"snapshot", tSnap.Sub(start), "devices", tDevs.Sub(tSnap), "restore", tRestore.Sub(tDevs), "identity", time.Since(tRestore))

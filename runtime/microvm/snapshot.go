@@ -375,13 +375,10 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 	if err := waitEnvd(ctx, uds, proc.Done()); err != nil {
 		return fail("waiting for envd", err)
 	}
-	g, err := dialGuest(ctx, uds)
-	if err != nil {
-		return fail("control channel", err)
-	}
-	_, err = g.do(ctx, map[string]any{"op": "sync"})
-	g.Close()
-	if err != nil {
+	if err := withGuest(ctx, uds, func(g *guestConn) error {
+		_, err := g.do(ctx, map[string]any{"op": "sync"})
+		return err
+	}); err != nil {
 		return fail("sync", err)
 	}
 	r.log.Debug("template guest synced; pausing and saving it")
