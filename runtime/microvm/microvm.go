@@ -29,6 +29,13 @@
 //
 // so a new Runtime (a restarted `cubicle serve`) finds every running VMM
 // again by its pid and socket (List, Wait, Kill), and loses nothing.
+//
+// Not yet: the VMM processes run unjailed (vmm/jailer's parent-death
+// signal and paths inside the jail do not fit detached VMMs yet), so
+// there is no memory cgroup per sandbox and no OOM reason in Wait; Pause
+// keeps the paused VM in memory (no diff snapshot to disk); the template's
+// start and ready commands run after each restore (the orchestrator's
+// pool), not once before the snapshot.
 package microvm
 
 import (
