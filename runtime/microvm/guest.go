@@ -187,8 +187,9 @@ func (g *guestConn) identity(ctx context.Context, hostname string) error {
 }
 
 // waitEnvd pings init until it says envd answers its /health, or ctx
-// ends, or stopped is closed (the VMM died).
-func waitEnvd(ctx context.Context, uds string, stopped <-chan struct{}) error {
+// ends, or stopped is closed (the VMM died), or vmEnded says the VM
+// stopped (a guest that panicked or powered off).
+func waitEnvd(ctx context.Context, uds string, stopped <-chan struct{}, vmEnded func() bool) error {
 	var last error
 	for {
 		err := func() error {
@@ -212,6 +213,9 @@ func waitEnvd(ctx context.Context, uds string, stopped <-chan struct{}) error {
 			return nil
 		}
 		last = err
+		if vmEnded() {
+			return fmt.Errorf("%w: the VM stopped before envd came up (last: %v)", ErrGuest, last)
+		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%w: envd not up: %w (last: %v)", ErrGuest, ctx.Err(), last)

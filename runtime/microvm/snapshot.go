@@ -372,7 +372,13 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 		return fail("start", err)
 	}
 	r.log.Debug("template VM started; waiting for envd", "console", console)
-	if err := waitEnvd(ctx, uds, proc.Done()); err != nil {
+	vmEnded := func() bool {
+		mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		m, err := proc.Metrics(mctx)
+		return err == nil && m.State == "stopped"
+	}
+	if err := waitEnvd(ctx, uds, proc.Done(), vmEnded); err != nil {
 		return fail("waiting for envd", err)
 	}
 	if err := withGuest(ctx, uds, func(g *guestConn) error {
