@@ -7,7 +7,7 @@
 # /dev/kvm, a PVM one, or a real one (docs/STATUS.md has what was seen with it).
 #
 #   scripts/nested-kvm.sh
-#       runs the microVM checks (TestLinuxBoot, and any
+#       runs the microVM checks (TestLinuxBoot, TestLinuxInit, and any
 #       TestLinux*Snapshot*/TestLinux*Restore* test in vmm/linux), one
 #       "PASS name" / "FAIL name" line each, ending with exactly one line
 #       "nested-kvm: N passed, M failed"; exits 1 if M > 0. Where the host's
@@ -357,10 +357,12 @@ cmd_run() {
 	boot "$stage"
 }
 
-# checks prints the microVM checks in vmm/linux: TestLinuxBoot and any
-# Linux snapshot/restore test.
+# checks prints the microVM checks in vmm/linux: TestLinuxBoot,
+# TestLinuxInit (cubicle init as PID 1, guest/init) and any Linux
+# snapshot/restore test.
 checks() {
 	echo TestLinuxBoot
+	echo TestLinuxInit
 	sed -n 's/^func \(TestLinux[A-Za-z0-9_]*\(Snapshot\|Restore\)[A-Za-z0-9_]*\)(t \*testing\.T).*/\1/p' \
 		"$root"/vmm/linux/*_test.go | sort -u
 }
@@ -370,7 +372,7 @@ checks() {
 # A check passes only if the test ran and passed: a skip is a failure here.
 checks_script() {
 	cat <<'EOF'
-export CUBICLE_VMLINUX=$PWD/vmlinux CUBICLE_TESTINIT=$PWD/testinit
+export CUBICLE_VMLINUX=$PWD/vmlinux CUBICLE_TESTINIT=$PWD/testinit CUBICLE_INIT_DISKS=$PWD/initdisks
 failed=0
 EOF
 	local c
@@ -413,7 +415,9 @@ cmd_checks() {
 	cp "$vmlinux" "$work/vmlinux"
 	log "building the test binaries"
 	(cd "$root" && CGO_ENABLED=0 go test -c -o "$work/linux.test" ./vmm/linux &&
-		CGO_ENABLED=0 go build -trimpath -o "$work/testinit" ./vmm/linux/internal/testinit)
+		CGO_ENABLED=0 go build -trimpath -o "$work/testinit" ./vmm/linux/internal/testinit &&
+		CGO_ENABLED=0 go build -trimpath -o "$tmp/cubicle" ./cmd/cubicle &&
+		go run ./vmm/linux/internal/initdisks -cubicle "$tmp/cubicle" "$work/initdisks")
 	checks_script "${list[@]}" >"$work/checks.sh"
 	# The verdicts come from the log: a failed check or a dead L1 is
 	# counted below, not an early exit here.

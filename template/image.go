@@ -19,6 +19,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -63,23 +64,47 @@ func ImageKey(buildID, binarySHA256 string) string {
 
 // Image returns the path of t's ext4 image with the cubicle binary at
 // binary in it, building it first when the template directory holds none
-// for these inputs (seconds to a minute: mkfs.ext4 copies the whole
-// rootfs). Images of other inputs there are removed. Concurrent callers,
-// in this process or others, build it once.
+// for these inputs (seconds: mkfs.ext4 copies the whole rootfs). Images of
+// other inputs there are removed. Concurrent callers, in this process or
+// others, build it once.
 func (r *Registry) Image(ctx context.Context, t Template, binary string) (string, error) {
 	rootfs := r.RootFS(t)
 	if rootfs == "" {
 		return "", fmt.Errorf("%w: invalid template ID %q", ErrImage, t.TemplateID)
 	}
-	if t.BuildID == "" {
-		return "", fmt.Errorf("%w: template %s has no build ID", ErrImage, t.TemplateID)
+	return cachedImage(ctx, rootfs, t.BuildID, binary)
+}
+
+// ImageOf is Image for a runtime, which knows a template by its rootfs
+// directory (runtime.Config.RootFS) only: the build ID comes from the
+// template.json beside it.
+func ImageOf(ctx context.Context, rootfs, binary string) (string, error) {
+	if filepath.Base(rootfs) != rootfsDir {
+		return "", fmt.Errorf("%w: %s is not a template's rootfs directory", ErrImage, rootfs)
+	}
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(rootfs), metadataFile))
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrImage, err)
+	}
+	var t Template
+	if err := json.Unmarshal(b, &t); err != nil {
+		return "", fmt.Errorf("%w: %s: %w", ErrImage, metadataFile, err)
+	}
+	return cachedImage(ctx, rootfs, t.BuildID, binary)
+}
+
+// cachedImage is Image's work, for the template whose rootfs directory is
+// rootfs and whose build ID is buildID.
+func cachedImage(ctx context.Context, rootfs, buildID, binary string) (string, error) {
+	if buildID == "" {
+		return "", fmt.Errorf("%w: template at %s has no build ID", ErrImage, rootfs)
 	}
 	sum, err := fileSHA256(binary)
 	if err != nil {
 		return "", fmt.Errorf("%w: %w", ErrImage, err)
 	}
 	dir := filepath.Dir(rootfs)
-	path := filepath.Join(dir, "image-"+ImageKey(t.BuildID, sum)+".ext4")
+	path := filepath.Join(dir, "image-"+ImageKey(buildID, sum)+".ext4")
 	if isFile(path) {
 		return path, nil
 	}
@@ -193,7 +218,7 @@ func BuildImage(ctx context.Context, rootfs, binary, out string) error {
 // imageSize returns the size in bytes and the inode count of an image for
 // the tree at root plus a binary of binSize bytes: the tree's disk usage,
 // a quarter more for ext4's metadata and directory blocks, the binary, the
-// inode table, and 64 MiB, rounded up to a MiB.
+// inode table, and 16 MiB, rounded up to a MiB.
 func imageSize(root string, binSize int64) (size int64, inodes int64, err error) {
 	used, err := diskUsage(root)
 	if err != nil {
@@ -205,7 +230,7 @@ func imageSize(root string, binSize int64) (size int64, inodes int64, err error)
 		return 0, 0, err
 	}
 	inodes = files + files/4 + 1024
-	size = used + used/4 + binSize + inodes*256 + 64<<20
+	size = used + used/4 + binSize + inodes*256 + 16<<20
 	return (size + 1<<20 - 1) &^ (1<<20 - 1), inodes, nil
 }
 

@@ -291,6 +291,14 @@ func TestRegistryImage(t *testing.T) {
 	if b, err := exec.Command("debugfs", "-R", "cat /etc/marker", p2).Output(); err != nil || string(b) != "m" {
 		t.Fatalf("new image's rootfs: %q, %v", b, err)
 	}
+	// A runtime that knows only the rootfs directory finds the same image.
+	bin2 := fakeBinary(t, "two")
+	if via, err := ImageOf(ctx, r.RootFS(tmpl), bin2); err != nil || via != p2 {
+		t.Fatalf("ImageOf: %s, %v; want %s", via, err, p2)
+	}
+	if _, err := ImageOf(ctx, dir, bin2); err == nil || !errors.Is(err, ErrImage) {
+		t.Fatalf("ImageOf(a template directory, not its rootfs): %v", err)
+	}
 	other := Template{TemplateID: tmpl.TemplateID, BuildID: "build-2"}
 	if ImageKey(other.BuildID, sum1) == ImageKey(tmpl.BuildID, sum1) {
 		t.Fatal("the build ID is not part of the key")

@@ -8,7 +8,7 @@ import (
 )
 
 // contractCmdline is the package doc's command line with what the VMM adds.
-const contractCmdline = `console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda ro rootfstype=ext4 init=/.cubicle/cubicle cubicle.ip=169.254.0.21/30 cubicle.gw=169.254.0.22 cubicle.mem=512 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 -- init` + "\n"
+const contractCmdline = `console=ttyS0 reboot=k panic=1 root=/dev/vda ro rootfstype=ext4 init=/.cubicle/cubicle cubicle.ip=169.254.0.21/30 cubicle.gw=169.254.0.22 cubicle.mem=512 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 -- init` + "\n"
 
 func TestParseCmdline(t *testing.T) {
 	guest := Params{

@@ -30,12 +30,19 @@
 //
 // # Kernel command line
 //
-//	console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda ro rootfstype=ext4
+//	console=ttyS0 reboot=k panic=1 root=/dev/vda ro rootfstype=ext4
 //	init=/.cubicle/cubicle cubicle.ip=169.254.0.21/30 cubicle.gw=169.254.0.22
 //	cubicle.mem=<MiB> [cubicle.hostname=<name>] [virtio_mmio.device=... the VMM adds] -- init
 //
+// (No pci=off: the kernel has no PCI, so it would not know the parameter
+// and would pass it to init's environment.)
+//
 // The kernel runs /.cubicle/cubicle with argv[1] == "init" (the word after
-// "--"); `cubicle init` refuses to run unless it is PID 1. It reads its own
+// "--"); `cubicle init` refuses to run unless it is PID 1. The VMM
+// (vmm.VM.LoadKernel) puts the virtio_mmio.device= parameters of the
+// devices it adds before the "--", where the kernel still reads them.
+// Add the devices in the order template disk, sandbox disk (so they are
+// vda and vdb), then net, vsock, rng. It reads its own
 // parameters from /proc/cmdline (ParseCmdline), which it treats as untrusted
 // input: an unknown cubicle.* key or a malformed value is an error.
 //
