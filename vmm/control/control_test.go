@@ -518,3 +518,34 @@ func TestListenDetach(t *testing.T) {
 		t.Errorf("socket left behind: %v", err)
 	}
 }
+
+// TestConsoleLimit: a guest that prints without end fills its console
+// file up to the request's ConsoleLimit, then one note, and no more; the
+// guest runs on unharmed.
+func TestConsoleLimit(t *testing.T) {
+	testenv.RequireKVM(t)
+	snap := makeTemplate(t, t.TempDir())
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*waitTimeout)
+	defer cancel()
+	p, err := Spawn(spawnConfig(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	console := filepath.Join(dir, "console")
+	const limit = 200
+	if _, err := p.Restore(ctx, snap, RestoreOptions{Devices: guestDevices(3, filepath.Join(dir, "v.sock")), Console: console,
+		ConsoleLimit: limit, WaitRunning: true, Files: []*os.File{newDisk(t, dir, "d.img", "flood")}}); err != nil {
+		t.Fatal(err)
+	}
+	for range 100 { // "pong <n>\n" a hundred times: far over the limit
+		typeOn(t, p.Client, "p")
+	}
+	waitFile(t, console, "console log limit reached")
+	vsockEcho(t, filepath.Join(dir, "v.sock"), "alive\n")
+	b, _ := os.ReadFile(console)
+	if note := "\n[cubicle: console log limit reached; further guest output dropped]\n"; len(b) != limit+len(note) {
+		t.Fatalf("console of %d bytes, want %d + the note:\n%s", len(b), limit, b)
+	}
+}
