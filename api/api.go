@@ -43,7 +43,10 @@ type Options struct {
 	// CORSOrigins are the browser origins allowed to call the API; "*" is
 	// any. Nil means DefaultCORSOrigins.
 	CORSOrigins []string
-	Logger      *slog.Logger
+	// Isolation names the sandbox backend ("microvm", "gvisor"), which
+	// GET /health reports.
+	Isolation string
+	Logger    *slog.Logger
 }
 
 // Server is the control-plane HTTP handler.
@@ -71,7 +74,11 @@ func New(opts Options) *Server {
 func (s *Server) routes() {
 	m := s.mux
 	m.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+		body := map[string]string{"status": "ok"}
+		if s.opts.Isolation != "" {
+			body["isolation"] = s.opts.Isolation
+		}
+		writeJSON(w, http.StatusOK, body)
 	})
 	auth := s.authenticated
 	m.Handle("POST /sandboxes", auth(s.create(1)))

@@ -58,8 +58,10 @@ qemu_timeout=${NESTED_KVM_TIMEOUT:-1800}
 mem=${NESTED_KVM_MEM:-4G}
 smp=${NESTED_KVM_SMP:-2}
 # The L1 kernel modules /dev/kvm needs (kvm-amd pulls in kvm, ccp and
-# irqbypass through modules.dep), and tun for the virtio-net tests.
-modules=(kvm-amd tun)
+# irqbypass through modules.dep), tun for the virtio-net tests, and what
+# package network's tap mode needs for runtime/microvm's tests (veth,
+# nftables NAT and conntrack over netlink).
+modules=(kvm-amd tun veth crc32c-generic nft-chain-nat nft-nat nf-conntrack-netlink)
 
 log() { echo "nested-kvm: $*" >&2; }
 die() {

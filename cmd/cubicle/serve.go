@@ -32,7 +32,6 @@ import (
 	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/orchestrator"
 	"github.com/cubicle-dev/cubicle/proxy"
-	"github.com/cubicle-dev/cubicle/runtime/gvisor"
 	"github.com/cubicle-dev/cubicle/store"
 	"github.com/cubicle-dev/cubicle/template"
 )
@@ -61,6 +60,8 @@ type serveConfig struct {
 	corsOrigins    string
 	trustedProxies string
 	capacity       capacity.Options
+	// isolation is --isolation: auto, microvm or gvisor (isolation.go).
+	isolation string
 }
 
 func serveCmd() *cobra.Command {
@@ -84,6 +85,7 @@ prints the environment an E2B SDK needs.`,
 	f.StringVar(&c.domain, "domain", envOr("CUBICLE_DOMAIN", "cubicle.localhost"), "sandbox domain: the proxy routes <port>-<sandboxID>.<domain> (env CUBICLE_DOMAIN)")
 	f.IntVar(&c.poolSize, "pool-size", 4, "pre-started sandboxes kept ready per template (env CUBICLE_POOL_SIZE)")
 	f.StringVar(&c.runsc, "runsc", envOr("CUBICLE_RUNSC", ""), "path of runsc (env CUBICLE_RUNSC; default: the pinned build scripts/deps.sh makes in <cache-dir>/runsc/<version>/runsc, then PATH)")
+	f.StringVar(&c.isolation, "isolation", envOr("CUBICLE_ISOLATION", isolationAuto), "sandbox backend: microvm (a KVM microVM each; needs /dev/kvm with VT-x/AMD-V), gvisor, or auto: microvm where the host can, else gvisor (env CUBICLE_ISOLATION)")
 	f.StringVar(&c.platform, "platform", envOr("CUBICLE_GVISOR_PLATFORM", "systrap"), "gVisor platform (env CUBICLE_GVISOR_PLATFORM)")
 	f.StringVar(&c.netPrefix, "network-prefix", envOr("CUBICLE_NETWORK_PREFIX", network.DefaultPrefix.String()), "address range for sandbox networks (env CUBICLE_NETWORK_PREFIX)")
 	f.StringVar(&c.linkPrefix, "link-prefix", envOr("CUBICLE_LINK_PREFIX", network.DefaultLinkPrefix), "names the host's sandbox devices and namespaces; servers sharing a host need distinct ones (env CUBICLE_LINK_PREFIX)")
@@ -190,6 +192,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: k.logLevel}))
+	log.Info("sandbox isolation", "backend", k.backend, "why", k.backendWhy)
 	p := &parts{log: log, linkPrefix: c.linkPrefix, pool: k.prefix}
 	defer func() {
 		if err != nil {
@@ -234,18 +237,13 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	// create path, and released as they go; the orchestrator claims them
 	// and switches the policy.
 	p.netPool, err = network.NewPool(p.enforcer.PoolOptions(network.Options{
-		Prefix: k.prefix, LinkPrefix: c.linkPrefix, Spares: c.netSpares,
+		Prefix: k.prefix, LinkPrefix: c.linkPrefix, Spares: c.netSpares, Mode: networkMode(k.backend),
 		Logger: log.With("component", "network"),
 	}))
 	if err != nil {
 		return err
 	}
-	p.rt, err = gvisor.New(gvisor.Options{
-		Runsc:    k.runsc,
-		StateDir: filepath.Join(c.dataDir, "gvisor"),
-		Platform: c.platform,
-		Logger:   log.With("component", "gvisor"),
-	})
+	p.rt, err = newBackend(ctx, k.backend, c, k, templates.reg, p.netPool, log)
 	if err != nil {
 		return err
 	}
@@ -281,7 +279,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 	apiSrv := &http.Server{
 		Handler: api.New(api.Options{
 			Orchestrator: p.orch, Store: p.st, EnvdVersion: envd.Version, Logger: log.With("component", "api"),
-			CORSOrigins: k.corsOrigins, TrustedProxies: k.trustedProxies,
+			CORSOrigins: k.corsOrigins, TrustedProxies: k.trustedProxies, Isolation: k.backend,
 		}),
 		ReadHeaderTimeout: 30 * time.Second,
 	}
@@ -343,7 +341,7 @@ type parts struct {
 	pm            *policy.Manager
 	enforcer      *egress.Enforcer
 	netPool       *network.Pool
-	rt            *gvisor.Runtime
+	rt            backendRuntime
 	orch          *orchestrator.Orchestrator
 	listeners     []net.Listener
 	servers       []*http.Server

@@ -23,7 +23,7 @@ func goodConfig(t *testing.T) serveConfig {
 		dataDir: filepath.Join(dir, "data"), cacheDir: filepath.Join(dir, "cache"),
 		apiAddr: "127.0.0.1:0", proxyAddr: "127.0.0.1:0", publicHost: "localhost", domain: "cubicle.localhost",
 		poolSize: 4, platform: "systrap", netPrefix: network.DefaultPrefix.String(), linkPrefix: network.DefaultLinkPrefix,
-		netSpares: 8, dnsUpstream: "192.0.2.53", maxTimeout: 24 * time.Hour, logLevel: "info",
+		netSpares: 8, dnsUpstream: "192.0.2.53", maxTimeout: 24 * time.Hour, logLevel: "info", isolation: isolationGVisor,
 	}
 }
 
@@ -65,6 +65,7 @@ func TestServeCheckRefusesBadFlags(t *testing.T) {
 		{"public host with a path", "--public-host", func(c *serveConfig) { c.publicHost = "host/x" }},
 		{"ready file in no directory", "--ready-file", func(c *serveConfig) { c.readyFile = "/nonexistent/ready" }},
 		{"runsc missing", "runsc", func(c *serveConfig) { c.runsc = "/nonexistent/runsc" }},
+		{"isolation", "--isolation", func(c *serveConfig) { c.isolation = "firecracker" }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := goodConfig(t)

@@ -16,6 +16,7 @@ import (
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/network/policy"
 	"github.com/cubicle-dev/cubicle/runtime/gvisor"
+	"github.com/cubicle-dev/cubicle/vmm/linux"
 )
 
 // Free space a start needs, checked before it makes anything, so that a
@@ -42,6 +43,9 @@ type checked struct {
 	trustedProxies []netip.Prefix
 	// egressOpts carries --deny-cidr and --allow-cidr.
 	egressOpts policy.Options
+	// backend is the isolation serve runs (chooseIsolation), backendWhy
+	// why.
+	backend, backendWhy string
 }
 
 // check verifies every flag, and what the start needs from the host,
@@ -119,8 +123,13 @@ func (c *serveConfig) check() (checked, error) {
 	if k.upstreams, err = c.dnsUpstreams(); err != nil {
 		return k, err
 	}
-	if k.runsc, err = gvisor.FindRunsc(c.runsc, c.cacheDir); err != nil {
+	if k.backend, k.backendWhy, err = chooseIsolation(c.isolation, linux.CanBoot); err != nil {
 		return k, err
+	}
+	if k.backend == isolationGVisor {
+		if k.runsc, err = gvisor.FindRunsc(c.runsc, c.cacheDir); err != nil {
+			return k, err
+		}
 	}
 	if k.self, err = os.Executable(); err != nil {
 		return k, fmt.Errorf("finding my own binary: %w", err)

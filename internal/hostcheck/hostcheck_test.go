@@ -41,12 +41,16 @@ func TestCheck(t *testing.T) {
 		if item("kvm").Status != OK || item("tun").Status != OK {
 			t.Errorf("microvm picked without real KVM and tun")
 		}
+		if item("runsc").Status != Missing {
+			t.Errorf("microvm picked where gVisor, still auto's first choice, can run")
+		}
 	case GVisor:
 		if item("runsc").Status == Missing {
 			t.Errorf("gvisor picked without runsc")
 		}
-		if item("kvm").Status == OK && item("tun").Status == OK && item("cgroups").Status == OK {
-			t.Errorf("gvisor picked where a microVM can run")
+		if item("kvm").Status == OK && item("tun").Status == OK && item("cgroups").Status == OK &&
+			!strings.Contains(r.Reason, "--isolation microvm") {
+			t.Errorf("gvisor picked where a microVM can run, and the reason does not say so: %s", r.Reason)
 		}
 	case "":
 		if !strings.HasPrefix(r.Reason, "neither backend can run") {

@@ -123,18 +123,19 @@ func (c *Client) Prepare(ctx context.Context, s Snapshot) error {
 
 // RestoreOptions complete a restore request.
 type RestoreOptions struct {
-	Devices     []Device
-	Console     string
-	Paused      bool
-	WaitRunning bool
-	Files       []*os.File // descriptors the devices refer to
+	Devices      []Device
+	Console      string
+	ConsoleLimit int64
+	Paused       bool
+	WaitRunning  bool
+	Files        []*os.File // descriptors the devices refer to
 }
 
 // Restore turns the snapshot into a VM with o's devices and (unless
 // o.Paused) starts it. It reports whether a prepared VM was used.
 func (c *Client) Restore(ctx context.Context, s Snapshot, o RestoreOptions) (prepared bool, err error) {
 	resp, err := c.Do(ctx, Request{Op: OpRestore, Snapshot: &s, Devices: o.Devices, Console: o.Console,
-		Paused: o.Paused, WaitRunning: o.WaitRunning}, o.Files...)
+		ConsoleLimit: o.ConsoleLimit, Paused: o.Paused, WaitRunning: o.WaitRunning}, o.Files...)
 	if err != nil {
 		return false, err
 	}
@@ -164,4 +165,14 @@ func (c *Client) Serial(ctx context.Context, s string) (int, error) {
 		return 0, err
 	}
 	return resp.Accepted, nil
+}
+
+// Listen detaches the VMM process from this connection: it serves further
+// connections on the Unix socket path (as it sees it), no longer ends when
+// this connection closes, and exits once its VM ends or a stop request
+// comes. A runtime uses it so that VMs outlive the server that made them,
+// which finds them again by the socket.
+func (c *Client) Listen(ctx context.Context, path string) error {
+	_, err := c.Do(ctx, Request{Op: OpListen, Path: path})
+	return err
 }

@@ -4,6 +4,7 @@ package control
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -445,4 +446,106 @@ func TestProtocolErrors(t *testing.T) {
 		t.Errorf("ServeConn after stop: %v", err)
 	}
 	c.Close()
+}
+
+// TestBoundedConsole: a guest flooding its serial console fills its log
+// up to the limit and no further, with one note saying output was
+// dropped, and never sees a failed write.
+func TestBoundedConsole(t *testing.T) {
+	var buf bytes.Buffer
+	w := &boundedWriter{w: &buf, left: 100}
+	for range 50 {
+		if n, err := w.Write([]byte("0123456789")); n != 10 || err != nil {
+			t.Fatalf("write: %d, %v", n, err)
+		}
+	}
+	out := buf.String()
+	if !strings.HasPrefix(out, strings.Repeat("0123456789", 10)+"\n[cubicle: console log limit reached") || strings.Count(out, "limit reached") != 1 {
+		t.Fatalf("log of %d bytes: %q", len(out), out)
+	}
+}
+
+// TestListenDetach: a VMM process detached by a listen request outlives
+// the connection that spawned it (as a sandbox's VMM outlives a restart
+// of the server), serves new connections on its socket, and exits by
+// itself when its VM ends.
+func TestListenDetach(t *testing.T) {
+	testenv.RequireKVM(t)
+	snap := makeTemplate(t, t.TempDir())
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*waitTimeout)
+	defer cancel()
+	cfg := spawnConfig(nil)
+	cfg.Detach = true
+	p, err := Spawn(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	console, uds, sock := filepath.Join(dir, "console"), filepath.Join(dir, "v.sock"), filepath.Join(dir, "vmm.sock")
+	if _, err := p.Restore(ctx, snap, RestoreOptions{Devices: guestDevices(3, uds), Console: console, ConsoleLimit: 1 << 16,
+		WaitRunning: true, Files: []*os.File{newDisk(t, dir, "d.img", "detached")}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Listen(ctx, sock); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Listen(ctx, sock); !errors.Is(err, vmm.ErrState) {
+		t.Errorf("a second listen: %v, want vmm.ErrState", err)
+	}
+	p.Client.Close() // the spawner's connection goes, as when the server exits
+	select {
+	case <-p.Done():
+		t.Fatalf("the detached VMM exited with its spawner's connection: %v", p.Wait(ctx))
+	case <-time.After(300 * time.Millisecond):
+	}
+	c, err := Dial(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if m, err := c.Metrics(ctx); err != nil || m.State != "running" {
+		t.Fatalf("metrics over the socket: %+v, %v", m, err)
+	}
+	typeOn(t, c, "p")
+	waitFile(t, console, "pong ")
+	vsockEcho(t, uds, "still here\n")
+	typeOn(t, c, "q") // the guest resets: the VM ends, and the process with it
+	if err := p.Wait(ctx); err != nil {
+		t.Fatalf("VMM process after its VM ended: %v", err)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket left behind: %v", err)
+	}
+}
+
+// TestConsoleLimit: a guest that prints without end fills its console
+// file up to the request's ConsoleLimit, then one note, and no more; the
+// guest runs on unharmed.
+func TestConsoleLimit(t *testing.T) {
+	testenv.RequireKVM(t)
+	snap := makeTemplate(t, t.TempDir())
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*waitTimeout)
+	defer cancel()
+	p, err := Spawn(spawnConfig(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	console := filepath.Join(dir, "console")
+	const limit = 200
+	if _, err := p.Restore(ctx, snap, RestoreOptions{Devices: guestDevices(3, filepath.Join(dir, "v.sock")), Console: console,
+		ConsoleLimit: limit, WaitRunning: true, Files: []*os.File{newDisk(t, dir, "d.img", "flood")}}); err != nil {
+		t.Fatal(err)
+	}
+	for range 100 { // "pong <n>\n" a hundred times: far over the limit
+		typeOn(t, p.Client, "p")
+	}
+	waitFile(t, console, "console log limit reached")
+	vsockEcho(t, filepath.Join(dir, "v.sock"), "alive\n")
+	b, _ := os.ReadFile(console)
+	if note := "\n[cubicle: console log limit reached; further guest output dropped]\n"; len(b) != limit+len(note) {
+		t.Fatalf("console of %d bytes, want %d + the note:\n%s", len(b), limit, b)
+	}
 }

@@ -43,6 +43,11 @@ type SpawnConfig struct {
 	// Stdout (the guest's console unless a request names a file) and
 	// Stderr (the VMM's log); nil discards.
 	Stdout, Stderr io.Writer
+	// Detach starts the process in a session of its own and without a
+	// parent-death signal, so that once a listen request detached it
+	// (Client.Listen) it outlives this process. Until then it still ends
+	// when this process does: its control connection closes.
+	Detach bool
 }
 
 // Process is a running VMM process and the client connected to it.
@@ -84,6 +89,9 @@ func Spawn(cfg SpawnConfig) (_ *Process, err error) {
 	cmd.Stdout, cmd.Stderr = cfg.Stdout, cfg.Stderr
 	cmd.ExtraFiles = []*os.File{theirs}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if cfg.Detach {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	}
 	var j *jailer.Jail
 	if cfg.Jail != nil {
 		if j, err = cfg.Jail.Apply(cmd); err != nil {
@@ -228,7 +236,15 @@ func Main(ctx context.Context, cfg MainConfig) error {
 			return fmt.Errorf("control: fd %d is not a Unix socket", cfg.ControlFD)
 		}
 		defer uc.Close()
-		return s.ServeConn(ctx, uc)
+		if err := s.ServeConn(ctx, uc); err != nil || !s.Detached() {
+			return err
+		}
+		// Detached: the VM lives on until stopped or ended.
+		select {
+		case <-s.Finished():
+		case <-ctx.Done():
+		}
+		return nil
 	}
 	if cfg.SocketPath == "" {
 		return fmt.Errorf("%w: a control socket path or descriptor is needed", ErrBadRequest)

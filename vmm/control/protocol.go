@@ -17,7 +17,9 @@
 // the order sent (Device.FD). Operations: configure (build a VM and boot a
 // kernel), start, pause, resume, snapshot, prepare (pool warm-up: map a
 // template), restore (snapshot → running VM, devices attached), stop (the
-// VM and the server), metrics, serial (input for the guest's COM1). A
+// VM and the server), metrics, serial (input for the guest's COM1), listen
+// (detach: serve further connections on a socket path, outlive the
+// connection that asked, and exit when the VM ends). A
 // failed request gets ok=false, a message and a code that the client turns
 // back into the VMM's sentinel errors (see Error).
 package control
@@ -47,6 +49,7 @@ const (
 	OpStop      = "stop"
 	OpMetrics   = "metrics"
 	OpSerial    = "serial"
+	OpListen    = "listen"
 )
 
 // Limits of the protocol.
@@ -81,6 +84,12 @@ type Request struct {
 	Console string `json:"console,omitempty"`
 	// Serial is input for the guest's COM1 (serial).
 	Serial string `json:"serial,omitempty"`
+	// ConsoleLimit bounds how many bytes of guest output Console gets
+	// (configure, restore); 0 is unbounded. Output past it is dropped, so
+	// a guest flooding its serial console cannot fill the host's disk.
+	ConsoleLimit int64 `json:"console_limit,omitempty"`
+	// Path is the Unix socket to listen on (listen).
+	Path string `json:"path,omitempty"`
 	// Paused leaves a restored VM unstarted (restore).
 	Paused bool `json:"paused,omitempty"`
 	// WaitRunning makes start and restore answer only once a vCPU has run

@@ -53,11 +53,16 @@ type Server struct {
 	prepSt   *snapshot.State
 	console  *os.File // the console file a request opened, if any
 	stopped  bool
+	// ln is the socket a listen request opened; finished is closed once
+	// a detached server should exit (stop request, or its VM ended).
+	ln       *net.UnixListener
+	finished chan struct{}
+	finish   sync.Once
 }
 
 // NewServer returns a server without a VM.
 func NewServer(cfg ServerConfig) *Server {
-	s := &Server{cfg: cfg, log: cfg.Logger}
+	s := &Server{cfg: cfg, log: cfg.Logger, finished: make(chan struct{})}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -138,6 +143,9 @@ func (s *Server) Close() error {
 
 func (s *Server) release() error {
 	var errs []error
+	if s.ln != nil {
+		s.ln.Close()
+	}
 	if s.vm != nil {
 		errs = append(errs, s.vm.Close())
 		s.vm = nil
@@ -179,6 +187,9 @@ func (s *Server) handleLine(ctx context.Context, line []byte, files []*os.File) 
 		return fail(err)
 	}
 	resp.OK = true
+	if req.Op == OpRestore || req.Op == OpConfigure {
+		s.watchVM()
+	}
 	if s.vm != nil && resp.State == "" {
 		resp.State = s.vm.State()
 	}
@@ -236,7 +247,10 @@ func (s *Server) handle(ctx context.Context, req *Request, files []*os.File) (*R
 	case OpStop:
 		s.stopped = true
 		err := s.release()
+		s.end()
 		return &Response{State: "stopped"}, err
+	case OpListen:
+		return &Response{}, s.listen(req)
 	case OpMetrics:
 		return &Response{Metrics: s.metrics()}, nil
 	case OpSerial:
@@ -253,8 +267,9 @@ func (s *Server) vmConfig(mem uint64, vcpus int) vmm.Config {
 	return vmm.Config{MemoryBytes: mem, VCPUs: vcpus, Console: s.cfg.Console, Logger: s.log, KVM: s.cfg.KVM}
 }
 
-// setConsole points the VM's serial output at the request's console file.
-func (s *Server) setConsole(path string) error {
+// setConsole points the VM's serial output at the request's console file,
+// at most limit bytes of it when limit > 0.
+func (s *Server) setConsole(path string, limit int64) error {
 	if path == "" {
 		return nil
 	}
@@ -266,9 +281,103 @@ func (s *Server) setConsole(path string) error {
 		s.console.Close()
 	}
 	s.console = f
-	s.vm.SetConsole(f)
+	if limit > 0 {
+		s.vm.SetConsole(&boundedWriter{w: f, left: limit})
+	} else {
+		s.vm.SetConsole(f)
+	}
 	return nil
 }
+
+// boundedWriter passes on at most left bytes and then drops the rest,
+// noting once that it did. It never fails a write: the guest's serial
+// port must not stall because its log is full.
+type boundedWriter struct {
+	mu   sync.Mutex
+	w    io.Writer
+	left int64
+	cut  bool
+}
+
+func (b *boundedWriter) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.left <= 0 {
+		if !b.cut {
+			b.cut = true
+			io.WriteString(b.w, "\n[cubicle: console log limit reached; further guest output dropped]\n")
+		}
+		return len(p), nil
+	}
+	q := p
+	if int64(len(q)) > b.left {
+		q = q[:b.left]
+	}
+	n, _ := b.w.Write(q)
+	b.left -= int64(n)
+	return len(p), nil
+}
+
+// listen serves further connections on req.Path and detaches the server
+// from the connection that asked: see Client.Listen.
+func (s *Server) listen(req *Request) error {
+	if req.Path == "" {
+		return fmt.Errorf("%w: listen needs a path", ErrBadRequest)
+	}
+	if s.ln != nil {
+		return fmt.Errorf("%w: listening already", vmm.ErrState)
+	}
+	_ = os.Remove(req.Path) // a socket left by an earlier process
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: req.Path, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("control: listen: %w", err)
+	}
+	ln.SetUnlinkOnClose(true)
+	s.ln = ln
+	go func() {
+		for {
+			c, err := ln.AcceptUnix()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if err := s.ServeConn(context.Background(), c); err != nil {
+					s.log.Warn("control connection", "err", err)
+				}
+			}()
+		}
+	}()
+	s.watchVM()
+	return nil
+}
+
+// watchVM ends a detached server when its VM ends (a guest power-off or
+// crash): the process exiting is how the runtime learns of it.
+func (s *Server) watchVM() {
+	if s.ln == nil || s.vm == nil {
+		return
+	}
+	vm := s.vm
+	go func() {
+		<-vm.Done()
+		s.end()
+	}()
+}
+
+// end tells a detached server's Main to return.
+func (s *Server) end() { s.finish.Do(func() { close(s.finished) }) }
+
+// Detached reports whether a listen request detached the server.
+func (s *Server) Detached() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ln != nil
+}
+
+// Finished is closed once a detached server is done: a stop request was
+// answered or its VM ended.
+func (s *Server) Finished() <-chan struct{} { return s.finished }
 
 func (s *Server) configure(req *Request, files []*os.File) (err error) {
 	m := req.Machine
@@ -297,7 +406,7 @@ func (s *Server) configure(req *Request, files []*os.File) (err error) {
 			s.vm = nil
 		}
 	}()
-	if err := s.setConsole(req.Console); err != nil {
+	if err := s.setConsole(req.Console, req.ConsoleLimit); err != nil {
 		return err
 	}
 	if err := s.addDevices(req.Devices, files); err != nil {
@@ -360,7 +469,7 @@ func (s *Server) restore(ctx context.Context, req *Request, files []*os.File) (_
 			s.vm = nil
 		}
 	}()
-	if err := s.setConsole(req.Console); err != nil {
+	if err := s.setConsole(req.Console, req.ConsoleLimit); err != nil {
 		return nil, err
 	}
 	if err := s.addDevices(req.Devices, files); err != nil {

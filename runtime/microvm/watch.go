@@ -1,0 +1,74 @@
+//go:build linux && amd64
+
+package microvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cubicle-dev/cubicle/runtime"
+)
+
+// Watching a sandbox: its whole VM is one host process, the detached
+// VMM, which exits when the VM ends (a guest power-off or crash), when
+// Kill stops it, or when someone kills it. It is not this process's child
+// after a restart of the server, so it is watched through a pidfd, which
+// turns readable when the process ends; the pidfd goes to Go's netpoller
+// (as in runtime/gvisor's watch.go).
+
+// Wait implements runtime.Runtime.
+func (r *Runtime) Wait(ctx context.Context, id string) (runtime.Exit, error) {
+	rec, err := r.readRecord(id)
+	if err != nil {
+		return runtime.Exit{}, err
+	}
+	exit := runtime.Exit{ID: id, Reason: runtime.ExitExited, Detail: "the VMM process ended"}
+	if rec.Pid <= 0 {
+		return exit, nil // never started, or a crashed create
+	}
+	fd, err := unix.PidfdOpen(rec.Pid, unix.PIDFD_NONBLOCK)
+	if errors.Is(err, unix.ESRCH) {
+		return exit, nil
+	}
+	if err != nil {
+		return runtime.Exit{}, fmt.Errorf("microvm: pidfd_open %d: %w", rec.Pid, err)
+	}
+	// With the pidfd held the pid cannot be reused: if the start time
+	// still matches, it is the sandbox's VMM.
+	f := os.NewFile(uintptr(fd), fmt.Sprintf("pidfd:%d", rec.Pid))
+	defer f.Close()
+	if !alive(rec) {
+		return exit, nil
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return runtime.Exit{}, fmt.Errorf("microvm: pidfd of %d: %w", rec.Pid, err)
+	}
+	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	var perr error
+	err = rc.Read(func(fd uintptr) bool {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(p, 0)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			perr = err
+			return true
+		}
+		return n > 0 && p[0].Revents&(unix.POLLIN|unix.POLLHUP|unix.POLLERR) != 0
+	})
+	if ctx.Err() != nil {
+		return runtime.Exit{}, ctx.Err()
+	}
+	if err != nil {
+		return runtime.Exit{}, fmt.Errorf("microvm: wait for %d: %w", rec.Pid, err)
+	}
+	if perr != nil {
+		return runtime.Exit{}, fmt.Errorf("microvm: poll pidfd of %d: %w", rec.Pid, perr)
+	}
+	return exit, nil
+}
