@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cubicle-dev/cubicle/internal/sparse"
 )
 
 // Config.DiskSizeMB is enforced by giving each sandbox's writable layer a
@@ -114,7 +115,7 @@ func (r *Runtime) setupDisk(dir string, sizeMB int) (*disk, error) {
 		return nil, err
 	}
 	img := filepath.Join(dir, diskImage)
-	if err := copySparse(src, img); err != nil {
+	if err := sparse.Copy(src, img); err != nil {
 		return nil, fmt.Errorf("copy disk image: %w", err)
 	}
 	if err := reserveImage(img, sizeMB); err != nil {
@@ -234,75 +235,6 @@ func syncFile(path string) error {
 	}
 	defer f.Close()
 	return f.Sync()
-}
-
-// copySparse copies src to a new file dst, keeping src's holes holes.
-func copySparse(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	fi, err := in.Stat()
-	if err != nil {
-		return err
-	}
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	err = copyExtents(in, out, fi.Size())
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
-func copyExtents(in, out *os.File, size int64) error {
-	// A reflink shares every extent at once (btrfs, XFS); ext4 refuses.
-	if unix.IoctlFileClone(int(out.Fd()), int(in.Fd())) == nil {
-		return nil
-	}
-	if err := out.Truncate(size); err != nil {
-		return err
-	}
-	for off := int64(0); off < size; {
-		start, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			return nil // only a hole is left
-		}
-		if err != nil {
-			return fmt.Errorf("seek data: %w", err)
-		}
-		end, err := unix.Seek(int(in.Fd()), start, unix.SEEK_HOLE)
-		if err != nil {
-			return fmt.Errorf("seek hole: %w", err)
-		}
-		if err := copyRange(in, out, start, end); err != nil {
-			return err
-		}
-		off = end
-	}
-	return nil
-}
-
-// copyRange copies [start, end) of in to the same offsets of out, in the
-// kernel where it can.
-func copyRange(in, out *os.File, start, end int64) error {
-	for roff, woff := start, start; roff < end; {
-		n, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(end-roff), 0)
-		if err != nil {
-			if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) {
-				_, err = io.Copy(io.NewOffsetWriter(out, roff), io.NewSectionReader(in, roff, end-roff))
-				return err
-			}
-			return fmt.Errorf("copy_file_range: %w", err)
-		}
-		if n == 0 {
-			return io.ErrUnexpectedEOF
-		}
-	}
-	return nil
 }
 
 // attachLoop binds img to a free loop device and returns the open device.

@@ -1,7 +1,6 @@
 package gvisor
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -16,37 +15,6 @@ import (
 
 	"golang.org/x/sys/unix"
 )
-
-func TestCopySparse(t *testing.T) {
-	dir := t.TempDir()
-	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
-	f, err := os.Create(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	const size = 64 << 20
-	data := bytes.Repeat([]byte("cubicle!"), 8192) // 64 KiB
-	for _, off := range []int64{0, 1 << 20, 40<<20 + 4096, size - int64(len(data))} {
-		if _, err := f.WriteAt(data, off); err != nil {
-			t.Fatal(err)
-		}
-	}
-	f.Close()
-	if err := copySparse(src, dst); err != nil {
-		t.Fatal(err)
-	}
-	a, _ := os.ReadFile(src)
-	b, _ := os.ReadFile(dst)
-	if !bytes.Equal(a, b) {
-		t.Fatal("copy differs from the source")
-	}
-	if alloc := allocated(t, dst); alloc > 1<<20 {
-		t.Fatalf("copy allocates %d bytes for 256 KiB of data: holes were filled", alloc)
-	}
-	if err := copySparse(src, dst); err == nil {
-		t.Fatal("copy over an existing file succeeded")
-	}
-}
 
 // TestDiskMounts makes disks in parallel, as concurrent Creates do (they
 // race for free loop devices), and checks each is its own ext4 of the

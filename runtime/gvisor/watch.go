@@ -9,10 +9,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/internal/pidfd"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -111,33 +111,11 @@ func waitPid(ctx context.Context, pid int, cgroup string) error {
 	// netpoller, which wakes the reader when the pidfd turns readable.
 	f := os.NewFile(uintptr(fd), fmt.Sprintf("pidfd:%d", pid))
 	defer f.Close()
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("gvisor: pidfd of %d: %w", pid, err)
-	}
-	// A deadline in the past wakes the parked reader.
-	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
-	var perr error
-	err = rc.Read(func(fd uintptr) bool {
-		// A pidfd cannot be read; poll(2) without waiting says whether the
-		// process ended. false parks the goroutine until it turns readable.
-		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(p, 0)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			perr = err
-			return true
+	if err := pidfd.Wait(ctx, f); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
-		return n > 0 && p[0].Revents&(unix.POLLIN|unix.POLLHUP|unix.POLLERR) != 0
-	})
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	if err != nil {
-		return fmt.Errorf("gvisor: wait for %d: %w", pid, err)
-	}
-	if perr != nil {
-		return fmt.Errorf("gvisor: poll pidfd of %d: %w", pid, perr)
+		return fmt.Errorf("gvisor: sentry %d: %w", pid, err)
 	}
 	return nil
 }

@@ -3,9 +3,7 @@
 package microvm
 
 import (
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -13,7 +11,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/cubicle-dev/cubicle/network"
 	vnet "github.com/cubicle-dev/cubicle/vmm/virtio/net"
@@ -96,67 +93,6 @@ func makeDisk(path string, sizeMB int) error {
 	out, err := exec.Command("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", path).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("mkfs.ext4: %w: %s", err, out)
-	}
-	return nil
-}
-
-// copySparse copies src to a new file dst: a reflink where the file
-// system shares extents, otherwise the data extents only, keeping holes.
-func copySparse(src, dst string) (err error) {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	fi, err := in.Stat()
-	if err != nil {
-		return err
-	}
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := out.Close(); err == nil {
-			err = cerr
-		}
-	}()
-	if unix.IoctlFileClone(int(out.Fd()), int(in.Fd())) == nil {
-		return nil
-	}
-	size := fi.Size()
-	if err := out.Truncate(size); err != nil {
-		return err
-	}
-	for off := int64(0); off < size; {
-		start, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			return nil // only a hole is left
-		}
-		if err != nil {
-			return fmt.Errorf("seek data: %w", err)
-		}
-		end, err := unix.Seek(int(in.Fd()), start, unix.SEEK_HOLE)
-		if err != nil {
-			return fmt.Errorf("seek hole: %w", err)
-		}
-		for roff, woff := start, start; roff < end; {
-			n, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(end-roff), 0)
-			if err != nil {
-				if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) {
-					_, err = io.Copy(io.NewOffsetWriter(out, roff), io.NewSectionReader(in, roff, end-roff))
-					if err != nil {
-						return err
-					}
-					break
-				}
-				return fmt.Errorf("copy_file_range: %w", err)
-			}
-			if n == 0 {
-				return io.ErrUnexpectedEOF
-			}
-		}
-		off = end
 	}
 	return nil
 }

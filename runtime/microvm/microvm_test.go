@@ -19,6 +19,7 @@ import (
 
 	"github.com/cubicle-dev/cubicle/client"
 	"github.com/cubicle-dev/cubicle/guest/envd/gen/process/processconnect"
+	"github.com/cubicle-dev/cubicle/internal/sparse"
 	"github.com/cubicle-dev/cubicle/internal/testenv"
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
@@ -115,7 +116,7 @@ func testOptions(t *testing.T) Options {
 			if fi, err := os.Stat(disk); err != nil || fi.Size() != int64(sizeMB)<<20 {
 				return fmt.Errorf("CUBICLE_MICROVM_DISK %s is not %d MiB: %v", disk, sizeMB, err)
 			}
-			return copySparse(disk, path)
+			return sparse.Copy(disk, path)
 		}
 	} else {
 		testenv.RequireCommand(t, "mkfs.ext4")

@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/internal/sparse"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/vmm/control"
 )
@@ -108,7 +109,7 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 		return runtime.Sandbox{}, err
 	}
 	defer tap.Close()
-	if err := copySparse(snap.disk(), diskPath); err != nil {
+	if err := sparse.Copy(snap.disk(), diskPath); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("microvm: disk: %w", err)
 	}
 	disk, err := os.OpenFile(diskPath, os.O_RDWR, 0)

@@ -7,10 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cubicle-dev/cubicle/internal/pidfd"
 	"github.com/cubicle-dev/cubicle/runtime"
 )
 
@@ -45,30 +45,11 @@ func (r *Runtime) Wait(ctx context.Context, id string) (runtime.Exit, error) {
 	if !alive(rec) {
 		return exit, nil
 	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return runtime.Exit{}, fmt.Errorf("microvm: pidfd of %d: %w", rec.Pid, err)
-	}
-	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
-	var perr error
-	err = rc.Read(func(fd uintptr) bool {
-		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(p, 0)
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			perr = err
-			return true
+	if err := pidfd.Wait(ctx, f); err != nil {
+		if ctx.Err() != nil {
+			return runtime.Exit{}, ctx.Err()
 		}
-		return n > 0 && p[0].Revents&(unix.POLLIN|unix.POLLHUP|unix.POLLERR) != 0
-	})
-	if ctx.Err() != nil {
-		return runtime.Exit{}, ctx.Err()
-	}
-	if err != nil {
-		return runtime.Exit{}, fmt.Errorf("microvm: wait for %d: %w", rec.Pid, err)
-	}
-	if perr != nil {
-		return runtime.Exit{}, fmt.Errorf("microvm: poll pidfd of %d: %w", rec.Pid, perr)
+		return runtime.Exit{}, fmt.Errorf("microvm: VMM %d: %w", rec.Pid, err)
 	}
 	return exit, nil
 }
