@@ -250,6 +250,13 @@ func loadSnapshot(dir, image string, want snapMetaData) (*templateSnapshot, erro
 	if di.Size() != int64(m.DiskMB)<<20 {
 		return nil, fmt.Errorf("%w: %s: disk is %d bytes, want %d (truncated?)", ErrSnapshot, dir, di.Size(), int64(m.DiskMB)<<20)
 	}
+	// Jailed VMMs (uid 65534) read the state and memory files through a
+	// read-only bind mount of dir; the cache root above stays 0700.
+	for p, mode := range map[string]os.FileMode{dir: 0o755, filepath.Join(dir, snapState): 0o644, mem: 0o644} {
+		if err := os.Chmod(p, mode); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
+		}
+	}
 	return &templateSnapshot{Dir: dir, Image: image, Meta: m}, nil
 }
 
@@ -405,16 +412,18 @@ func randHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// tail is the last n bytes of a file, for error messages.
+// tail is the last n bytes of a file, for error messages. It reads a
+// regular file only, not through a final symbolic link: a jailed VMM
+// owns the directory of its console (jail.go).
 func tail(path string, n int64) string {
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return "(no console: " + err.Error() + ")"
 	}
 	defer f.Close()
 	fi, err := f.Stat()
-	if err != nil {
-		return ""
+	if err != nil || !fi.Mode().IsRegular() {
+		return "(no console: not a regular file)"
 	}
 	off := max(fi.Size()-n, 0)
 	b := make([]byte, fi.Size()-off)

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // cgroupRoot is where the cgroup hierarchies are mounted (one directory
@@ -157,6 +159,9 @@ func (cg *cgroups) kill() error {
 		}
 	}
 	pids, err := cg.procs()
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // removed already: nothing left to kill
+	}
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrCgroup, err)
 	}
@@ -220,4 +225,28 @@ func (cg *cgroups) oomKills() (uint64, error) {
 		}
 	}
 	return 0, fmt.Errorf("%w: memory.oom_control has no oom_kill count (Linux before 4.13)", ErrCgroup)
+}
+
+// Check says why this host cannot jail a process, or nil: it needs root
+// (namespaces, mknod, pivot_root, cgroups) and the cgroup v1 memory and
+// pids hierarchies at /sys/fs/cgroup/{memory,pids} with this process's
+// cgroup in them writable, where the jails' cgroups are made.
+func Check() error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%w: jailing needs root", ErrCgroup)
+	}
+	for _, c := range []string{"memory", "pids"} {
+		mount := filepath.Join(cgroupRoot, c)
+		if _, err := os.Stat(filepath.Join(mount, "cgroup.procs")); err != nil {
+			return fmt.Errorf("%w: the cgroup v1 %s hierarchy is not mounted at %s (cgroup v2 only hosts are not supported yet)", ErrCgroup, c, mount)
+		}
+		own, err := ownCgroup(c)
+		if err != nil {
+			return err
+		}
+		if err := unix.Access(filepath.Join(mount, own), unix.W_OK); err != nil {
+			return fmt.Errorf("%w: cannot make cgroups in %s: %w", ErrCgroup, filepath.Join(mount, own), err)
+		}
+	}
+	return nil
 }
