@@ -424,11 +424,22 @@ func TestMicroVM(t *testing.T) {
 		if got := envdRun(t, sb.Addr, "kill -0 "+pid+" && echo alive"); got != "alive" {
 			t.Errorf("process %s after adoption: %q", pid, got)
 		}
+		rec, err := r2.readRecord(sb.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := r2.Kill(ctx, sb.ID); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := os.Stat(r.sandboxDir(sb.ID)); !os.IsNotExist(err) {
 			t.Errorf("sandbox directory left: %v", err)
+		}
+		if rec.Jail != nil {
+			for _, p := range []string{rec.Jail.Root, rec.Jail.Memory, rec.Jail.Pids} {
+				if _, err := os.Stat(p); !os.IsNotExist(err) {
+					t.Errorf("%s left after the new runtime's Kill: %v", p, err)
+				}
+			}
 		}
 	})
 }
@@ -516,6 +527,7 @@ func followConsoles(t *testing.T, opts Options) {
 		for {
 			var files []string
 			for _, pat := range []string{filepath.Join(opts.CacheDir, "microvm", ".build-*", "console.log"), filepath.Join(opts.StateDir, "*", "console.log"),
+				filepath.Join(opts.CacheDir, "microvm", ".build-*", "jail", "console.log"),
 				filepath.Join(opts.StateDir, jailDir, "*", "*", "console.log")} {
 				m, _ := filepath.Glob(pat)
 				files = append(files, m...)
