@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -150,4 +151,41 @@ func dialControl(path string) (*control.Client, error) {
 		return nil, fmt.Errorf("control: %w", err)
 	}
 	return control.NewClient(c), nil
+}
+
+// sweepJails removes the jails that no sandbox holds and no process runs
+// in: those of the pooled VMMs of a server that ended without closing
+// its pools (the VMMs exit with their connections; their jails stay).
+// A jail younger than a minute is left alone: its process may be between
+// start and cgroup (jailer.Jail.Started).
+func (r *Runtime) sweepJails() {
+	held := map[string]bool{}
+	entries, _ := os.ReadDir(r.opts.StateDir)
+	for _, e := range entries {
+		if rec, err := r.readRecord(e.Name()); err == nil && rec.Jail != nil {
+			held[filepath.Clean(rec.Jail.Root)] = true
+		}
+	}
+	roots, _ := filepath.Glob(filepath.Join(r.opts.StateDir, jailDir, "*", "*"))
+	for _, root := range roots {
+		fi, err := os.Lstat(root)
+		if err != nil || !fi.IsDir() || held[root] || time.Since(fi.ModTime()) < time.Minute {
+			continue
+		}
+		// The names spawnConfig and control.Pool give: root
+		// <pool>/<n>, cgroup cubicle-vmm-<pool>-<n>.
+		h, err := jailer.Find(root, "cubicle-vmm-"+filepath.Base(filepath.Dir(root))+"-"+filepath.Base(root))
+		if err != nil {
+			continue
+		}
+		if empty, err := h.Empty(); err != nil || !empty {
+			continue
+		}
+		if err := h.Remove(); err != nil {
+			r.log.Warn("removing an abandoned VMM jail", "root", root, "err", err)
+			continue
+		}
+		r.log.Info("removed an abandoned VMM jail", "root", root)
+		os.Remove(filepath.Dir(root)) // the pool's, once empty
+	}
 }

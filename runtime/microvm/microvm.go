@@ -185,12 +185,14 @@ func New(opts Options) (*Runtime, error) {
 	if err := os.Chmod(opts.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("microvm: state dir: %w", err)
 	}
-	return &Runtime{
+	r := &Runtime{
 		opts:  opts,
 		log:   opts.Logger.With("runtime", Name),
 		snaps: map[string]*snapshotEntry{},
 		pools: map[string]*control.Pool{},
-	}, nil
+	}
+	r.sweepJails()
+	return r, nil
 }
 
 // Name implements runtime.Runtime.

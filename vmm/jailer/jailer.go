@@ -14,6 +14,13 @@
 // gid (which clears every capability on every thread), and installs a
 // seccomp allow-list (see rules) on all threads with no_new_privs.
 //
+// A jail outlives its parent when Config.Detach says so (a VMM whose
+// lifetime is its VM's); its Handle (the root and cgroup directories,
+// JSON) is then all a later process needs to read its memory and OOM
+// kills, kill it and remove it. (The kernel clears the parent-death
+// signal anyway when Enter drops the uid; Detach leaves it out from the
+// start.)
+//
 // The jailed process sees its root directory as "/": the host puts what
 // it needs (disk images, snapshot files, the vsock socket directory) under
 // Config.Root or mounts it there, and passes what it cannot place there
@@ -269,6 +276,39 @@ func (h Handle) check() error {
 		return fmt.Errorf("%w: root %q", ErrConfig, h.Root)
 	}
 	return nil
+}
+
+// Find returns the Handle of a jail made by this process's Apply with
+// cgroup name and root, or by an earlier process in the same cgroups
+// (a restarted server): the cgroup directories that exist.
+func Find(root, cgroup string) (Handle, error) {
+	h := Handle{Root: root}
+	if cgroup == "" || strings.Contains(cgroup, "/") || strings.Contains(cgroup, "..") {
+		return h, fmt.Errorf("%w: cgroup name %q", ErrConfig, cgroup)
+	}
+	for _, c := range []struct {
+		mount, controller string
+		dir               *string
+	}{{"memory", "memory", &h.Memory}, {"pids", "pids", &h.Pids}, {"unified", "", &h.Unified}} {
+		own, err := ownCgroup(c.controller)
+		if err != nil {
+			continue
+		}
+		d := filepath.Join(cgroupRoot, c.mount, own, cgroup)
+		if _, err := os.Stat(d); err == nil {
+			*c.dir = d
+		}
+	}
+	return h, h.check()
+}
+
+// Empty reports whether no process is left in the jail's cgroups.
+func (h Handle) Empty() (bool, error) {
+	pids, err := h.cgroups().procs()
+	if errors.Is(err, os.ErrNotExist) {
+		return true, nil
+	}
+	return len(pids) == 0, err
 }
 
 // Kill kills every process in the jail's cgroups.
