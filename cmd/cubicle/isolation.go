@@ -25,17 +25,23 @@ const (
 // chooseIsolation turns --isolation into the backend serve runs, and why.
 // auto is gVisor for now, even where this host's /dev/kvm can boot a
 // Linux guest (hardware virtualization, not PVM): the microVM backend has
-// passed its own suite in nested KVM but not yet the E2B end-to-end suite,
-// and it runs its VMMs unjailed (docs/STATUS.md), so it is chosen
-// explicitly with --isolation microvm until then; the reason says when
-// it could be. An explicit microvm on a host that cannot boot Linux is an
-// error. canBoot is vmm/linux.CanBoot (a parameter for tests).
-func chooseIsolation(flag string, canBoot func() (bool, string)) (backend, why string, err error) {
+// passed its own suite in nested KVM but not yet the E2B end-to-end suite
+// (docs/STATUS.md), so it is chosen explicitly with --isolation microvm
+// until then; the reason says when it could be. An explicit microvm on a
+// host that cannot boot Linux, or cannot jail the VMMs (serve always
+// jails them: vmm/jailer), is an error. canBoot is vmm/linux.CanBoot and
+// canJail microvm.CheckJail (parameters for tests).
+func chooseIsolation(flag string, canBoot func() (bool, string), canJail func() error) (backend, why string, err error) {
 	switch flag {
 	case isolationGVisor:
 		return isolationGVisor, "--isolation gvisor", nil
 	case isolationMicroVM, isolationAuto:
 		ok, reason := canBoot()
+		if ok {
+			if err := canJail(); err != nil {
+				ok, reason = false, "the VMMs cannot be jailed: "+err.Error()
+			}
+		}
 		switch {
 		case ok && flag == isolationMicroVM:
 			return isolationMicroVM, "--isolation microvm", nil
@@ -114,6 +120,12 @@ func newBackend(ctx context.Context, backend string, c serveConfig, k checked, r
 			return microvmImage(ctx, reg, k.self, cfg)
 		},
 		Network: net,
-		Logger:  log.With("component", "microvm"),
+		// Every VMM jailed; chooseIsolation refused a host that cannot.
+		Jail:   &microvm.Jail{},
+		Logger: log.With("component", "microvm"),
 	})
 }
+
+// checkJail is chooseIsolation's canJail: whether this host can jail the
+// microVM backend's VMMs (microvm.CheckJail).
+func checkJail() error { return microvm.CheckJail() }

@@ -123,7 +123,7 @@ func (c *serveConfig) check() (checked, error) {
 	if k.upstreams, err = c.dnsUpstreams(); err != nil {
 		return k, err
 	}
-	if k.backend, k.backendWhy, err = chooseIsolation(c.isolation, linux.CanBoot); err != nil {
+	if k.backend, k.backendWhy, err = chooseIsolation(c.isolation, linux.CanBoot, checkJail); err != nil {
 		return k, err
 	}
 	if k.backend == isolationGVisor {

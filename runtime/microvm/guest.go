@@ -53,8 +53,7 @@ func dialGuest(ctx context.Context, uds string) (*guestConn, error) {
 }
 
 func dialGuestOnce(ctx context.Context, uds string) (*guestConn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", uds)
+	c, err := dialNoFollow(ctx, uds)
 	if err != nil {
 		return nil, err
 	}

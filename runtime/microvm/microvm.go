@@ -30,10 +30,11 @@
 // so a new Runtime (a restarted `cubicle serve`) finds every running VMM
 // again by its pid and socket (List, Wait, Kill), and loses nothing.
 //
-// Not yet: the VMM processes run unjailed (vmm/jailer's parent-death
-// signal and paths inside the jail do not fit detached VMMs yet), so
-// there is no memory cgroup per sandbox and no OOM reason in Wait; Pause
-// keeps the paused VM in memory (no diff snapshot to disk); the template's
+// With Options.Jail the VMM processes are confined by vmm/jailer, each in
+// cgroups of its own with the sandbox's memory limit (jail.go); its
+// sockets and console are then in its jail, not in StateDir/<id>/.
+//
+// Not yet: Pause keeps the paused VM in memory (no diff snapshot to disk); the template's
 // start and ready commands run after each restore (the orchestrator's
 // pool), not once before the snapshot.
 package microvm
@@ -114,7 +115,11 @@ type Options struct {
 	// (Inside scripts/nested-kvm.sh's L1 there is no mkfs: tests copy
 	// one formatted beforehand.)
 	FormatDisk func(path string, sizeMB int) error
-	Logger     *slog.Logger
+	// Jail confines the sandboxes' VMM processes (jail.go); nil runs them
+	// unconfined, as root. New refuses a Jail this host cannot provide
+	// (CheckJail).
+	Jail   *Jail
+	Logger *slog.Logger
 }
 
 // Runtime runs sandboxes as microVMs. The pools and the verified
@@ -150,6 +155,11 @@ func New(opts Options) (*Runtime, error) {
 	if _, err := os.Stat(opts.Kernel); err != nil {
 		return nil, fmt.Errorf("%w: kernel: %w", ErrInvalidConfig, err)
 	}
+	if opts.Jail != nil {
+		if err := CheckJail(); err != nil {
+			return nil, fmt.Errorf("%w: the VMMs cannot be jailed here: %w", ErrInvalidConfig, err)
+		}
+	}
 	if opts.VMM == "" {
 		exe, err := os.Executable()
 		if err != nil {
@@ -175,12 +185,14 @@ func New(opts Options) (*Runtime, error) {
 	if err := os.Chmod(opts.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("microvm: state dir: %w", err)
 	}
-	return &Runtime{
+	r := &Runtime{
 		opts:  opts,
 		log:   opts.Logger.With("runtime", Name),
 		snaps: map[string]*snapshotEntry{},
 		pools: map[string]*control.Pool{},
-	}, nil
+	}
+	r.sweepJails()
+	return r, nil
 }
 
 // Name implements runtime.Runtime.
@@ -198,6 +210,12 @@ func (r *Runtime) Close() error {
 	var errs []error
 	for _, p := range pools {
 		errs = append(errs, p.Close())
+	}
+	// The pools' jail directories, once their last jail is gone (a
+	// sandbox's stays until Kill).
+	dirs, _ := filepath.Glob(filepath.Join(r.opts.StateDir, jailDir, "*"))
+	for _, d := range dirs {
+		os.Remove(d) // fails, as it should, while one holds a jail
 	}
 	r.mu.Lock()
 	if r.logf != nil {

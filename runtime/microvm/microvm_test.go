@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/netip"
@@ -107,6 +108,13 @@ func testOptions(t *testing.T) Options {
 			return Image{Path: img, Key: fmt.Sprintf("test-%d-%d", fi.Size(), fi.ModTime().UnixNano())}, nil
 		},
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	// Jailed, as serve runs them, where the host can (nested KVM's L1
+	// mounts the jailer's cgroups); the jail subtests say so otherwise.
+	if err := CheckJail(); err == nil {
+		opts.Jail = &Jail{}
+	} else {
+		t.Logf("VMMs unjailed: %v", err)
 	}
 	if testing.Verbose() {
 		followConsoles(t, opts)
@@ -230,6 +238,94 @@ func TestMicroVM(t *testing.T) {
 		}
 	})
 
+	t.Run("the VMM is jailed in its cgroups and Kill removes the jail", func(t *testing.T) {
+		if opts.Jail == nil {
+			t.Skipf("this host cannot jail VMMs: %v", CheckJail())
+		}
+		sb := create(t, "mvjail")
+		rec, err := r.readRecord(sb.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := rec.Jail
+		if h == nil || h.Memory == "" || h.Pids == "" {
+			t.Fatalf("record's jail: %+v", h)
+		}
+		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", rec.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range []string{"Uid:\t65534\t65534\t65534\t65534", "CapEff:\t0000000000000000", "Seccomp:\t2"} {
+			if !strings.Contains(string(status), want) {
+				t.Errorf("VMM status lacks %q:\n%s", want, status)
+			}
+		}
+		if in, err := h.InCgroup(rec.Pid); err != nil || !in {
+			t.Errorf("VMM %d in its jail's cgroups: %v, %v", rec.Pid, in, err)
+		}
+		limit, err := os.ReadFile(filepath.Join(h.Memory, "memory.limit_in_bytes"))
+		if want := fmt.Sprint((testMemoryMB + DefaultOverheadMB) << 20); err != nil || strings.TrimSpace(string(limit)) != want {
+			t.Errorf("memory limit %q, %v; want %s (the sandbox's memory plus the VMM's overhead)", limit, err, want)
+		}
+		waitHealth(t, sb.Addr)
+		s, err := r.Stats(ctx, sb.ID)
+		if usage, uerr := h.MemoryUsage(); err != nil || uerr != nil || s.MemUsed == 0 || s.MemUsed > usage+(64<<20) {
+			t.Errorf("stats %+v, %v; the cgroup's usage %d, %v", s, err, usage, uerr)
+		}
+		if err := r.Kill(ctx, sb.ID); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []string{h.Root, h.Memory, h.Pids, h.Unified} {
+			if _, err := os.Stat(p); p != "" && !os.IsNotExist(err) {
+				t.Errorf("%s left after Kill: %v", p, err)
+			}
+		}
+	})
+
+	t.Run("a jailed VMM over its memory limit ends with ExitOOM", func(t *testing.T) {
+		if opts.Jail == nil {
+			t.Skipf("this host cannot jail VMMs: %v", CheckJail())
+		}
+		sb := create(t, "mvoom")
+		waitHealth(t, sb.Addr)
+		rec, err := r.readRecord(sb.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		usage, err := rec.Jail.MemoryUsage()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The guest may use all its memory; the VMM may not use much more
+		// than it does now: a guest touching 160 MiB fresh pushes it over.
+		if err := os.WriteFile(filepath.Join(rec.Jail.Memory, "memory.limit_in_bytes"), []byte(fmt.Sprint(usage+(16<<20))), 0); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan runtime.Exit, 1)
+		go func() {
+			e, err := r.Wait(ctx, sb.ID)
+			if err != nil {
+				t.Error(err)
+			}
+			done <- e
+		}()
+		go func() { // it gets no answer: its VM goes
+			pc := processconnect.NewProcessClient(http.DefaultClient, fmt.Sprintf("http://%s:%d", sb.Addr, runtime.EnvdPort))
+			rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			defer cancel()
+			client.RunWith(rctx, pc, "dd if=/dev/zero of=/dev/null bs=160M count=1", io.Discard, io.Discard)
+		}()
+		select {
+		case e := <-done:
+			if e.Reason != runtime.ExitOOM {
+				t.Errorf("exit %+v, want %s", e, runtime.ExitOOM)
+			}
+			t.Logf("exit: %+v", e)
+		case <-time.After(3 * time.Minute):
+			t.Fatal("the VMM was not OOM-killed")
+		}
+	})
+
 	t.Run("clones of one snapshot get their own identity", func(t *testing.T) {
 		a, b := create(t, "mvclonea"), create(t, "mvcloneb")
 		waitHealth(t, a.Addr)
@@ -328,11 +424,22 @@ func TestMicroVM(t *testing.T) {
 		if got := envdRun(t, sb.Addr, "kill -0 "+pid+" && echo alive"); got != "alive" {
 			t.Errorf("process %s after adoption: %q", pid, got)
 		}
+		rec, err := r2.readRecord(sb.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := r2.Kill(ctx, sb.ID); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := os.Stat(r.sandboxDir(sb.ID)); !os.IsNotExist(err) {
 			t.Errorf("sandbox directory left: %v", err)
+		}
+		if rec.Jail != nil {
+			for _, p := range []string{rec.Jail.Root, rec.Jail.Memory, rec.Jail.Pids} {
+				if _, err := os.Stat(p); !os.IsNotExist(err) {
+					t.Errorf("%s left after the new runtime's Kill: %v", p, err)
+				}
+			}
 		}
 	})
 }
@@ -419,7 +526,9 @@ func followConsoles(t *testing.T, opts Options) {
 		seen := map[string]int64{}
 		for {
 			var files []string
-			for _, pat := range []string{filepath.Join(opts.CacheDir, "microvm", ".build-*", "console.log"), filepath.Join(opts.StateDir, "*", "console.log")} {
+			for _, pat := range []string{filepath.Join(opts.CacheDir, "microvm", ".build-*", "console.log"), filepath.Join(opts.StateDir, "*", "console.log"),
+				filepath.Join(opts.CacheDir, "microvm", ".build-*", "jail", "console.log"),
+				filepath.Join(opts.StateDir, jailDir, "*", "*", "console.log")} {
 				m, _ := filepath.Glob(pat)
 				files = append(files, m...)
 			}

@@ -22,6 +22,7 @@ import (
 	"github.com/cubicle-dev/cubicle/internal/sparse"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/vmm/control"
+	"github.com/cubicle-dev/cubicle/vmm/jailer"
 )
 
 // record is sandbox.json: what List, Stats, Wait and Kill need of a
@@ -37,6 +38,10 @@ type record struct {
 	PidStart uint64 `json:"pidStart,omitempty"`
 	// Snapshot is the template snapshot's directory it was restored from.
 	Snapshot string `json:"snapshot,omitempty"`
+	// Jail is the VMM's jail (root and cgroups), nil if unjailed; set as
+	// soon as the sandbox has its VMM, so that Kill removes it whatever
+	// happens after.
+	Jail *jailer.Handle `json:"jail,omitempty"`
 }
 
 const recordFile = "sandbox.json"
@@ -117,6 +122,12 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 		return runtime.Sandbox{}, fmt.Errorf("microvm: disk: %w", err)
 	}
 	defer disk.Close()
+
+	image, err := os.Open(snap.Image)
+	if err != nil {
+		return runtime.Sandbox{}, fmt.Errorf("microvm: template image: %w", err)
+	}
+	defer image.Close()
 	tDevs := time.Now()
 
 	pool, err := r.pool(snap)
@@ -126,24 +137,35 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	if proc, err = pool.Get(ctx); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("microvm: VMM pool: %w", err)
 	}
-	prepared, err := proc.Restore(ctx, snap.files(), control.RestoreOptions{
+	// The paths as the VMM sees them: in its jail, if it has one.
+	vmmSock, vmmUDS, vmmConsole := sock, uds, console
+	if j := proc.Jail(); j != nil {
+		h := j.Handle()
+		rec.Jail = &h
+		if err := writeJSON(filepath.Join(dir, recordFile), rec); err != nil {
+			return runtime.Sandbox{}, fmt.Errorf("microvm: write %s: %w", recordFile, err)
+		}
+		vmmSock, vmmUDS, vmmConsole = jailVMMSock, jailVsock, jailConsole
+		_, uds, console = r.vmmPaths(cfg.ID, rec)
+	}
+	prepared, err := proc.Restore(ctx, r.vmmSnapshot(snap), control.RestoreOptions{
 		Devices: []control.Device{
-			{Kind: control.KindBlock, Name: devRootFS, Path: snap.Image, ReadOnly: true},
+			{Kind: control.KindBlock, Name: devRootFS, FD: ptr(2), ReadOnly: true},
 			{Kind: control.KindBlock, Name: devDisk, FD: ptr(0)},
 			{Kind: control.KindRNG, Name: devRNG},
-			{Kind: control.KindVsock, Name: devVsock, CID: guestCID, UDS: uds},
+			{Kind: control.KindVsock, Name: devVsock, CID: guestCID, UDS: vmmUDS},
 			{Kind: control.KindNet, Name: devNet, FD: ptr(1), MAC: GuestMAC.String()},
 		},
-		Console:      console,
+		Console:      vmmConsole,
 		ConsoleLimit: ConsoleLimit,
-		Files:        []*os.File{disk, tap},
+		Files:        []*os.File{disk, tap, image},
 	})
 	if err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("microvm: restore: %w", err)
 	}
 	// From here the VMM outlives this process: it serves sock and ends
 	// when its VM does.
-	if err := proc.Listen(ctx, sock); err != nil {
+	if err := proc.Listen(ctx, vmmSock); err != nil {
 		return runtime.Sandbox{}, fmt.Errorf("microvm: detach VMM: %w", err)
 	}
 	rec.Pid = proc.Pid()
@@ -177,8 +199,8 @@ func (r *Runtime) pool(snap *templateSnapshot) (*control.Pool, error) {
 	}
 	p, err := control.NewPool(control.PoolConfig{
 		Size:     r.opts.PoolSize,
-		Spawn:    control.SpawnConfig{Path: r.opts.VMM, Args: []string{"vmm"}, Detach: true, Stderr: r.logfLocked()},
-		Snapshot: snap.files(),
+		Spawn:    r.spawnConfig(snap),
+		Snapshot: r.vmmSnapshot(snap),
 		Logger:   r.log,
 	})
 	if err != nil {
@@ -258,8 +280,8 @@ func (r *Runtime) client(id string) (*control.Client, record, error) {
 	if !alive(rec) {
 		return nil, rec, fmt.Errorf("%w: %s: its VMM process is gone", runtime.ErrNotFound, id)
 	}
-	_, sock, _, _, _ := r.paths(id)
-	c, err := control.Dial(sock)
+	sock, _, _ := r.vmmPaths(id, rec)
+	c, err := dialControl(sock)
 	if err != nil {
 		return nil, rec, fmt.Errorf("microvm: %s: %w", id, err)
 	}
@@ -307,6 +329,11 @@ func (r *Runtime) Kill(ctx context.Context, id string) error {
 	if err == nil && alive(rec) {
 		errs = append(errs, r.stopVMM(ctx, id, rec))
 	}
+	if err == nil && rec.Jail != nil {
+		// Whatever else ran in the jail's cgroups goes too; then the
+		// cgroups and the root.
+		errs = append(errs, rec.Jail.Kill(), rec.Jail.Remove())
+	}
 	if err := os.RemoveAll(r.sandboxDir(id)); err != nil {
 		errs = append(errs, fmt.Errorf("microvm: %w", err))
 	}
@@ -327,8 +354,8 @@ func (r *Runtime) stopVMM(ctx context.Context, id string, rec record) error {
 	if !alive(rec) { // the pid was reused before pidfd_open
 		return nil
 	}
-	_, sock, _, _, _ := r.paths(id)
-	if c, err := control.Dial(sock); err == nil {
+	sock, _, _ := r.vmmPaths(id, rec)
+	if c, err := dialControl(sock); err == nil {
 		sctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		c.Stop(sctx)
 		cancel()
@@ -388,7 +415,8 @@ func (r *Runtime) List(ctx context.Context) ([]runtime.Sandbox, error) {
 		sb := runtime.Sandbox{ID: e.Name(), Addr: rec.Addr, State: runtime.StateStopped}
 		if alive(rec) {
 			sb.State = runtime.StateRunning
-			if c, err := control.Dial(filepath.Join(r.sandboxDir(e.Name()), "vmm.sock")); err == nil {
+			sock, _, _ := r.vmmPaths(e.Name(), rec)
+			if c, err := dialControl(sock); err == nil {
 				if m, err := c.Metrics(ctx); err == nil && m.State == "paused" {
 					sb.State = runtime.StatePaused
 				}
@@ -407,7 +435,8 @@ const clockTick = 100
 
 // Stats implements runtime.Runtime: CPU time and resident memory of the
 // VMM process (the guest's vCPUs and its touched memory are the
-// process's), the disk's allocated bytes.
+// process's; for a jailed VMM, its memory cgroup's charge), the disk's
+// allocated bytes.
 func (r *Runtime) Stats(ctx context.Context, id string) (runtime.Stats, error) {
 	rec, err := r.readRecord(id)
 	if err != nil {
@@ -426,6 +455,12 @@ func (r *Runtime) Stats(ctx context.Context, id string) (runtime.Stats, error) {
 	s.CPUUsage = time.Duration(utime+stime) * time.Second / clockTick
 	rss, _ := strconv.ParseUint(f[21], 10, 64)
 	s.MemUsed = rss * uint64(os.Getpagesize())
+	if rec.Jail != nil && rec.Jail.Memory != "" {
+		// The memory cgroup's charge: what the limit is held against.
+		if s.MemUsed, err = rec.Jail.MemoryUsage(); err != nil {
+			return s, fmt.Errorf("microvm: %w", err)
+		}
+	}
 	s.MemLimit = uint64(rec.Config.MemoryMB) << 20
 	_, _, _, diskPath, _ := r.paths(id)
 	var st syscall.Stat_t

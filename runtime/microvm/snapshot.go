@@ -23,6 +23,7 @@ import (
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
 	"github.com/cubicle-dev/cubicle/vmm/control"
+	"github.com/cubicle-dev/cubicle/vmm/jailer"
 	"github.com/cubicle-dev/cubicle/vmm/snapshot"
 )
 
@@ -250,6 +251,13 @@ func loadSnapshot(dir, image string, want snapMetaData) (*templateSnapshot, erro
 	if di.Size() != int64(m.DiskMB)<<20 {
 		return nil, fmt.Errorf("%w: %s: disk is %d bytes, want %d (truncated?)", ErrSnapshot, dir, di.Size(), int64(m.DiskMB)<<20)
 	}
+	// Jailed VMMs (uid 65534) read the state and memory files through a
+	// read-only bind mount of dir; the cache root above stays 0700.
+	for p, mode := range map[string]os.FileMode{dir: 0o755, filepath.Join(dir, snapState): 0o644, mem: 0o644} {
+		if err := os.Chmod(p, mode); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
+		}
+	}
 	return &templateSnapshot{Dir: dir, Image: image, Meta: m}, nil
 }
 
@@ -297,8 +305,8 @@ func (r *Runtime) buildLocked(ctx context.Context, img Image, want snapMetaData)
 			return fmt.Errorf("microvm: sync %s: %w", name, err)
 		}
 	}
-	for _, name := range []string{"console.log", "vsock.sock"} {
-		os.Remove(filepath.Join(tmp, name)) // a build's, not the snapshot's
+	for _, name := range []string{"console.log", "vsock.sock", "jail"} {
+		os.RemoveAll(filepath.Join(tmp, name)) // a build's, not the snapshot's
 	}
 	if err := os.Rename(tmp, final); err != nil {
 		return fmt.Errorf("microvm: %w", err)
@@ -347,8 +355,41 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 		return err
 	}
 	defer tap.Close()
-	console := filepath.Join(dir, "console.log")
-	proc, err := control.Spawn(control.SpawnConfig{Path: r.opts.VMM, Args: []string{"vmm"}, Stderr: r.vmmLog()})
+	image, err := os.Open(img.Path)
+	if err != nil {
+		return fmt.Errorf("microvm: template image: %w", err)
+	}
+	defer image.Close()
+	disk, err := os.OpenFile(filepath.Join(dir, snapDisk), os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("microvm: template disk: %w", err)
+	}
+	defer disk.Close()
+	// The paths as the VMM sees them (vmm*) and as the host does. A
+	// jailed build VMM (jail.go) has its root in dir/jail, the kernel
+	// mounted read-only, no memory limit (it writes the snapshot; the
+	// template is the operator's), and the snapshot is moved out of its
+	// root afterwards.
+	sc := control.SpawnConfig{Path: r.opts.VMM, Args: []string{"vmm"}, Stderr: r.vmmLog()}
+	kernel, uds, console := r.opts.Kernel, filepath.Join(dir, "vsock.sock"), filepath.Join(dir, "console.log")
+	vmmUDS, vmmConsole := uds, console
+	vmmSnap := control.Snapshot{State: filepath.Join(dir, snapState), Memory: filepath.Join(dir, snapMemory)}
+	var jailRoot string
+	if j := r.opts.Jail; j != nil {
+		jailRoot = filepath.Join(dir, "jail")
+		sc.Jail = &jailer.Config{
+			Root:      jailRoot,
+			UID:       j.UID,
+			GID:       j.GID,
+			Cgroup:    "cubicle-vmm-build-" + randHex(6),
+			Mounts:    []jailer.Mount{{Source: r.opts.Kernel, Target: "/vmlinux", ReadOnly: true}},
+			PidsLimit: orDefault(j.PidsLimit, DefaultPidsLimit),
+		}
+		kernel, vmmUDS, vmmConsole = "/vmlinux", jailVsock, jailConsole
+		uds, console = filepath.Join(jailRoot, jailVsock), filepath.Join(jailRoot, jailConsole)
+		vmmSnap = control.Snapshot{State: "/" + snapState, Memory: "/" + snapMemory}
+	}
+	proc, err := control.Spawn(sc)
 	if err != nil {
 		return fmt.Errorf("microvm: template VMM: %w", err)
 	}
@@ -356,16 +397,15 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 	fail := func(what string, err error) error {
 		return fmt.Errorf("microvm: template boot: %s: %w; console:\n%s", what, err, tail(console, 4096))
 	}
-	uds := filepath.Join(dir, "vsock.sock")
 	devs := []control.Device{
-		{Kind: control.KindBlock, Name: devRootFS, Path: img.Path, ReadOnly: true},
-		{Kind: control.KindBlock, Name: devDisk, Path: filepath.Join(dir, snapDisk)},
+		{Kind: control.KindBlock, Name: devRootFS, FD: ptr(1), ReadOnly: true},
+		{Kind: control.KindBlock, Name: devDisk, FD: ptr(2)},
 		{Kind: control.KindRNG, Name: devRNG},
-		{Kind: control.KindVsock, Name: devVsock, CID: guestCID, UDS: uds},
+		{Kind: control.KindVsock, Name: devVsock, CID: guestCID, UDS: vmmUDS},
 		{Kind: control.KindNet, Name: devNet, FD: ptr(0), MAC: GuestMAC.String()},
 	}
-	mach := control.Machine{MemoryMiB: uint64(m.MemoryMiB), VCPUs: m.VCPUs, Kernel: r.opts.Kernel, Cmdline: cmdline(m.MemoryMiB), Protocol: "pvh"}
-	if _, err := proc.Do(ctx, control.Request{Op: control.OpConfigure, Machine: &mach, Devices: devs, Console: console, ConsoleLimit: ConsoleLimit}, tap); err != nil {
+	mach := control.Machine{MemoryMiB: uint64(m.MemoryMiB), VCPUs: m.VCPUs, Kernel: kernel, Cmdline: cmdline(m.MemoryMiB), Protocol: "pvh"}
+	if _, err := proc.Do(ctx, control.Request{Op: control.OpConfigure, Machine: &mach, Devices: devs, Console: vmmConsole, ConsoleLimit: ConsoleLimit}, tap, image, disk); err != nil {
 		return fail("configure", err)
 	}
 	if err := proc.Start(ctx, false); err != nil {
@@ -391,10 +431,43 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 	if err := proc.Pause(ctx); err != nil {
 		return fail("pause", err)
 	}
-	if err := proc.Snapshot(ctx, control.Snapshot{State: filepath.Join(dir, snapState), Memory: filepath.Join(dir, snapMemory)}); err != nil {
+	if err := proc.Snapshot(ctx, vmmSnap); err != nil {
 		return fail("snapshot", err)
 	}
+	if jailRoot != "" {
+		// Out of the jail, the jailed uid's no more (the files are
+		// regular ones the VMM wrote: O_NOFOLLOW, checked).
+		for _, name := range []string{snapState, snapMemory} {
+			if err := adopt(filepath.Join(jailRoot, name), filepath.Join(dir, name)); err != nil {
+				return fail("snapshot", err)
+			}
+		}
+	}
 	return nil
+}
+
+// adopt moves the regular file from (not a symbolic link) to to, owned
+// by root, mode 0600.
+func adopt(from, to string) error {
+	f, err := os.OpenFile(from, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s: not a regular file", from)
+	}
+	if err := f.Chown(0, 0); err != nil {
+		return err
+	}
+	if err := f.Chmod(0o600); err != nil {
+		return err
+	}
+	return os.Rename(from, to)
 }
 
 func ptr[T any](v T) *T { return &v }
@@ -405,16 +478,18 @@ func randHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// tail is the last n bytes of a file, for error messages.
+// tail is the last n bytes of a file, for error messages. It reads a
+// regular file only, not through a final symbolic link: a jailed VMM
+// owns the directory of its console (jail.go).
 func tail(path string, n int64) string {
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return "(no console: " + err.Error() + ")"
 	}
 	defer f.Close()
 	fi, err := f.Stat()
-	if err != nil {
-		return ""
+	if err != nil || !fi.Mode().IsRegular() {
+		return "(no console: not a regular file)"
 	}
 	off := max(fi.Size()-n, 0)
 	b := make([]byte, fi.Size()-off)

@@ -27,13 +27,12 @@ func (r *Runtime) Wait(ctx context.Context, id string) (runtime.Exit, error) {
 	if err != nil {
 		return runtime.Exit{}, err
 	}
-	exit := runtime.Exit{ID: id, Reason: runtime.ExitExited, Detail: "the VMM process ended"}
 	if rec.Pid <= 0 {
-		return exit, nil // never started, or a crashed create
+		return exitOf(rec, id), nil // never started, or a crashed create
 	}
 	fd, err := unix.PidfdOpen(rec.Pid, unix.PIDFD_NONBLOCK)
 	if errors.Is(err, unix.ESRCH) {
-		return exit, nil
+		return exitOf(rec, id), nil
 	}
 	if err != nil {
 		return runtime.Exit{}, fmt.Errorf("microvm: pidfd_open %d: %w", rec.Pid, err)
@@ -43,7 +42,7 @@ func (r *Runtime) Wait(ctx context.Context, id string) (runtime.Exit, error) {
 	f := os.NewFile(uintptr(fd), fmt.Sprintf("pidfd:%d", rec.Pid))
 	defer f.Close()
 	if !alive(rec) {
-		return exit, nil
+		return exitOf(rec, id), nil
 	}
 	if err := pidfd.Wait(ctx, f); err != nil {
 		if ctx.Err() != nil {
@@ -51,5 +50,25 @@ func (r *Runtime) Wait(ctx context.Context, id string) (runtime.Exit, error) {
 		}
 		return runtime.Exit{}, fmt.Errorf("microvm: VMM %d: %w", rec.Pid, err)
 	}
-	return exit, nil
+	return exitOf(rec, id), nil
+}
+
+// exitOf says why sandbox id's VMM ended: an OOM kill if its jail's
+// memory cgroup counted one (the VMM is the only process there, so the
+// kill was its), exited otherwise. The cgroup outlives the process until
+// Kill removes it.
+func exitOf(rec record, id string) runtime.Exit {
+	ex := runtime.Exit{ID: id, Reason: runtime.ExitExited, Detail: "the VMM process ended"}
+	if rec.Jail == nil || rec.Jail.Memory == "" {
+		return ex
+	}
+	n, err := rec.Jail.OOMKills()
+	switch {
+	case err != nil:
+		ex.Detail += "; OOM kills unknown: " + err.Error()
+	case n > 0:
+		ex.Reason = runtime.ExitOOM
+		ex.Detail = fmt.Sprintf("the VMM process was OOM-killed: %d OOM kill(s) in its memory cgroup (limit: the sandbox's memory plus the VMM's)", n)
+	}
+	return ex
 }

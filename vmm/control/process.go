@@ -44,9 +44,11 @@ type SpawnConfig struct {
 	// Stderr (the VMM's log); nil discards.
 	Stdout, Stderr io.Writer
 	// Detach starts the process in a session of its own and without a
-	// parent-death signal, so that once a listen request detached it
-	// (Client.Listen) it outlives this process. Until then it still ends
-	// when this process does: its control connection closes.
+	// parent-death signal (jailed or not), so that once a listen request
+	// detached it (Client.Listen) it outlives this process. Until then it
+	// still ends when this process does: its control connection closes.
+	// A jailed detached process is found again, killed and cleaned up
+	// through its jail's Handle (Process.Jail).
 	Detach bool
 }
 
@@ -94,7 +96,10 @@ func Spawn(cfg SpawnConfig) (_ *Process, err error) {
 	}
 	var j *jailer.Jail
 	if cfg.Jail != nil {
-		if j, err = cfg.Jail.Apply(cmd); err != nil {
+		jc := *cfg.Jail
+		// A detached VMM's lifetime is its VM's, not this process's.
+		jc.Detach = cfg.Detach
+		if j, err = jc.Apply(cmd); err != nil {
 			return nil, err
 		}
 	}

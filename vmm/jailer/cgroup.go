@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // cgroupRoot is where the cgroup hierarchies are mounted (one directory
@@ -23,8 +25,19 @@ var ErrCgroup = errors.New("jailer: cgroup")
 
 // cgroups is one jailed process's cgroup in each hierarchy.
 type cgroups struct {
-	dirs    []string // created directories
-	unified string   // the cgroup2 directory, "" if none
+	memory, pids string // the v1 directories
+	unified      string // the cgroup2 directory, "" if none
+}
+
+// dirs lists the directories made, the v1 memory one first.
+func (cg *cgroups) dirs() []string {
+	var d []string
+	for _, s := range []string{cg.memory, cg.pids, cg.unified} {
+		if s != "" {
+			d = append(d, s)
+		}
+	}
+	return d
 }
 
 // ownCgroup returns the calling process's cgroup path in the hierarchy
@@ -91,8 +104,12 @@ func newCgroups(name string, memLimit, pidsLimit int64) (_ *cgroups, err error) 
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrCgroup, err)
 		}
-		cg.dirs = append(cg.dirs, dir)
-		if h.controller == "" {
+		switch h.mount {
+		case "memory":
+			cg.memory = dir
+		case "pids":
+			cg.pids = dir
+		default:
 			cg.unified = dir
 		}
 		if h.limit > 0 {
@@ -106,7 +123,7 @@ func newCgroups(name string, memLimit, pidsLimit int64) (_ *cgroups, err error) 
 
 // add moves pid (all its threads) into every cgroup.
 func (cg *cgroups) add(pid int) error {
-	for _, d := range cg.dirs {
+	for _, d := range cg.dirs() {
 		if err := os.WriteFile(filepath.Join(d, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
 			return fmt.Errorf("%w: add %d to %s: %w", ErrCgroup, pid, d, err)
 		}
@@ -116,10 +133,11 @@ func (cg *cgroups) add(pid int) error {
 
 // procs returns the processes in the first cgroup.
 func (cg *cgroups) procs() ([]int, error) {
-	if len(cg.dirs) == 0 {
+	dirs := cg.dirs()
+	if len(dirs) == 0 {
 		return nil, nil
 	}
-	b, err := os.ReadFile(filepath.Join(cg.dirs[0], "cgroup.procs"))
+	b, err := os.ReadFile(filepath.Join(dirs[0], "cgroup.procs"))
 	if err != nil {
 		return nil, err
 	}
@@ -141,6 +159,9 @@ func (cg *cgroups) kill() error {
 		}
 	}
 	pids, err := cg.procs()
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // removed already: nothing left to kill
+	}
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrCgroup, err)
 	}
@@ -155,7 +176,7 @@ func (cg *cgroups) kill() error {
 // second.
 func (cg *cgroups) remove() error {
 	var errs []error
-	for _, d := range cg.dirs {
+	for _, d := range cg.dirs() {
 		var err error
 		for range 100 {
 			if err = os.Remove(d); err == nil || errors.Is(err, os.ErrNotExist) {
@@ -168,6 +189,64 @@ func (cg *cgroups) remove() error {
 			errs = append(errs, fmt.Errorf("%w: %w", ErrCgroup, err))
 		}
 	}
-	cg.dirs = nil
+	if len(errs) == 0 {
+		*cg = cgroups{}
+	}
 	return errors.Join(errs...)
+}
+
+// memoryUsage is the memory cgroup's charge in bytes
+// (memory.usage_in_bytes: the process's anonymous memory and the page
+// cache it brought in).
+func (cg *cgroups) memoryUsage() (uint64, error) {
+	if cg.memory == "" {
+		return 0, fmt.Errorf("%w: no memory cgroup", ErrCgroup)
+	}
+	b, err := os.ReadFile(filepath.Join(cg.memory, "memory.usage_in_bytes"))
+	if err != nil {
+		return 0, fmt.Errorf("%w: %w", ErrCgroup, err)
+	}
+	return strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+}
+
+// oomKills is how many processes the kernel OOM-killed in the memory
+// cgroup: "oom_kill" in memory.oom_control (Linux 4.13 and later).
+func (cg *cgroups) oomKills() (uint64, error) {
+	if cg.memory == "" {
+		return 0, fmt.Errorf("%w: no memory cgroup", ErrCgroup)
+	}
+	b, err := os.ReadFile(filepath.Join(cg.memory, "memory.oom_control"))
+	if err != nil {
+		return 0, fmt.Errorf("%w: %w", ErrCgroup, err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "oom_kill" {
+			return strconv.ParseUint(f[1], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("%w: memory.oom_control has no oom_kill count (Linux before 4.13)", ErrCgroup)
+}
+
+// Check says why this host cannot jail a process, or nil: it needs root
+// (namespaces, mknod, pivot_root, cgroups) and the cgroup v1 memory and
+// pids hierarchies at /sys/fs/cgroup/{memory,pids} with this process's
+// cgroup in them writable, where the jails' cgroups are made.
+func Check() error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%w: jailing needs root", ErrCgroup)
+	}
+	for _, c := range []string{"memory", "pids"} {
+		mount := filepath.Join(cgroupRoot, c)
+		if _, err := os.Stat(filepath.Join(mount, "cgroup.procs")); err != nil {
+			return fmt.Errorf("%w: the cgroup v1 %s hierarchy is not mounted at %s (cgroup v2 only hosts are not supported yet)", ErrCgroup, c, mount)
+		}
+		own, err := ownCgroup(c)
+		if err != nil {
+			return err
+		}
+		if err := unix.Access(filepath.Join(mount, own), unix.W_OK); err != nil {
+			return fmt.Errorf("%w: cannot make cgroups in %s: %w", ErrCgroup, filepath.Join(mount, own), err)
+		}
+	}
+	return nil
 }

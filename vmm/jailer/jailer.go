@@ -14,6 +14,13 @@
 // gid (which clears every capability on every thread), and installs a
 // seccomp allow-list (see rules) on all threads with no_new_privs.
 //
+// A jail outlives its parent when Config.Detach says so (a VMM whose
+// lifetime is its VM's); its Handle (the root and cgroup directories,
+// JSON) is then all a later process needs to read its memory and OOM
+// kills, kill it and remove it. (The kernel clears the parent-death
+// signal anyway when Enter drops the uid; Detach leaves it out from the
+// start.)
+//
 // The jailed process sees its root directory as "/": the host puts what
 // it needs (disk images, snapshot files, the vsock socket directory) under
 // Config.Root or mounts it there, and passes what it cannot place there
@@ -28,6 +35,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -87,6 +95,11 @@ type Config struct {
 	// (pids.max); 0 means unlimited.
 	MemoryLimit int64 `json:"memory_limit,omitempty"`
 	PidsLimit   int64 `json:"pids_limit,omitempty"`
+	// Detach leaves out the parent-death signal: the process outlives
+	// the parent (a VMM whose lifetime is its VM's, adopted by the next
+	// server). Whoever finds it later kills it and removes the jail
+	// through the jail's Handle.
+	Detach bool `json:"-"`
 	// SyncFD is the child's end of the start pipe (set by Apply).
 	SyncFD int `json:"sync_fd"`
 }
@@ -126,9 +139,9 @@ type Jail struct {
 }
 
 // Apply prepares cmd (not yet started) to run in the jail: namespaces,
-// parent-death signal, the start pipe and the Config in the environment,
-// and the root directory. Call Started right after cmd.Start succeeds, and
-// Cleanup after the process has exited.
+// parent-death signal (unless Detach), the start pipe and the Config in
+// the environment, and the root directory. Call Started right after
+// cmd.Start succeeds, and Cleanup after the process has exited.
 func (c Config) Apply(cmd *exec.Cmd) (*Jail, error) {
 	if err := c.check(); err != nil {
 		return nil, err
@@ -161,7 +174,9 @@ func (c Config) Apply(cmd *exec.Cmd) (*Jail, error) {
 	}
 	cmd.SysProcAttr.Cloneflags |= unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWNET |
 		unix.CLONE_NEWIPC | unix.CLONE_NEWUTS
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	if !c.Detach {
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	}
 	return &Jail{cfg: c, sync: w, childEnd: r}, nil
 }
 
@@ -196,22 +211,135 @@ func (j *Jail) Abort() {
 	j.childEnd.Close()
 }
 
-// Kill kills every process in the jail's cgroup (cgroup.kill where the
-// cgroup2 hierarchy has it).
-func (j *Jail) Kill() error {
-	if j.cgroups == nil {
-		return nil
+// InCgroup reports whether process pid is in the jail's cgroups (all of
+// those made).
+func (h Handle) InCgroup(pid int) (bool, error) {
+	cg := h.cgroups()
+	dirs := cg.dirs()
+	if len(dirs) == 0 {
+		return false, nil
 	}
-	return j.cgroups.kill()
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, "cgroup.procs"))
+		if err != nil {
+			return false, fmt.Errorf("%w: %w", ErrCgroup, err)
+		}
+		if !slices.Contains(strings.Fields(string(b)), strconv.Itoa(pid)) {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
-// Cleanup removes the jail's cgroups. The process must have exited.
-func (j *Jail) Cleanup() error {
-	if j.cgroups == nil {
-		return nil
+// Kill kills every process in the jail's cgroup (cgroup.kill where the
+// cgroup2 hierarchy has it).
+func (j *Jail) Kill() error { return j.Handle().Kill() }
+
+// Cleanup removes the jail's cgroups and its root directory (with what
+// the host or the process put there). The process must have exited.
+func (j *Jail) Cleanup() error { return j.Handle().Remove() }
+
+// Handle returns what finding the jail again takes, for a detached
+// process whose parent is gone: a later process (a restarted server)
+// keeps it (it marshals to JSON) and reads, kills and removes the jail
+// through it.
+func (j *Jail) Handle() Handle {
+	h := Handle{Root: j.cfg.Root}
+	if j.cgroups != nil {
+		h.Memory, h.Pids, h.Unified = j.cgroups.memory, j.cgroups.pids, j.cgroups.unified
 	}
-	return j.cgroups.remove()
+	return h
 }
+
+// Handle names a jail's parts on the host: its root directory and its
+// cgroup directories ("" for those not made).
+type Handle struct {
+	Root    string `json:"root"`
+	Memory  string `json:"memory,omitempty"`
+	Pids    string `json:"pids,omitempty"`
+	Unified string `json:"unified,omitempty"`
+}
+
+func (h Handle) cgroups() *cgroups {
+	return &cgroups{memory: h.Memory, pids: h.Pids, unified: h.Unified}
+}
+
+// check refuses a Handle (read back from a file) whose cgroups
+// are not below the cgroup mounts or whose root is not a jail root.
+func (h Handle) check() error {
+	for _, d := range []string{h.Memory, h.Pids, h.Unified} {
+		if d != "" && (!strings.HasPrefix(d, cgroupRoot+"/") || strings.Contains(d, "..")) {
+			return fmt.Errorf("%w: cgroup %q is not below %s", ErrConfig, d, cgroupRoot)
+		}
+	}
+	if h.Root != "" && (!filepath.IsAbs(h.Root) || filepath.Clean(h.Root) == "/" || strings.Contains(h.Root, "..")) {
+		return fmt.Errorf("%w: root %q", ErrConfig, h.Root)
+	}
+	return nil
+}
+
+// Find returns the Handle of a jail made by this process's Apply with
+// cgroup name and root, or by an earlier process in the same cgroups
+// (a restarted server): the cgroup directories that exist.
+func Find(root, cgroup string) (Handle, error) {
+	h := Handle{Root: root}
+	if cgroup == "" || strings.Contains(cgroup, "/") || strings.Contains(cgroup, "..") {
+		return h, fmt.Errorf("%w: cgroup name %q", ErrConfig, cgroup)
+	}
+	for _, c := range []struct {
+		mount, controller string
+		dir               *string
+	}{{"memory", "memory", &h.Memory}, {"pids", "pids", &h.Pids}, {"unified", "", &h.Unified}} {
+		own, err := ownCgroup(c.controller)
+		if err != nil {
+			continue
+		}
+		d := filepath.Join(cgroupRoot, c.mount, own, cgroup)
+		if _, err := os.Stat(d); err == nil {
+			*c.dir = d
+		}
+	}
+	return h, h.check()
+}
+
+// Empty reports whether no process is left in the jail's cgroups.
+func (h Handle) Empty() (bool, error) {
+	pids, err := h.cgroups().procs()
+	if errors.Is(err, os.ErrNotExist) {
+		return true, nil
+	}
+	return len(pids) == 0, err
+}
+
+// Kill kills every process in the jail's cgroups.
+func (h Handle) Kill() error {
+	if err := h.check(); err != nil {
+		return err
+	}
+	return h.cgroups().kill()
+}
+
+// Remove deletes the jail's cgroups and root directory; its processes
+// must have exited. What is gone already is no error.
+func (h Handle) Remove() error {
+	if err := h.check(); err != nil {
+		return err
+	}
+	err := h.cgroups().remove()
+	if h.Root != "" {
+		if rerr := os.RemoveAll(h.Root); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("jailer: root: %w", rerr))
+		}
+	}
+	return err
+}
+
+// MemoryUsage is what the jail's memory cgroup is charged, in bytes.
+func (h Handle) MemoryUsage() (uint64, error) { return h.cgroups().memoryUsage() }
+
+// OOMKills is how many processes the kernel's OOM killer ended in the
+// jail's memory cgroup (the memory limit was hit).
+func (h Handle) OOMKills() (uint64, error) { return h.cgroups().oomKills() }
 
 // Root returns the host directory that is the jail's "/".
 func (j *Jail) Root() string { return j.cfg.Root }

@@ -47,6 +47,13 @@ func child(mode string) int {
 		return 0
 	case "allowed":
 		return allowed()
+	case "alloc": // touches 256 MiB: more than the OOM test's limit
+		b := make([]byte, 256<<20)
+		for i := 0; i < len(b); i += 4096 {
+			b[i] = 1
+		}
+		fmt.Println("survived: allocated", len(b))
+		return 0
 	case "socket-inet":
 		_, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
 	case "exec":
@@ -124,6 +131,12 @@ func allowed() int {
 // jailed starts the test binary as a jailed child in mode.
 func jailed(t *testing.T, mode string) (*exec.Cmd, *Jail, *bufio.Reader, io.WriteCloser) {
 	t.Helper()
+	return jailedLimit(t, mode, 512<<20)
+}
+
+// jailedLimit is jailed with the memory cgroup's limit memLimit.
+func jailedLimit(t *testing.T, mode string, memLimit int64) (*exec.Cmd, *Jail, *bufio.Reader, io.WriteCloser) {
+	t.Helper()
 	testenv.RequireRoot(t, "jails a process: namespaces, chroot, mknod")
 	root := filepath.Join(t.TempDir(), "root")
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -140,7 +153,7 @@ func jailed(t *testing.T, mode string) (*exec.Cmd, *Jail, *bufio.Reader, io.Writ
 	cfg := Config{
 		Root:        root,
 		Cgroup:      fmt.Sprintf("cubicle-jailer-test-%d-%s", os.Getpid(), mode),
-		MemoryLimit: 512 << 20,
+		MemoryLimit: memLimit,
 		PidsLimit:   128,
 		Mounts:      []Mount{{Source: "/etc/hostname", Target: "/etc/hostname", ReadOnly: true}},
 	}
@@ -320,6 +333,71 @@ func TestConfigRejected(t *testing.T) {
 	} {
 		if _, err := c.Apply(exec.Command("true")); !errors.Is(err, ErrConfig) {
 			t.Errorf("Apply(%+v) = %v, want ErrConfig", c, err)
+		}
+	}
+}
+
+// TestOOMKill: a jailed process that touches more memory than its
+// memory cgroup's limit is killed by the kernel, and the jail's Handle
+// counts the OOM kill (what runtime/microvm's Wait reports as ExitOOM);
+// Remove then takes the cgroups and the root away.
+func TestOOMKill(t *testing.T) {
+	cmd, j, out, in := jailedLimit(t, "alloc", 64<<20)
+	defer in.Close()
+	h := j.Handle()
+	if h.Memory == "" || h.Pids == "" || h.Root == "" {
+		t.Fatalf("handle %+v lacks the root or a cgroup", h)
+	}
+	rest, _ := io.ReadAll(out)
+	err := cmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+		t.Fatalf("child over its memory limit: %v, said %q; want killed by SIGKILL", err, rest)
+	}
+	if n, err := h.OOMKills(); err != nil || n != 1 {
+		t.Errorf("OOM kills: %d, %v; want 1", n, err)
+	}
+	if err := h.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{h.Root, h.Memory, h.Pids, h.Unified} {
+		if _, err := os.Stat(p); p != "" && !os.IsNotExist(err) {
+			t.Errorf("%s left behind: %v", p, err)
+		}
+	}
+}
+
+// TestDetach: a detached jail's process gets no parent-death signal (it
+// outlives its parent); an attached one does.
+func TestDetach(t *testing.T) {
+	for _, detach := range []bool{false, true} {
+		cmd := exec.Command("/bin/true")
+		j, err := Config{Root: filepath.Join(t.TempDir(), "root"), Detach: detach}.Apply(cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		j.Abort()
+		if got := cmd.SysProcAttr.Pdeathsig != 0; got == detach {
+			t.Errorf("detach %v: parent-death signal %v", detach, cmd.SysProcAttr.Pdeathsig)
+		}
+	}
+}
+
+// TestHandleRejected: a Handle read back from a file cannot point Kill
+// or Remove outside the cgroup mounts, or at "/".
+func TestHandleRejected(t *testing.T) {
+	for _, h := range []Handle{
+		{Root: "/"},
+		{Root: "relative"},
+		{Root: "/tmp/x/../.."},
+		{Memory: "/etc"},
+		{Pids: "/sys/fs/cgroup/pids/../../../etc"},
+	} {
+		if err := h.Remove(); !errors.Is(err, ErrConfig) {
+			t.Errorf("Remove(%+v): %v, want ErrConfig", h, err)
+		}
+		if err := h.Kill(); !errors.Is(err, ErrConfig) {
+			t.Errorf("Kill(%+v): %v, want ErrConfig", h, err)
 		}
 	}
 }
