@@ -233,7 +233,7 @@ func benchIdle(ctx context.Context, c *client.Client, o idleOptions) (f idleFigu
 						claimed-- // a create that failed made nothing to count
 						if ctx.Err() == nil {
 							f.CreateErrors++
-							halt(fmt.Sprintf("a create failed after %d sandboxes: %v", len(ids), err))
+							halt(fmt.Sprintf("a create failed with %d sandboxes made: %v", len(ids), err))
 						}
 					} else if n := len(ids); n%50 == 0 {
 						fmt.Fprintf(o.Progress, "bench idle: %d/%d\n", n, target)
