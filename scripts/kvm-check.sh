@@ -35,7 +35,8 @@
 #                        dir's disk, at least 8192: gVisor fallocates each
 #                        sandbox's disk)
 #   --link-prefix P      serve's device/namespace prefix (default kvmck)
-#   --network-prefix C   serve's address range (default 100.88.0.0/16)
+#   --network-prefix C   serve's address range (default 100.72.0.0/16: apart
+#                        from serve's default and the tests' 100.88.0.0/16)
 #
 # Admission is not what is measured: serve gets --overcommit-memory and
 # --overcommit-cpu of 1000, and the idle sandboxes stop at the MemAvailable
@@ -58,7 +59,7 @@ settle=10
 min_avail=2048
 reserve_disk=
 lp=kvmck
-netpfx=100.88.0.0/16
+netpfx=100.72.0.0/16
 
 usage() { sed -n '/^#   scripts/,/^# comes first/p' "$0" | sed 's/^# \{0,1\}//'; }
 die() {
