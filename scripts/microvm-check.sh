@@ -3,9 +3,9 @@
 # scripts/nested-kvm.sh's L1 (or directly where /dev/kvm has VT-x/AMD-V).
 # L1 has busybox only, so everything is made here first: the guest kernel
 # (vmm/linux/build.sh, cached), the test binary, a template image (the
-# base template's rootfs plus the static cubicle binary at
-# /.cubicle/cubicle, as guest/init's contract lays it out) and an empty
-# ext4 sandbox disk.
+# base template's rootfs made into an image as serve makes it,
+# template.BuildImage, by vmm/linux/internal/initdisks) and an empty ext4
+# sandbox disk.
 #
 #   scripts/microvm-check.sh [TEST-REGEXP]
 #
@@ -41,17 +41,14 @@ cp "$(bash "$root/vmm/linux/build.sh")" "$work/vmlinux"
 	CGO_ENABLED=0 go test -c -o "$work/microvm.test" ./runtime/microvm)
 
 tar -C "$stage/rootfs" -xf "$tar"
-mkdir -p "$stage/rootfs/.cubicle/rw" "$stage/rootfs/.cubicle/root"
-for d in proc sys dev tmp; do mkdir -p "$stage/rootfs/$d"; done
-install -m 0755 "$stage/cubicle" "$stage/rootfs/.cubicle/cubicle"
-size=$(($(du -sm "$stage/rootfs" | cut -f1) * 12 / 10 + 64))
-mkfs.ext4 -q -F -m 0 -d "$stage/rootfs" "$work/template.img" "${size}M"
+# The template image as serve makes it (template.BuildImage: the rootfs,
+# /.cubicle/cubicle and init's mount points) and an empty sandbox disk of
+# the suite's size (runtime/microvm: testDiskMB).
+(cd "$root" && go run ./vmm/linux/internal/initdisks -cubicle "$stage/cubicle" -rootfs "$stage/rootfs" -disk-mib 64 "$work")
 rm -rf "$stage/rootfs"
-truncate -s 64M "$work/empty.img"
-mkfs.ext4 -q -F -m 0 -E lazy_itable_init=0,lazy_journal_init=0 "$work/empty.img"
 
 cat >"$work/run.sh" <<EOS
-export CUBICLE_VMLINUX=\$PWD/vmlinux CUBICLE_MICROVM_IMAGE=\$PWD/template.img CUBICLE_MICROVM_DISK=\$PWD/empty.img
+export CUBICLE_VMLINUX=\$PWD/vmlinux CUBICLE_MICROVM_IMAGE=\$PWD/template.ext4 CUBICLE_MICROVM_DISK=\$PWD/sandbox.ext4
 ./microvm.test -test.v -test.count=1 -test.timeout 25m -test.run '$run'
 EOS
 NESTED_KVM_MEM=${NESTED_KVM_MEM:-8G} NESTED_KVM_TIMEOUT=${NESTED_KVM_TIMEOUT:-1800} \

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"time"
@@ -40,16 +41,30 @@ type guestConn struct {
 	r *bufio.Reader
 }
 
-// dialGuest connects to init through the vsock socket uds. One attempt:
-// the VMM's vsock holds a host connection made right after a restore
-// until the guest has seen the transport reset, so the first CONNECT
-// after a restore is answered (vmm/linux's TestLinuxSnapshotRestore).
+// dialGuest connects to init through the vsock socket uds. The VMM's
+// vsock holds a host connection made right after a restore until the
+// guest has seen the transport reset, which made the first CONNECT after
+// a restore answered in vmm/linux's TestLinuxSnapshotRestore (8 of 8 in
+// nested KVM) and in most creates; but in nested KVM about one restore
+// in fifteen still had its first CONNECT closed unanswered (EOF), cause
+// not yet found (docs/STATUS.md). So a CONNECT the device closes is made
+// again, a few times and within ctx; any other failure is final.
 func dialGuest(ctx context.Context, uds string) (*guestConn, error) {
-	g, err := dialGuestOnce(ctx, uds)
-	if err != nil {
-		return nil, fmt.Errorf("%w: vsock port %d: %w", ErrGuest, GuestPort, err)
+	const tries = 5
+	for i := 1; ; i++ {
+		g, err := dialGuestOnce(ctx, uds)
+		if err == nil {
+			return g, nil
+		}
+		if !errors.Is(err, io.EOF) || i == tries {
+			return nil, fmt.Errorf("%w: vsock port %d: %w (try %d)", ErrGuest, GuestPort, err, i)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: vsock port %d: %w (try %d: %v)", ErrGuest, GuestPort, ctx.Err(), i, err)
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
-	return g, nil
 }
 
 func dialGuestOnce(ctx context.Context, uds string) (*guestConn, error) {
