@@ -6,7 +6,6 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"io"
 	"net"
 	"path/filepath"
 	"strings"
@@ -18,38 +17,7 @@ import (
 // peer answers CONNECT like the VMM's hybrid vsock and then replies to
 // each request line with answer(line), as a misbehaving guest might.
 func peer(t *testing.T, answer func(string) string) string {
-	t.Helper()
-	uds := filepath.Join(t.TempDir(), "v.sock")
-	ln, err := net.Listen("unix", uds)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				if l, _ := r.ReadString('\n'); l != "CONNECT 1024\n" {
-					return
-				}
-				c.Write([]byte("OK 1073741824\n"))
-				for {
-					l, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if _, err := c.Write([]byte(answer(strings.TrimSpace(l)))); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
+	uds, _ := closingPeer(t, 0, answer)
 	return uds
 }
 
@@ -102,10 +70,10 @@ func TestGuestChannelBadAnswers(t *testing.T) {
 	})
 }
 
-// closingPeer closes the first `closes` CONNECTs unanswered, as the VMM's
-// vsock device does when the guest resets the connection, and answers
-// the rest like peer; it counts the connections.
-func closingPeer(t *testing.T, closes int) (string, *atomic.Int32) {
+// closingPeer is peer that first closes `closes` CONNECTs unanswered, as
+// the VMM's vsock device does when the guest resets the connection; it
+// counts the connections.
+func closingPeer(t *testing.T, closes int, answer func(string) string) (string, *atomic.Int32) {
 	t.Helper()
 	uds := filepath.Join(t.TempDir(), "v.sock")
 	ln, err := net.Listen("unix", uds)
@@ -128,7 +96,15 @@ func closingPeer(t *testing.T, closes int) (string, *atomic.Int32) {
 					return
 				}
 				c.Write([]byte("OK 1073741824\n"))
-				io.Copy(io.Discard, r)
+				for {
+					l, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if _, err := c.Write([]byte(answer(strings.TrimSpace(l)))); err != nil {
+						return
+					}
+				}
 			}()
 		}
 	}()
@@ -148,7 +124,7 @@ func TestDialGuestClosedConnect(t *testing.T) {
 		{4, 5, true},
 		{100, 5, false},
 	} {
-		uds, n := closingPeer(t, tc.closes)
+		uds, n := closingPeer(t, tc.closes, func(string) string { return "" })
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		g, err := dialGuest(ctx, uds)
 		cancel()
