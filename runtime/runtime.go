@@ -146,3 +146,29 @@ type Runtime interface {
 	// killed it ignore that Exit.
 	Wait(ctx context.Context, id string) (Exit, error)
 }
+
+// SnapshotOptions say what Snapshotter.Snapshot saves.
+type SnapshotOptions struct {
+	// Memory saves the processes and their memory as well as the
+	// filesystem: a sandbox restored from the snapshot continues every
+	// process where it was. Without it only the filesystem is saved, and a
+	// restored sandbox boots afresh on it (E2B's pause with memory false).
+	Memory bool
+}
+
+// Snapshotter is a Runtime that can save a sandbox's state to a directory
+// and start sandboxes that continue from it: snapshots, forks and pause to
+// disk are all made of these two calls. A snapshot directory is the
+// runtime's own format; the caller only names, moves and removes it.
+type Snapshotter interface {
+	// Snapshot saves sandbox id into dir, which must not exist: it appears
+	// complete or not at all. A running sandbox is frozen for the time it
+	// takes and runs on afterwards; a paused one stays paused.
+	Snapshot(ctx context.Context, id, dir string, opts SnapshotOptions) error
+	// Restore starts the sandbox cfg describes from the snapshot in dir,
+	// as Create starts one from a template: cfg.RootFS must be the
+	// template the snapshotted sandbox was made from, and its limits at
+	// least the snapshotted sandbox's. The snapshot is only read, so one
+	// snapshot restores any number of sandboxes.
+	Restore(ctx context.Context, cfg Config, dir string) (Sandbox, error)
+}

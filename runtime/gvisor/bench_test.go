@@ -106,7 +106,7 @@ func BenchmarkDisk(b *testing.B) {
 					b.Fatal(err)
 				}
 				start := time.Now()
-				if _, err := r.setupDisk(dir, mb); err != nil {
+				if _, err := r.setupDisk(dir, mb, ""); err != nil {
 					b.Fatal(err)
 				}
 				mid := time.Now()

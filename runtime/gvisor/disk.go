@@ -105,14 +105,17 @@ func diskSupport() string {
 	return ""
 }
 
-// setupDisk makes the sandbox's disk: copies a formatted image of sizeMB
-// into dir, attaches it to a loop device and mounts it at dir/disk. On
+// setupDisk makes the sandbox's disk: copies from (a snapshot's disk), or
+// else a formatted image of sizeMB, into dir, attaches it to a loop device and mounts it at dir/disk. On
 // error what it made is left for Kill (unmountDisk, RemoveAll) to remove;
 // a loop device without a mount detaches itself (LO_FLAGS_AUTOCLEAR).
-func (r *Runtime) setupDisk(dir string, sizeMB int) (*disk, error) {
-	src, err := r.cachedImage(sizeMB)
-	if err != nil {
-		return nil, err
+func (r *Runtime) setupDisk(dir string, sizeMB int, from string) (*disk, error) {
+	src := from
+	if src == "" {
+		var err error
+		if src, err = r.cachedImage(sizeMB); err != nil {
+			return nil, err
+		}
 	}
 	img := filepath.Join(dir, diskImage)
 	if err := sparse.Copy(src, img); err != nil {
@@ -137,7 +140,11 @@ func (r *Runtime) setupDisk(dir string, sizeMB int) (*disk, error) {
 	if err := unix.Mount(dev, target, "ext4", unix.MS_NOSUID|unix.MS_NODEV, diskMountData); err != nil {
 		// A cached image that does not mount (damaged on the host's disk)
 		// would fail every sandbox of its size: the next Create formats
-		// a new one. Sandboxes copying it now keep their open file.
+		// a new one. Sandboxes copying it now keep their open file. A
+		// snapshot's disk is not the cache's to remove.
+		if from != "" {
+			return nil, fmt.Errorf("mount %s (%s, a copy of %s) at %s: %w", dev, img, from, target, err)
+		}
 		if rerr := os.Remove(src); rerr == nil {
 			r.log.Warn("removed the cached disk image after a failed mount", "path", src, "err", err)
 		}

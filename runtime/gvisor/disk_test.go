@@ -44,7 +44,7 @@ func TestDiskMounts(t *testing.T) {
 			t.Fatal(err)
 		}
 		wg.Add(1)
-		go func() { defer wg.Done(); disks[i], errs[i] = r.setupDisk(dirs[i], sizeMB) }()
+		go func() { defer wg.Done(); disks[i], errs[i] = r.setupDisk(dirs[i], sizeMB, "") }()
 	}
 	wg.Wait()
 	t.Cleanup(func() {

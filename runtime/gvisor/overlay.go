@@ -33,10 +33,12 @@ import (
 // disk used measurable from the host (statfs of the sandbox's disk, or the
 // size of upper/ for a sandbox without one).
 
-// mountOverlay mounts lower (read-only) under upper/work at target.
+// mountOverlay mounts lower (read-only) under upper/work at target. upper
+// and work may exist: a sandbox restored from a snapshot has the
+// snapshot's.
 func mountOverlay(lower, upper, work, target string) error {
 	for _, d := range []string{upper, work, target} {
-		if err := os.Mkdir(d, 0o755); err != nil {
+		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 			return err
 		}
 	}

@@ -41,7 +41,14 @@ const killTimeout = 10 * time.Second
 // sandbox joins Config.Network's namespace) and runs `runsc create` and
 // `runsc start`. On error everything it made is removed again; the
 // network is the caller's.
-func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sandbox, err error) {
+func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (runtime.Sandbox, error) {
+	return r.create(ctx, cfg, nil)
+}
+
+// create is Create, or Restore when snap is not nil: the sandbox's disk
+// is then a copy of the snapshot's, and runsc restores its processes
+// from the snapshot's checkpoint if it has one.
+func (r *Runtime) create(ctx context.Context, cfg runtime.Config, snap *snapshot) (sb runtime.Sandbox, err error) {
 	if err := r.checkConfig(cfg); err != nil {
 		return runtime.Sandbox{}, err
 	}
@@ -71,8 +78,12 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	}
 	tRecord := time.Now()
 
-	if cfg.DiskSizeMB > 0 && r.noDisks == "" {
-		if rec.Disk, err = r.setupDisk(dir, cfg.DiskSizeMB); err != nil {
+	if snap != nil {
+		if rec.Disk, err = r.restoreDisk(dir, snap); err != nil {
+			return runtime.Sandbox{}, fmt.Errorf("gvisor: disk from snapshot: %w", err)
+		}
+	} else if cfg.DiskSizeMB > 0 && r.noDisks == "" {
+		if rec.Disk, err = r.setupDisk(dir, cfg.DiskSizeMB, ""); err != nil {
 			return runtime.Sandbox{}, fmt.Errorf("gvisor: disk: %w", err)
 		}
 	}
@@ -100,7 +111,12 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	}
 	tBundle := time.Now()
 
-	if err := r.start(ctx, cfg.ID, dir); err != nil {
+	if snap != nil && snap.meta.Memory {
+		err = r.restore(ctx, cfg.ID, dir, snap)
+	} else {
+		err = r.start(ctx, cfg.ID, dir)
+	}
+	if err != nil {
 		return runtime.Sandbox{}, err
 	}
 	r.log.Info("sandbox created", "sandbox", cfg.ID, "addr", att.Addr,

@@ -41,7 +41,18 @@ func main() {
 		}
 	}()
 
+	// memo is state held only in the probe's memory: a snapshot that
+	// restores the process keeps it; a fresh start loses it.
+	var memo atomic.Value
+	memo.Store("")
+
 	mux := http.NewServeMux()
+	mux.HandleFunc("/memo", func(w http.ResponseWriter, r *http.Request) {
+		if v := r.URL.Query().Get("set"); v != "" {
+			memo.Store(v)
+		}
+		fmt.Fprint(w, memo.Load())
+	})
 	mux.HandleFunc("/health", func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 	})
