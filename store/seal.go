@@ -111,6 +111,9 @@ func makeKey(dir, path string) ([]byte, error) {
 type sealedTokens struct {
 	Envd    string `json:"e,omitempty"`
 	Traffic string `json:"t,omitempty"`
+	// Env is the sandbox's envVars: a resume that boots it afresh gives
+	// them to envd again, and they may be secrets.
+	Env map[string]string `json:"v,omitempty"`
 }
 
 // additionalData binds a sealed value to its sandbox.

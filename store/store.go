@@ -59,6 +59,15 @@ CREATE TABLE IF NOT EXISTS events (
 	at          INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, id);
+CREATE TABLE IF NOT EXISTS snapshots (
+	id          TEXT PRIMARY KEY,
+	owner       TEXT NOT NULL,
+	name        TEXT NOT NULL,
+	sandbox_id  TEXT NOT NULL,
+	created_at  INTEGER NOT NULL,
+	record      TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS snapshots_by_name ON snapshots (owner, name) WHERE name != '';
 `
 
 // fileMode is the mode of the database and its -wal and -shm files: they
@@ -324,7 +333,24 @@ type Sandbox struct {
 	// written before owners existed are owned by their key.
 	APIKeyID string `json:"apiKeyID,omitempty"`
 	Owner    string `json:"owner,omitempty"`
+	// EnvVars are the create request's; sealed like the tokens.
+	EnvVars map[string]string `json:"-"`
+	// PausedOnDisk says how a paused sandbox was saved: PausedMemory or
+	// PausedFilesystem (written to disk; nothing of it runs), or "" (frozen in
+	// place, or running).
+	PausedOnDisk string `json:"pausedOnDisk,omitempty"`
+	// KeepMemory makes a timeout's pause (AutoPause) freeze the sandbox in
+	// place instead of writing it to disk (E2B's onTimeout keepMemory).
+	KeepMemory bool `json:"keepMemory,omitempty"`
 }
+
+// How a sandbox paused to disk was saved (Sandbox.PausedOnDisk).
+const (
+	// PausedMemory: processes, memory and files; a resume continues them.
+	PausedMemory = "memory"
+	// PausedFilesystem: files only; a resume boots the sandbox afresh.
+	PausedFilesystem = "filesystem"
+)
 
 // storedSandbox is a record as written: its tokens sealed, none in clear.
 type storedSandbox struct {
@@ -334,8 +360,8 @@ type storedSandbox struct {
 
 func (s *Store) encode(sb Sandbox) ([]byte, error) {
 	st := storedSandbox{Sandbox: sb}
-	if sb.EnvdAccessToken != "" || sb.TrafficToken != "" {
-		plain, err := json.Marshal(sealedTokens{Envd: sb.EnvdAccessToken, Traffic: sb.TrafficToken})
+	if sb.EnvdAccessToken != "" || sb.TrafficToken != "" || len(sb.EnvVars) > 0 {
+		plain, err := json.Marshal(sealedTokens{Envd: sb.EnvdAccessToken, Traffic: sb.TrafficToken, Env: sb.EnvVars})
 		if err != nil {
 			return nil, err
 		}
@@ -362,7 +388,7 @@ func (s *Store) decode(id, rec string) (sb Sandbox, legacy bool, err error) {
 		if err := json.Unmarshal(plain, &t); err != nil {
 			return Sandbox{}, false, fmt.Errorf("store: sandbox %s: sealed tokens: %w", id, err)
 		}
-		sb.EnvdAccessToken, sb.TrafficToken = t.Envd, t.Traffic
+		sb.EnvdAccessToken, sb.TrafficToken, sb.EnvVars = t.Envd, t.Traffic, t.Env
 	}
 	if sb.Owner == "" {
 		sb.Owner = sb.APIKeyID
