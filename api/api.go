@@ -105,15 +105,12 @@ func (s *Server) routes() {
 			writeError(w, http.StatusNotImplemented, what+" is not implemented by this cubicle server yet")
 		}))
 	}
-	// Those naming a sandbox say so only to its owner.
-	notYetFor := func(what string) sandboxHandler {
-		return func(w http.ResponseWriter, r *http.Request, _ orchestrator.Info) {
-			writeError(w, http.StatusNotImplemented, what+" is not implemented by this cubicle server yet")
-		}
-	}
-	sandboxRoute("POST /sandboxes/{id}/snapshots", notYetFor("sandbox snapshots"))
-	m.Handle("GET /snapshots", notYet("sandbox snapshots"))
-	sandboxRoute("POST /sandboxes/{id}/fork", notYetFor("forking sandboxes"))
+	sandboxRoute("POST /sandboxes/{id}/snapshots", s.createSnapshot)
+	m.Handle("GET /snapshots", auth(http.HandlerFunc(s.listSnapshots)))
+	sandboxRoute("POST /sandboxes/{id}/fork", s.fork)
+	// Snapshots are templates: deleted as such. Owner-walled by the
+	// orchestrator's lookup (another owner's snapshot is not found).
+	m.Handle("DELETE /templates/{id}", auth(http.HandlerFunc(s.deleteTemplate)))
 	for _, p := range []string{"/templates", "/templates/", "/v2/templates", "/v2/templates/", "/v3/templates", "/v3/templates/"} {
 		m.Handle(p, notYet("building templates through the API"))
 	}
@@ -218,29 +215,37 @@ func decodeBytes(body []byte, v any, emptyOK bool) error {
 
 // fail maps an orchestrator error to the E2B error response.
 func (s *Server) fail(w http.ResponseWriter, err error) {
+	code, msg := s.errorOf(err)
+	writeError(w, code, msg)
+}
+
+// errorOf is the status and message that answer err.
+func (s *Server) errorOf(err error) (int, string) {
 	switch {
 	case errors.Is(err, orchestrator.ErrNotFound):
-		writeError(w, http.StatusNotFound, "sandbox not found")
+		return http.StatusNotFound, "sandbox not found"
 	case errors.Is(err, orchestrator.ErrTemplateNotFound):
-		writeError(w, http.StatusNotFound, err.Error())
+		return http.StatusNotFound, err.Error()
 	case errors.Is(err, orchestrator.ErrAlreadyPaused):
-		writeError(w, http.StatusConflict, "sandbox is already paused")
+		return http.StatusConflict, "sandbox is already paused"
 	case errors.Is(err, orchestrator.ErrNotPaused):
-		writeError(w, http.StatusConflict, "sandbox is already running")
+		return http.StatusConflict, "sandbox is already running"
 	case errors.Is(err, orchestrator.ErrInvalid):
-		writeError(w, http.StatusBadRequest, err.Error())
+		return http.StatusBadRequest, err.Error()
+	case errors.Is(err, orchestrator.ErrUnsupported):
+		return http.StatusNotImplemented, err.Error()
 	case errors.Is(err, orchestrator.ErrHostFull):
 		// E2B's answer when a team is at its sandbox limit; the SDKs raise
 		// it as a RateLimitError carrying the message. No Retry-After: the
 		// SDKs would wait and retry on it, and a full host may stay full.
-		writeError(w, http.StatusTooManyRequests, err.Error())
+		return http.StatusTooManyRequests, err.Error()
 	case errors.Is(err, orchestrator.ErrClosed):
-		writeError(w, http.StatusServiceUnavailable, "server is shutting down")
+		return http.StatusServiceUnavailable, "server is shutting down"
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		writeError(w, http.StatusServiceUnavailable, "request cancelled or timed out: "+err.Error())
+		return http.StatusServiceUnavailable, "request cancelled or timed out: " + err.Error()
 	default:
 		s.log.Error("request failed", "err", err)
-		writeError(w, http.StatusInternalServerError, err.Error())
+		return http.StatusInternalServerError, err.Error()
 	}
 }
 

@@ -61,7 +61,7 @@ func TestFailedAuthRateLimit(t *testing.T) {
 	s, good := newTestServer(t, Options{})
 	const attacker, bystander = "192.0.2.1:40000", "198.51.100.7:50000"
 	// An authenticated route that needs no orchestrator: 501 means "in".
-	const path = "/snapshots"
+	const path = "/v2/templates"
 	const burst = 200
 	var unauthorized, limited int
 	for i := range burst {
@@ -120,12 +120,12 @@ func TestFailedAuthTrustedProxy(t *testing.T) {
 	s, good := newTestServer(t, Options{TrustedProxies: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}})
 	const proxyPeer = "10.1.2.3:4000"
 	for range 3 * authBurst {
-		call(s, proxyPeer, "GET", "/snapshots", "e2b_00", map[string]string{"X-Forwarded-For": "192.0.2.1, 10.9.9.9"})
+		call(s, proxyPeer, "GET", "/v2/templates", "e2b_00", map[string]string{"X-Forwarded-For": "192.0.2.1, 10.9.9.9"})
 	}
-	if w := call(s, proxyPeer, "GET", "/snapshots", good, map[string]string{"X-Forwarded-For": "192.0.2.1"}); !isAPIError(w, http.StatusTooManyRequests) {
+	if w := call(s, proxyPeer, "GET", "/v2/templates", good, map[string]string{"X-Forwarded-For": "192.0.2.1"}); !isAPIError(w, http.StatusTooManyRequests) {
 		t.Fatalf("the throttled client behind the proxy: %d %s", w.Code, w.Body)
 	}
-	if w := call(s, proxyPeer, "GET", "/snapshots", good, map[string]string{"X-Forwarded-For": "198.51.100.7"}); w.Code != http.StatusNotImplemented {
+	if w := call(s, proxyPeer, "GET", "/v2/templates", good, map[string]string{"X-Forwarded-For": "198.51.100.7"}); w.Code != http.StatusNotImplemented {
 		t.Fatalf("another client behind the same proxy: %d %s", w.Code, w.Body)
 	}
 }

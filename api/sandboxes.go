@@ -18,15 +18,17 @@ import (
 // newSandbox is the body of POST /sandboxes and /v2/sandboxes. Unknown
 // fields (mcp, iam, volumeMounts, …) are ignored, as E2B's API does.
 type newSandbox struct {
-	TemplateID    string            `json:"templateID"`
-	Timeout       *int64            `json:"timeout"`
-	AutoPause     *bool             `json:"autoPause"`
-	AutoResume    json.RawMessage   `json:"autoResume"`
-	Secure        *bool             `json:"secure"`
-	AllowInternet *bool             `json:"allow_internet_access"`
-	Network       *networkConfig    `json:"network"`
-	Metadata      map[string]string `json:"metadata"`
-	EnvVars       map[string]string `json:"envVars"`
+	TemplateID string `json:"templateID"`
+	Timeout    *int64 `json:"timeout"`
+	AutoPause  *bool  `json:"autoPause"`
+	// AutoPauseMemory false makes the timeout's pause keep only files.
+	AutoPauseMemory *bool             `json:"autoPauseMemory"`
+	AutoResume      json.RawMessage   `json:"autoResume"`
+	Secure          *bool             `json:"secure"`
+	AllowInternet   *bool             `json:"allow_internet_access"`
+	Network         *networkConfig    `json:"network"`
+	Metadata        map[string]string `json:"metadata"`
+	EnvVars         map[string]string `json:"envVars"`
 }
 
 type networkConfig struct {
@@ -173,6 +175,15 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 	}
 	if req.AutoResume && !req.AutoPause {
 		return orchestrator.CreateRequest{}, fmt.Errorf("%w: autoResume requires autoPause", orchestrator.ErrInvalid)
+	}
+	if body.AutoPauseMemory != nil && !*body.AutoPauseMemory {
+		if !req.AutoPause {
+			return orchestrator.CreateRequest{}, fmt.Errorf("%w: autoPauseMemory is only allowed with autoPause", orchestrator.ErrInvalid)
+		}
+		if req.AutoResume {
+			return orchestrator.CreateRequest{}, fmt.Errorf("%w: autoResume cannot wake a sandbox paused without its memory (autoPauseMemory false)", orchestrator.ErrInvalid)
+		}
+		req.AutoPauseFilesOnly = true
 	}
 	var allowOut, denyOut []string
 	if body.Network != nil {
@@ -407,7 +418,9 @@ func (s *Server) pause(w http.ResponseWriter, r *http.Request, sb orchestrator.I
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if err := s.opts.Orchestrator.Pause(r.Context(), sb.ID); err != nil {
+	// memory false keeps only the files; absent or true keeps everything.
+	opts := orchestrator.PauseOptions{FilesystemOnly: body.Memory != nil && !*body.Memory}
+	if err := s.opts.Orchestrator.Pause(r.Context(), sb.ID, opts); err != nil {
 		s.fail(w, err)
 		return
 	}

@@ -290,7 +290,7 @@ func runNode(t *testing.T, args ...string) {
 }
 
 func TestSDK(t *testing.T) {
-	runNode(t, "sandbox.test.mjs", "commands.test.mjs", "pty.test.mjs", "files.test.mjs", "lifecycle.test.mjs", "network.test.mjs")
+	runNode(t, "sandbox.test.mjs", "commands.test.mjs", "pty.test.mjs", "files.test.mjs", "lifecycle.test.mjs", "network.test.mjs", "snapshot.test.mjs")
 }
 
 // TestSDKDeadSandboxes: sandboxes that die under the SDK (dead.test.mjs).

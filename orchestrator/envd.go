@@ -41,6 +41,9 @@ func envdURL(addr netip.Addr, path string) string {
 	return "http://" + net.JoinHostPort(addr.String(), strconv.Itoa(runtime.EnvdPort)) + path
 }
 
+// accessTokenHeader carries envd's access token.
+const accessTokenHeader = "X-Access-Token"
+
 // initRequest is envd's POST /init body.
 type initRequest struct {
 	EnvVars        map[string]string `json:"envVars,omitempty"`
@@ -50,7 +53,9 @@ type initRequest struct {
 	DefaultWorkdir string            `json:"defaultWorkdir,omitempty"`
 }
 
-func (c *envdClient) init(ctx context.Context, addr netip.Addr, req initRequest) error {
+// init sends /init. auth is the token envd already holds, if any (a
+// sandbox restored from a snapshot): without it envd refuses a new one.
+func (c *envdClient) init(ctx context.Context, addr netip.Addr, auth string, req initRequest) error {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return err
@@ -60,6 +65,9 @@ func (c *envdClient) init(ctx context.Context, addr netip.Addr, req initRequest)
 		return err
 	}
 	hr.Header.Set("Content-Type", "application/json")
+	if auth != "" {
+		hr.Header.Set(accessTokenHeader, auth)
+	}
 	resp, err := c.http.Do(hr)
 	if err != nil {
 		return err
@@ -117,7 +125,7 @@ func (c *envdClient) metrics(ctx context.Context, addr netip.Addr, token string)
 	if err != nil {
 		return m, err
 	}
-	req.Header.Set("X-Access-Token", token)
+	req.Header.Set(accessTokenHeader, token)
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return m, err

@@ -3,7 +3,13 @@ package orchestrator
 import (
 	"context"
 	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
 	"time"
+
+	"github.com/cubicle-dev/cubicle/network"
+	"github.com/cubicle-dev/cubicle/runtime"
 
 	"github.com/cubicle-dev/cubicle/network/egress"
 	"github.com/cubicle-dev/cubicle/store"
@@ -35,6 +41,11 @@ func (o *Orchestrator) killLocked(ctx context.Context, sb *Sandbox, event, reaso
 	}
 	id := sb.rec.ID
 	sb.gone = true
+	// The event first: whoever sees the sandbox gone finds why.
+	if _, err := o.opts.Store.AddEvent(ctx, store.Event{SandboxID: id, TemplateID: sb.rec.TemplateID,
+		Owner: sb.rec.Owner, Type: event, Reason: reason}); err != nil {
+		o.log.Error("recording sandbox event", "sandbox", id, "event", event, "err", err)
+	}
 	o.mu.Lock()
 	delete(o.sandboxes, id)
 	o.mu.Unlock()
@@ -45,43 +56,104 @@ func (o *Orchestrator) killLocked(ctx context.Context, sb *Sandbox, event, reaso
 		o.log.Error("deleting sandbox record", "sandbox", id, "err", err)
 	}
 	o.destroyAsync(id)
-	if _, err := o.opts.Store.AddEvent(ctx, store.Event{SandboxID: id, TemplateID: sb.rec.TemplateID,
-		Owner: sb.rec.Owner, Type: event, Reason: reason}); err != nil {
-		o.log.Error("recording sandbox event", "sandbox", id, "event", event, "err", err)
+	if sb.rec.PausedOnDisk != "" {
+		if err := os.RemoveAll(o.pausedPath(id)); err != nil {
+			o.log.Error("removing a killed sandbox's pause", "sandbox", id, "err", err)
+		}
 	}
 	o.log.Info("sandbox ended", "sandbox", id, "event", event, "reason", reason)
 	return nil
 }
 
-// Pause freezes a running sandbox in place, keeping all of its state.
-func (o *Orchestrator) Pause(ctx context.Context, id string) error {
+// PauseOptions say how a sandbox pauses. By default it is written to disk
+// with its memory (snapshot.go) and holds nothing else of the host until
+// it resumes; where the runtime cannot snapshot, it is frozen in place,
+// keeping its memory and CPU on the host.
+type PauseOptions struct {
+	// FilesystemOnly keeps only its files: a resume boots it afresh
+	// (E2B's pause with memory false).
+	FilesystemOnly bool
+}
+
+// Pause pauses a running sandbox.
+func (o *Orchestrator) Pause(ctx context.Context, id string, opts PauseOptions) error {
 	sb, err := o.Get(id)
 	if err != nil {
 		return err
 	}
 	sb.mu.Lock()
 	defer sb.mu.Unlock()
-	return o.pauseLocked(ctx, sb)
+	return o.pauseLocked(ctx, sb, opts)
 }
 
-func (o *Orchestrator) pauseLocked(ctx context.Context, sb *Sandbox) error {
+func (o *Orchestrator) pauseLocked(ctx context.Context, sb *Sandbox, opts PauseOptions) error {
 	if sb.gone {
 		return fmt.Errorf("%w: %s", ErrNotFound, sb.rec.ID)
 	}
 	if sb.rec.State == StatePaused {
 		return ErrAlreadyPaused
 	}
-	// Cut connections first: a frozen sandbox would leave them hanging.
-	o.opts.OnEvict(sb.rec.ID)
-	if err := o.opts.Runtime.Pause(ctx, sb.rec.ID); err != nil {
-		return fmt.Errorf("orchestrator: pause %s: %w", sb.rec.ID, err)
-	}
-	sb.rec.State = StatePaused
-	sb.stateEpoch++
-	if err := o.opts.Store.PutSandbox(ctx, sb.rec); err != nil {
+	snapper, err := o.snapshotter()
+	if err != nil && opts.FilesystemOnly {
 		return err
 	}
-	o.log.Info("sandbox paused", "sandbox", sb.rec.ID)
+	// Cut connections first: a frozen sandbox would leave them hanging.
+	o.opts.OnEvict(sb.rec.ID)
+	if err != nil {
+		if err := o.opts.Runtime.Pause(ctx, sb.rec.ID); err != nil {
+			return fmt.Errorf("orchestrator: pause %s: %w", sb.rec.ID, err)
+		}
+		sb.rec.State = StatePaused
+		sb.stateEpoch++
+		if err := o.opts.Store.PutSandbox(ctx, sb.rec); err != nil {
+			return err
+		}
+		o.log.Info("sandbox paused in place", "sandbox", sb.rec.ID)
+		return nil
+	}
+	return o.pauseToDisk(ctx, sb, snapper, opts)
+}
+
+// pauseToDisk saves sb to its paused directory, then destroys its runtime
+// sandbox and releases its devices and reservation. The record says
+// paused before anything is destroyed, so a crash in between leaves a
+// sandbox the next start keeps paused (and the runtime's half destroyed).
+func (o *Orchestrator) pauseToDisk(ctx context.Context, sb *Sandbox, snapper runtime.Snapshotter, opts PauseOptions) error {
+	start := time.Now()
+	id := sb.rec.ID
+	dir := o.pausedPath(id)
+	// A leftover of a pause that crashed before its record was written.
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("orchestrator: pause %s: %w", id, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+		return fmt.Errorf("orchestrator: pause %s: %w", id, err)
+	}
+	if err := snapper.Snapshot(ctx, id, dir, runtime.SnapshotOptions{Memory: !opts.FilesystemOnly}); err != nil {
+		return fmt.Errorf("orchestrator: pause %s: %w", id, err)
+	}
+	rec := sb.rec
+	rec.State = StatePaused
+	rec.PausedOnDisk = store.PausedMemory
+	if opts.FilesystemOnly {
+		rec.PausedOnDisk = store.PausedFilesystem
+	}
+	if err := o.opts.Store.PutSandbox(ctx, rec); err != nil {
+		os.RemoveAll(dir)
+		return err
+	}
+	tSaved := time.Now()
+	sb.rec = rec
+	sb.stateEpoch++
+	// Its watch must not take the runtime sandbox's end for a death.
+	sb.life, sb.net, sb.addr = nil, network.Attachment{}, netip.Addr{}
+	o.release(id)
+	if err := o.destroy(ctx, id); err != nil {
+		// The next start's reconciliation destroys what is left.
+		o.log.Error("destroying a sandbox paused to disk", "sandbox", id, "err", err)
+	}
+	o.log.Info("sandbox paused to disk", "sandbox", id, "saved", rec.PausedOnDisk,
+		"ms", ms(time.Since(start)), "saveMs", ms(tSaved.Sub(start)), "destroyMs", ms(time.Since(tSaved)))
 	return nil
 }
 
@@ -109,6 +181,9 @@ func (o *Orchestrator) resumeLocked(ctx context.Context, sb *Sandbox, timeout ti
 	if sb.gone {
 		return fmt.Errorf("%w: %s", ErrNotFound, sb.rec.ID)
 	}
+	if sb.rec.PausedOnDisk != "" {
+		return o.resumeFromDisk(ctx, sb, timeout)
+	}
 	if err := o.opts.Runtime.Resume(ctx, sb.rec.ID); err != nil {
 		return fmt.Errorf("orchestrator: resume %s: %w", sb.rec.ID, err)
 	}
@@ -120,6 +195,63 @@ func (o *Orchestrator) resumeLocked(ctx context.Context, sb *Sandbox, timeout ti
 		return err
 	}
 	o.log.Info("sandbox resumed", "sandbox", sb.rec.ID)
+	return nil
+}
+
+// resumeFromDisk restores sb from its paused directory, with its ID, token
+// and egress policy, in devices claimed anew. On error it stays paused.
+func (o *Orchestrator) resumeFromDisk(ctx context.Context, sb *Sandbox, timeout time.Duration) error {
+	start := time.Now()
+	id := sb.rec.ID
+	t, err := o.opts.Templates.Lookup(sb.baseTemplate())
+	if err != nil {
+		return fmt.Errorf("%w: the template %q of paused sandbox %s is gone", ErrTemplateNotFound, sb.baseTemplate(), id)
+	}
+	t.CPUCount, t.MemoryMB, t.DiskSizeMB = sb.rec.CPUCount, sb.rec.MemoryMB, sb.rec.DiskSizeMB
+	memory := sb.rec.PausedOnDisk == store.PausedMemory
+	s, err := o.restoreSlot(ctx, id, restoreSource{dir: o.pausedPath(id), tmpl: t, token: sb.rec.EnvdAccessToken, memory: memory})
+	if err != nil {
+		return err
+	}
+	fail := func(err error) error {
+		o.destroyAsync(id)
+		return fmt.Errorf("orchestrator: resume %s: %w", id, err)
+	}
+	if sb.rec.Egress != nil {
+		if err := o.applyEgress(s.net, *sb.rec.Egress); err != nil {
+			return fail(err)
+		}
+	}
+	init := initRequest{Timestamp: time.Now().UTC()}
+	auth := sb.rec.EnvdAccessToken
+	if !memory {
+		// A fresh envd: it learns everything again, and has no token yet.
+		init = initRequest{EnvVars: sandboxEnv(sb.rec.EnvVars, id, sb.rec.TemplateID), AccessToken: sb.rec.EnvdAccessToken,
+			Timestamp: init.Timestamp, DefaultUser: EnvdUser}
+		auth = ""
+	}
+	if err := o.envd.init(ctx, s.Addr, auth, init); err != nil {
+		return fail(fmt.Errorf("envd /init: %w", err))
+	}
+	rec := sb.rec
+	rec.State, rec.PausedOnDisk, rec.Addr = StateRunning, "", s.Addr.String()
+	rec.EndAt = time.Now().UTC().Add(timeout)
+	if err := o.opts.Store.PutSandbox(ctx, rec); err != nil {
+		return fail(err)
+	}
+	sb.rec = rec
+	sb.life, sb.net, sb.addr = s.life, s.net, s.Addr
+	sb.stateEpoch++
+	sb.probeFails = 0
+	if err := os.RemoveAll(o.pausedPath(id)); err != nil {
+		o.log.Warn("removing a resumed sandbox's pause", "sandbox", id, "err", err)
+	}
+	if s.life.isDead() {
+		// It died before it was the sandbox's: its watch let it be.
+		o.dieLocked(sb, s.life.exit.Reason, s.life.exit.Detail)
+		return fmt.Errorf("orchestrator: sandbox %s died as it resumed (%s)", id, s.life.exit.Reason)
+	}
+	o.log.Info("sandbox resumed from disk", "sandbox", id, "memory", memory, "ms", ms(time.Since(start)))
 	return nil
 }
 
@@ -162,7 +294,9 @@ func (o *Orchestrator) ResumeForTraffic(ctx context.Context, id string) bool {
 	}
 	sb.mu.Lock()
 	defer sb.mu.Unlock()
-	if sb.gone || !sb.rec.AutoResume {
+	// One paused without its memory wakes only when asked to: its
+	// processes start afresh.
+	if sb.gone || !sb.rec.AutoResume || sb.rec.PausedOnDisk == store.PausedFilesystem {
 		return false
 	}
 	if sb.rec.State == StateRunning {
@@ -228,7 +362,7 @@ func (o *Orchestrator) expire(sb *Sandbox) {
 		return
 	}
 	if sb.rec.AutoPause {
-		if err := o.pauseLocked(ctx, sb); err != nil {
+		if err := o.pauseLocked(ctx, sb, PauseOptions{FilesystemOnly: sb.rec.AutoPauseFilesOnly}); err != nil {
 			o.log.Error("auto-pausing expired sandbox; killing it instead", "sandbox", sb.rec.ID, "err", err)
 		} else {
 			return
@@ -251,11 +385,14 @@ func (o *Orchestrator) SetNetwork(ctx context.Context, id string, e egress.Polic
 	if sb.gone {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
-	if sb.net.ID == "" {
-		return fmt.Errorf("orchestrator: egress policy of %s: the sandbox has no network devices", id)
-	}
-	if err := o.applyEgress(sb.net, e); err != nil {
-		return err
+	// A sandbox paused to disk has no devices: its resume applies it.
+	if sb.rec.PausedOnDisk == "" {
+		if sb.net.ID == "" {
+			return fmt.Errorf("orchestrator: egress policy of %s: the sandbox has no network devices", id)
+		}
+		if err := o.applyEgress(sb.net, e); err != nil {
+			return err
+		}
 	}
 	sb.rec.AllowInternet = e.AllowInternet
 	sb.rec.Network = network

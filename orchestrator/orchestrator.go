@@ -63,6 +63,9 @@ type Template struct {
 	// tells when it serves (E2B's startCmd and readyCmd).
 	StartCmd string
 	ReadyCmd string
+	// base, for a snapshot used as a template, is the ID of the template
+	// whose files its sandboxes see (store.Sandbox.BaseTemplate).
+	base string
 }
 
 // Templates resolves a template ID or alias.
@@ -101,6 +104,10 @@ type Options struct {
 	OnEvict func(id string)
 	// MetricsInterval is how often running sandboxes are sampled.
 	MetricsInterval time.Duration
+	// SnapshotDir holds snapshots and sandboxes paused to disk
+	// (snapshot.go). Empty, or a runtime that is no runtime.Snapshotter,
+	// answers snapshots and forks with ErrUnsupported and pauses in place.
+	SnapshotDir string
 	// Capacity, when set, admits each sandbox start (admission.go).
 	Capacity *capacity.Ledger
 	Logger   *slog.Logger
@@ -131,12 +138,13 @@ type Sandbox struct {
 	rec  store.Sandbox
 	addr netip.Addr
 	// net is its network devices; zero for an adopted sandbox whose
-	// devices were gone. Never changed.
+	// devices were gone, and for one paused to disk (it gets new ones
+	// when it resumes, and a new addr).
 	net     network.Attachment
 	gone    bool // killed; the record is being or has been removed
 	metrics metricsRing
-	// life is the watch on its runtime sandbox; set before the Sandbox is
-	// shared, never changed.
+	// life is the watch on its runtime sandbox; nil while it is paused
+	// to disk (it has none).
 	life *life
 	// stateEpoch counts pauses and resumes, so that a health probe that
 	// raced one is ignored; probeFails counts failed probes in a row.
@@ -262,6 +270,14 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 		alive[s.ID] = s
 	}
 	for _, rec := range recs {
+		if rec.PausedOnDisk != "" {
+			if o.adoptPausedOnDisk(rec) {
+				// The runtime holds nothing of it; what it does hold (a
+				// crash in the middle of its pause or resume) is
+				// destroyed below with the other unclaimed sandboxes.
+				continue
+			}
+		}
 		rs, ok := alive[rec.ID]
 		delete(alive, rec.ID)
 		if !ok || rs.State == runtime.StateStopped {
@@ -326,7 +342,7 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 		}
 	}
 	for _, a := range o.opts.Network.List() {
-		if _, adopted := o.sandboxes[a.ID]; adopted {
+		if sb, adopted := o.sandboxes[a.ID]; adopted && sb.rec.PausedOnDisk == "" {
 			continue
 		}
 		o.log.Info("releasing unclaimed network devices", "sandbox", a.ID, "link", a.HostLink)
@@ -334,6 +350,7 @@ func (o *Orchestrator) reconcile(ctx context.Context) error {
 			o.log.Warn("releasing unclaimed network devices", "sandbox", a.ID, "err", err)
 		}
 	}
+	o.sweepSnapshots(ctx)
 	return nil
 }
 
@@ -363,12 +380,14 @@ func newToken() string {
 
 // CreateRequest is a validated request for a new sandbox.
 type CreateRequest struct {
-	Template      string
-	Timeout       time.Duration
-	AutoPause     bool
-	AutoResume    bool
-	AllowInternet bool
-	Network       []byte // the request's network object, kept as sent
+	Template  string
+	Timeout   time.Duration
+	AutoPause bool
+	// AutoPauseFilesOnly makes AutoPause keep only the sandbox's files.
+	AutoPauseFilesOnly bool
+	AutoResume         bool
+	AllowInternet      bool
+	Network            []byte // the request's network object, kept as sent
 	// Egress, when set, replaces the default egress policy before the
 	// sandbox is handed out.
 	Egress *egress.Policy
@@ -388,6 +407,12 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		return Info{}, fmt.Errorf("%w: timeout must be between 1 and %d seconds", ErrInvalid, int(o.opts.MaxTimeout/time.Second))
 	}
 	p, err := o.poolFor(req.Template)
+	if errors.Is(err, ErrTemplateNotFound) {
+		// A templateID may name one of the owner's snapshots.
+		if sn, ok := o.findSnapshot(ctx, req.Owner, req.Template); ok {
+			return o.createFromSnapshot(ctx, req, sn)
+		}
+	}
 	if err != nil {
 		return Info{}, err
 	}
@@ -432,31 +457,45 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		}
 		o.log.Warn("pooled sandbox failed to initialise; taking another", "sandbox", slot.ID, "err", err)
 	}
+	return o.handOut(ctx, req, slot, p.tmpl, token, now, "pooled", slot.pooled,
+		"takeMs", ms(tTaken.Sub(now)), "egressMs", ms(tEgress.Sub(tTaken)))
+}
+
+// ms is d in milliseconds, for log lines.
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// handOut records a started, initialised slot as req's sandbox, made from
+// tmpl, and makes it visible. logArgs are added to the log line of the
+// create that began at began.
+func (o *Orchestrator) handOut(ctx context.Context, req CreateRequest, slot slot, tmpl Template, token string, began time.Time, logArgs ...any) (Info, error) {
 	// The timeout runs from the moment the sandbox is ready to hand out,
 	// not from the request: a slow cold create must not eat into it.
 	handedOut := time.Now().UTC()
 	rec := store.Sandbox{
-		ID:              slot.ID,
-		TemplateID:      p.tmpl.ID,
-		Alias:           p.tmpl.Alias,
-		State:           StateRunning,
-		StartedAt:       handedOut,
-		EndAt:           handedOut.Add(req.Timeout),
-		TimeoutSeconds:  int(req.Timeout / time.Second),
-		CPUCount:        p.tmpl.CPUCount,
-		MemoryMB:        p.tmpl.MemoryMB,
-		DiskSizeMB:      p.tmpl.DiskSizeMB,
-		Metadata:        cloneMap(req.Metadata),
-		EnvdAccessToken: token,
-		AutoPause:       req.AutoPause,
-		AutoResume:      req.AutoResume,
-		AllowInternet:   req.AllowInternet,
-		Network:         req.Network,
-		Egress:          req.Egress,
-		Addr:            slot.Addr.String(),
-		Runtime:         o.opts.Runtime.Name(),
-		APIKeyID:        req.APIKeyID,
-		Owner:           req.Owner,
+		ID:                 slot.ID,
+		TemplateID:         tmpl.ID,
+		Alias:              tmpl.Alias,
+		BaseTemplate:       tmpl.base,
+		State:              StateRunning,
+		StartedAt:          handedOut,
+		EndAt:              handedOut.Add(req.Timeout),
+		TimeoutSeconds:     int(req.Timeout / time.Second),
+		CPUCount:           tmpl.CPUCount,
+		MemoryMB:           tmpl.MemoryMB,
+		DiskSizeMB:         tmpl.DiskSizeMB,
+		Metadata:           cloneMap(req.Metadata),
+		EnvdAccessToken:    token,
+		AutoPause:          req.AutoPause,
+		AutoResume:         req.AutoResume,
+		AllowInternet:      req.AllowInternet,
+		Network:            req.Network,
+		Egress:             req.Egress,
+		Addr:               slot.Addr.String(),
+		Runtime:            o.opts.Runtime.Name(),
+		APIKeyID:           req.APIKeyID,
+		Owner:              req.Owner,
+		EnvVars:            cloneMap(req.EnvVars),
+		AutoPauseFilesOnly: req.AutoPauseFilesOnly,
 	}
 	if !req.PublicTraffic {
 		rec.TrafficToken = newToken()
@@ -482,10 +521,8 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		o.endDead(sb, slot.life.exit.Reason, slot.life.exit.Detail)
 		return Info{}, fmt.Errorf("orchestrator: sandbox %s died as it started (%s)", rec.ID, slot.life.exit.Reason)
 	}
-	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-	o.log.Info("sandbox created", "sandbox", rec.ID, "template", rec.TemplateID, "pooled", slot.pooled,
-		"ms", ms(time.Since(now)), "takeMs", ms(tTaken.Sub(now)), "egressMs", ms(tEgress.Sub(tTaken)),
-		"initMs", ms(tInit.Sub(tEgress)), "storeMs", ms(time.Since(tInit)))
+	o.log.Info("sandbox created", append([]any{"sandbox", rec.ID, "template", rec.TemplateID,
+		"ms", ms(time.Since(began)), "storeMs", ms(time.Since(tInit))}, logArgs...)...)
 	return sb.Info(), nil
 }
 
@@ -505,7 +542,7 @@ func (o *Orchestrator) initEnvd(ctx context.Context, s slot, req initRequest) er
 		ctx, cancel = context.WithTimeout(ctx, pooledInitTimeout)
 		defer cancel()
 	}
-	return o.envd.init(ctx, s.Addr, req)
+	return o.envd.init(ctx, s.Addr, "", req)
 }
 
 // every runs fn each period, in its own goroutine, until the orchestrator

@@ -176,7 +176,8 @@ func (w *world) orchestratorWith(t *testing.T, poolSize int, ledger *capacity.Le
 		Runtime: w.rt, Network: w.net, Store: w.st, Templates: w.tmpls,
 		Envd: envdBin, EnvdArgs: []string{"envd"},
 		PoolSize: poolSize, PoolTemplates: []string{"tiny"},
-		MaxTimeout: time.Hour, MetricsInterval: time.Hour,
+		SnapshotDir: filepath.Join(w.dataDir, "snapshots"),
+		MaxTimeout:  time.Hour, MetricsInterval: time.Hour,
 		Capacity: ledger,
 		OnEvict:  func(id string) { w.evicted <- id },
 		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
@@ -302,7 +303,7 @@ func TestTimeoutsPauseResumeAndRestart(t *testing.T) {
 		sb, err := o.Get(napping.ID)
 		return gone != nil && err == nil && sb.Info().State == StatePaused
 	})
-	if err := o.Pause(context.Background(), napping.ID); !errors.Is(err, ErrAlreadyPaused) {
+	if err := o.Pause(context.Background(), napping.ID, PauseOptions{}); !errors.Is(err, ErrAlreadyPaused) {
 		t.Fatalf("pausing a paused sandbox: %v", err)
 	}
 	if _, err := o.Resume(context.Background(), keeper.ID, time.Minute); !errors.Is(err, ErrNotPaused) {

@@ -233,23 +233,29 @@ func (p *pool) prepare(ctx context.Context, addr netip.Addr) error {
 	if err := p.o.envd.waitHealthy(ctx, addr, 30*time.Second); err != nil {
 		return fmt.Errorf("envd: %w", err)
 	}
+	return p.o.startTemplate(ctx, addr, p.tmpl)
+}
+
+// startTemplate warms up a freshly booted sandbox of t and runs t's start
+// command until its ready command succeeds.
+func (o *Orchestrator) startTemplate(ctx context.Context, addr netip.Addr, t Template) error {
 	// The first process a fresh sandbox runs pays for loading bash and the
 	// login profile through the runtime's file system (about 30 ms under
 	// gVisor); the SDK's first commands.run would pay it on the request
 	// path. A template without bash only loses the warm-up.
-	if code, err := p.o.envd.runCommand(ctx, addr, "true"); err != nil || code != 0 {
-		p.o.log.Debug("warm-up command failed", "template", p.tmpl.ID, "exit", code, "err", err)
+	if code, err := o.envd.runCommand(ctx, addr, "true"); err != nil || code != 0 {
+		o.log.Debug("warm-up command failed", "template", t.ID, "exit", code, "err", err)
 	}
-	if p.tmpl.StartCmd == "" {
+	if t.StartCmd == "" {
 		return nil
 	}
-	if err := p.o.envd.startCommand(ctx, addr, p.tmpl.StartCmd); err != nil {
+	if err := o.envd.startCommand(ctx, addr, t.StartCmd); err != nil {
 		return err
 	}
-	if p.tmpl.ReadyCmd == "" {
+	if t.ReadyCmd == "" {
 		return nil
 	}
-	return p.o.envd.waitReady(ctx, addr, p.tmpl.ReadyCmd, 2*time.Minute)
+	return o.envd.waitReady(ctx, addr, t.ReadyCmd, 2*time.Minute)
 }
 
 // drain destroys every slot still waiting in the pool.

@@ -94,13 +94,20 @@ func (o *Orchestrator) died(l *life) {
 	o.mu.Lock()
 	sb, ok := o.sandboxes[l.id]
 	o.mu.Unlock()
-	if !ok || sb.life != l {
+	if ok {
+		sb.mu.Lock()
+		defer sb.mu.Unlock()
+		// A sandbox paused to disk or resumed since has another life, or
+		// none.
+		ok = sb.life == l
+	}
+	if !ok {
 		if l.pool != nil {
 			l.pool.wake()
 		}
 		return
 	}
-	o.endDead(sb, l.exit.Reason, l.exit.Detail)
+	o.dieLocked(sb, l.exit.Reason, l.exit.Detail)
 }
 
 // endDead kills a handed-out sandbox found dead, recording why.

@@ -83,6 +83,19 @@ func (s *Store) FindSnapshot(ctx context.Context, owner, ref string) (Snapshot, 
 	return s.decodeSnapshot(id, rec)
 }
 
+// GetSnapshot returns snapshot id, whoever owns it.
+func (s *Store) GetSnapshot(ctx context.Context, id string) (Snapshot, error) {
+	var rec string
+	err := s.db.QueryRowContext(ctx, `SELECT record FROM snapshots WHERE id = ?`, id).Scan(&rec)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Snapshot{}, fmt.Errorf("%w: snapshot %q", ErrNotFound, id)
+	}
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("store: get snapshot %q: %w", id, err)
+	}
+	return s.decodeSnapshot(id, rec)
+}
+
 func (s *Store) decodeSnapshot(id, rec string) (Snapshot, error) {
 	var st storedSnapshot
 	if err := json.Unmarshal([]byte(rec), &st); err != nil {

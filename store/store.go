@@ -333,15 +333,18 @@ type Sandbox struct {
 	// written before owners existed are owned by their key.
 	APIKeyID string `json:"apiKeyID,omitempty"`
 	Owner    string `json:"owner,omitempty"`
+	// BaseTemplate, for a sandbox made from a snapshot (TemplateID), is
+	// the template whose files it sees under its own.
+	BaseTemplate string `json:"baseTemplate,omitempty"`
 	// EnvVars are the create request's; sealed like the tokens.
 	EnvVars map[string]string `json:"-"`
 	// PausedOnDisk says how a paused sandbox was saved: PausedMemory or
 	// PausedFilesystem (written to disk; nothing of it runs), or "" (frozen in
 	// place, or running).
 	PausedOnDisk string `json:"pausedOnDisk,omitempty"`
-	// KeepMemory makes a timeout's pause (AutoPause) freeze the sandbox in
-	// place instead of writing it to disk (E2B's onTimeout keepMemory).
-	KeepMemory bool `json:"keepMemory,omitempty"`
+	// AutoPauseFilesOnly makes a timeout's pause (AutoPause) keep only
+	// the sandbox's files (E2B's onTimeout keepMemory false).
+	AutoPauseFilesOnly bool `json:"autoPauseFilesOnly,omitempty"`
 }
 
 // How a sandbox paused to disk was saved (Sandbox.PausedOnDisk).

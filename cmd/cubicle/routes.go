@@ -32,7 +32,8 @@ func (r *routes) Route(id string) (proxy.Route, bool) {
 		return proxy.Route{}, false
 	}
 	rt := routeOf(sb.Info())
-	return rt, rt.Addr != (netip.Addr{})
+	// A sandbox paused to disk has no address until Wake resumes it.
+	return rt, rt.Addr != (netip.Addr{}) || rt.Paused
 }
 
 func (r *routes) Wake(ctx context.Context, id string) bool {

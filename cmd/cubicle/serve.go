@@ -268,6 +268,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 		PoolTemplates: []string{template.BaseID, template.CodeInterpreterAlias},
 		MaxTimeout:    c.maxTimeout,
 		Capacity:      ledger,
+		SnapshotDir:   filepath.Join(c.dataDir, "snapshots"),
 		OnEvict:       px.Evict,
 		Logger:        log.With("component", "orchestrator"),
 	})

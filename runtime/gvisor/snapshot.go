@@ -126,7 +126,7 @@ func (r *Runtime) Snapshot(ctx context.Context, id, dir string, opts runtime.Sna
 		}
 	} else {
 		upper, _ := upperDirs(sbDir, nil)
-		if err := copyTree(ctx, upper, filepath.Join(tmp, snapshotUpperDir)); err != nil {
+		if err := sparse.CopyTree(ctx, upper, filepath.Join(tmp, snapshotUpperDir)); err != nil {
 			return fmt.Errorf("gvisor: snapshot of %s: %w", id, err)
 		}
 	}
@@ -194,7 +194,7 @@ func (r *Runtime) loadSnapshot(dir string) (*snapshot, error) {
 func (r *Runtime) restoreDisk(dir string, snap *snapshot) (*disk, error) {
 	if snap.meta.Disk == nil {
 		upper, _ := upperDirs(dir, nil)
-		return nil, copyTree(context.Background(), filepath.Join(snap.dir, snapshotUpperDir), upper)
+		return nil, sparse.CopyTree(context.Background(), filepath.Join(snap.dir, snapshotUpperDir), upper)
 	}
 	if r.noDisks != "" {
 		return nil, fmt.Errorf("the snapshot has a disk and this host cannot mount one: %s", r.noDisks)
@@ -258,17 +258,6 @@ func syncFS(path string) error {
 	defer f.Close()
 	if err := unix.Syncfs(int(f.Fd())); err != nil {
 		return fmt.Errorf("syncfs %s: %w", path, err)
-	}
-	return nil
-}
-
-// copyTree copies the directory src to dst (which must not exist) with
-// every owner, mode, xattr and link as it is, sharing extents where the
-// filesystem can.
-func copyTree(ctx context.Context, src, dst string) error {
-	out, err := exec.CommandContext(ctx, "cp", "-a", "--reflink=auto", "--", src, dst).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("copy %s: %v: %s", src, err, out)
 	}
 	return nil
 }
