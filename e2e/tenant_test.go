@@ -100,8 +100,8 @@ func TestTenantWalls(t *testing.T) {
 		{"POST", "/sandboxes/{id}/timeout", `{"timeout":300}`, 204},
 		{"POST", "/sandboxes/{id}/refreshes", `{"duration":300}`, 204},
 		{"PUT", "/sandboxes/{id}/network", `{"allowOut":["0.0.0.0/0"]}`, 204},
-		{"POST", "/sandboxes/{id}/snapshots", `{}`, 501},
-		{"POST", "/sandboxes/{id}/fork", `{}`, 501},
+		{"POST", "/sandboxes/{id}/snapshots", `{}`, 201},
+		{"POST", "/sandboxes/{id}/fork", `{"timeout":5}`, 201},
 		{"POST", "/sandboxes/{id}/pause", `{}`, 204},
 		{"POST", "/sandboxes/{id}/resume", `{"timeout":300}`, 201},
 		{"DELETE", "/sandboxes/{id}", "", 204},
@@ -189,6 +189,28 @@ func TestTenantWalls(t *testing.T) {
 		// Without sandbox headers (old SDKs) it finds a, never b.
 		if code := get(""); code != 200 {
 			t.Fatalf("a's signed URL without headers: %d", code)
+		}
+	})
+
+	t.Run("snapshots", func(t *testing.T) {
+		code, _, body := apiCall(t, owner, "POST", "/sandboxes/"+a.SandboxID+"/snapshots", `{}`)
+		var sn struct {
+			SnapshotID string `json:"snapshotID"`
+		}
+		if code != 201 || json.Unmarshal(body, &sn) != nil || sn.SnapshotID == "" {
+			t.Fatalf("owner's snapshot: %d %s", code, body)
+		}
+		if _, _, list := apiCall(t, other, "GET", "/snapshots", ""); bytes.Contains(list, []byte(sn.SnapshotID)) {
+			t.Fatalf("the other key lists the owner's snapshot: %s", list)
+		}
+		if code, _, body := apiCall(t, other, "POST", "/v2/sandboxes", `{"templateID":"`+sn.SnapshotID+`"}`); code != 404 {
+			t.Fatalf("the other key creates from the owner's snapshot: %d %s", code, body)
+		}
+		if code, _, body := apiCall(t, other, "DELETE", "/templates/"+sn.SnapshotID, ""); code != 404 {
+			t.Fatalf("the other key deletes the owner's snapshot: %d %s", code, body)
+		}
+		if code, _, body := apiCall(t, owner, "DELETE", "/templates/"+sn.SnapshotID, ""); code != 204 {
+			t.Fatalf("the owner deletes its snapshot: %d %s", code, body)
 		}
 	})
 

@@ -23,6 +23,7 @@ func benchCmd() *cobra.Command {
 	cmd.AddCommand(benchCreateCmd())
 	cmd.AddCommand(benchIdleCmd())
 	cmd.AddCommand(benchCodeinterpCmd())
+	cmd.AddCommand(benchSnapshotCmd())
 	cmd.AddCommand(benchVMMCmd())
 	return cmd
 }

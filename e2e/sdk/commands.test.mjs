@@ -2,7 +2,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { CommandExitError } from 'e2b'
-import { withSandbox } from './helpers.mjs'
+import { withSandbox, waitFor } from './helpers.mjs'
 
 test('commands', async (t) => {
   await withSandbox(t, {}, async (sbx) => {
@@ -84,9 +84,11 @@ test('commands', async (t) => {
     })
     await t.test('timeoutMs kills the command', async () => {
       await assert.rejects(sbx.commands.run('sleep 30', { timeoutMs: 1000 }))
+      // envd kills it when it sees the stream end, which races the next
+      // request on a loaded host: it must be gone soon, not at once.
       // -x: the whole command line, so this shell's own does not match.
-      const r = await sbx.commands.run('pgrep -fx "sleep 30" || echo none')
-      assert.equal(r.stdout.trim(), 'none')
+      await waitFor(async () => (await sbx.commands.run('pgrep -fx "sleep 30" || echo none')).stdout.trim() === 'none',
+        { timeoutMs: 10_000, what: 'the timed-out command to be killed' })
     })
   })
 })
