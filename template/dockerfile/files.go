@@ -10,7 +10,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -116,50 +115,28 @@ func (c Context) Files(src string) ([]File, error) {
 	if err != nil {
 		return nil, err
 	}
-	seen := map[string]File{}
-	add := func(f File) { seen[f.Full] = f }
-	var matches []File
-	if hasMagic(src) {
-		m, err := compileGlob(src)
-		if err != nil {
-			return nil, fmt.Errorf("COPY source %q: %w", src, err)
+	g := &globber{c: c, ig: ig, out: map[string]File{}}
+	if err := g.glob(src); err != nil {
+		return nil, fmt.Errorf("COPY source %q: %w", src, err)
+	}
+	matches := g.out
+	all := map[string]File{}
+	for full, f := range matches {
+		all[full] = f
+		if !f.Info.IsDir() {
+			continue
 		}
-		err = c.walk("", ig, func(f File) {
-			if m.match(f.Rel) && !ig.ignored(f) {
-				matches = append(matches, f)
-			}
-		})
-		if err != nil {
+		sub := &globber{c: c, ig: ig, out: all}
+		pattern := "**/*"
+		if f.Rel != "" {
+			pattern = f.Rel + "/**/*"
+		}
+		if err := sub.glob(pattern); err != nil {
 			return nil, err
 		}
-	} else {
-		rel := path.Clean(strings.TrimSuffix(src, "/"))
-		if rel == "." {
-			rel = ""
-		}
-		full := c.full(rel)
-		fi, err := os.Lstat(full)
-		if err == nil && (!strings.HasSuffix(src, "/") || fi.IsDir()) {
-			f := File{Rel: rel, Full: full, Info: fi}
-			if !ig.ignored(f) {
-				matches = append(matches, f)
-			}
-		}
 	}
-	for _, f := range matches {
-		add(f)
-		if f.Info.IsDir() {
-			if err := c.walk(f.Rel, ig, func(g File) {
-				if !ig.ignored(g) {
-					add(g)
-				}
-			}); err != nil {
-				return nil, err
-			}
-		}
-	}
-	out := make([]File, 0, len(seen))
-	for _, f := range seen {
+	out := make([]File, 0, len(all))
+	for _, f := range all {
 		out = append(out, f)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Full < out[j].Full })
@@ -176,32 +153,135 @@ func (c Context) full(rel string) string {
 	return c.Dir + "/" + rel
 }
 
-// walk calls fn for every path under rel (not rel itself), not following
-// symlinks and not descending where the ignore patterns drop children.
-func (c Context) walk(rel string, ig *ignore, fn func(File)) error {
-	ents, err := os.ReadDir(c.full(rel))
+// globber walks a pattern over the context as node-glob does (dot: true,
+// follow: false): plain segments and magic segments resolve through
+// symlinks like any path; a ** walks real directories only, except that a
+// ** which is not the pattern's first segment lets the rest of the pattern
+// match inside a symlinked directory it meets (glob's "follow one symlink"
+// rule).
+type globber struct {
+	c   Context
+	ig  *ignore
+	out map[string]File
+}
+
+func (g *globber) glob(pattern string) error {
+	alts, err := expandBraces(pattern)
 	if err != nil {
 		return err
 	}
-	for _, e := range ents {
-		r := e.Name()
-		if rel != "" {
-			r = rel + "/" + e.Name()
+	for _, a := range alts {
+		segs := strings.Split(a, "/")
+		for len(segs) > 1 && segs[0] == "." {
+			segs = segs[1:]
 		}
-		full := c.full(r)
-		fi, err := os.Lstat(full)
-		if err != nil {
-			return err
+		dirOnly := false
+		if len(segs) > 1 && segs[len(segs)-1] == "" {
+			dirOnly, segs = true, segs[:len(segs)-1]
 		}
-		f := File{Rel: r, Full: full, Info: fi}
-		fn(f)
-		if fi.IsDir() && !ig.childrenIgnored(f) {
-			if err := c.walk(r, ig, fn); err != nil {
-				return err
+		for i, s := range segs {
+			if s != "**" && hasMagic(s) {
+				m, err := compileSegments([]string{s})
+				if err != nil {
+					return err
+				}
+				segs[i] = m.alts[0][0]
+			} else if s != "**" {
+				segs[i] = "=" + unescape(s) // a literal segment
+			}
+		}
+		g.walk("", segs, 0, dirOnly)
+	}
+	return nil
+}
+
+func unescape(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+1 < len(s) {
+			i++
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func join(rel, name string) string {
+	switch {
+	case name == ".":
+		return rel
+	case rel == "":
+		return name
+	}
+	return rel + "/" + name
+}
+
+func (g *globber) add(rel string, dirOnly bool) {
+	full := g.c.full(rel)
+	fi, err := os.Lstat(full)
+	if err != nil {
+		return
+	}
+	if dirOnly && !fi.IsDir() {
+		if st, err := os.Stat(full); err != nil || !st.IsDir() {
+			return
+		}
+	}
+	f := File{Rel: rel, Full: full, Info: fi}
+	if !g.ig.ignored(f) {
+		g.out[full] = f
+	}
+}
+
+// readdir lists rel unless the ignore patterns drop its children.
+func (g *globber) readdir(rel string) []fs.DirEntry {
+	if g.ig.childrenIgnored(File{Rel: rel, Full: g.c.full(rel)}) {
+		return nil
+	}
+	ents, _ := os.ReadDir(g.c.full(rel))
+	return ents
+}
+
+func (g *globber) walk(rel string, segs []string, idx int, dirOnly bool) {
+	if len(segs) == 0 {
+		g.add(rel, dirOnly)
+		return
+	}
+	seg, rest := segs[0], segs[1:]
+	switch {
+	case seg == "**":
+		g.walk(rel, rest, idx+1, dirOnly) // ** as zero segments
+		for _, e := range g.readdir(rel) {
+			child := join(rel, e.Name())
+			full := g.c.full(child)
+			lst, err := os.Lstat(full)
+			if err != nil {
+				continue
+			}
+			switch {
+			case lst.IsDir():
+				g.walk(child, segs, idx, dirOnly)
+			case lst.Mode()&fs.ModeSymlink != 0 && idx > 0 && len(rest) > 0:
+				if st, err := os.Stat(full); err == nil && st.IsDir() {
+					g.walk(child, rest, idx+1, dirOnly)
+				}
+			case len(rest) == 0:
+				g.add(child, dirOnly)
+			}
+		}
+	case strings.HasPrefix(seg, "="):
+		child := join(rel, seg[1:])
+		if _, err := os.Lstat(g.c.full(child)); err != nil {
+			return
+		}
+		g.walk(child, rest, idx+1, dirOnly)
+	default:
+		for _, e := range g.readdir(rel) {
+			if matchSeg(seg, e.Name()) {
+				g.walk(join(rel, e.Name()), rest, idx+1, dirOnly)
 			}
 		}
 	}
-	return nil
 }
 
 // Hash is the SDK's filesHash of `COPY src dest` in this context.

@@ -34,27 +34,6 @@ type globMatcher struct {
 	alts [][]string // segments; "**" is the globstar
 }
 
-// compileGlob compiles a COPY source pattern.
-func compileGlob(p string) (globMatcher, error) {
-	alts, err := expandBraces(p)
-	if err != nil {
-		return globMatcher{}, err
-	}
-	var m globMatcher
-	for _, a := range alts {
-		segs := strings.Split(a, "/")
-		for len(segs) > 1 && segs[0] == "." {
-			segs = segs[1:]
-		}
-		sm, err := compileSegments(segs)
-		if err != nil {
-			return globMatcher{}, err
-		}
-		m.alts = append(m.alts, sm.alts...)
-	}
-	return m, nil
-}
-
 func compileSegments(segs []string) (globMatcher, error) {
 	out := make([]string, len(segs))
 	for i, s := range segs {
