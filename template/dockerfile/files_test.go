@@ -75,6 +75,22 @@ var copyCases = []struct{ src, dest string }{
 // alike, comparing the whole translated build.
 func TestHashMatchesSDK(t *testing.T) {
 	node, sdk := needSDK(t)
+	// The same recipe in 2.45, the other version cubicle is tested with.
+	sdks := []string{sdk}
+	if v1 := filepath.Join(filepath.Dir(filepath.Dir(filepath.Dir(sdk))), "e2b-v1", "dist", "index.mjs"); fileExists(v1) {
+		sdks = append(sdks, v1)
+	}
+	for _, sdk := range sdks {
+		t.Run(filepath.Base(filepath.Dir(filepath.Dir(sdk))), func(t *testing.T) { hashMatchesSDK(t, node, sdk) })
+	}
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+func hashMatchesSDK(t *testing.T, node, sdk string) {
 	dir := makeContext(t)
 	c, err := NewContext(dir)
 	if err != nil {

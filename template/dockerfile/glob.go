@@ -13,6 +13,13 @@ import (
 
 var errExtglob = errors.New("extglob and {a..b} range patterns are not supported")
 
+// maxBraceAlternatives bounds what {a,b} expansion may produce: the count
+// multiplies with every brace, and a pattern is not allowed to make the
+// CLI expand millions of alternatives.
+const maxBraceAlternatives = 1024
+
+var errTooManyAlternatives = errors.New("pattern expands to more than 1024 {a,b} alternatives")
+
 // hasMagic reports whether p is a pattern rather than a plain path.
 func hasMagic(p string) bool {
 	for i := 0; i < len(p); i++ {
@@ -170,6 +177,9 @@ func expandBraces(p string) ([]string, error) {
 				inner, err := expandBraces(part)
 				if err != nil {
 					return nil, err
+				}
+				if len(out)+len(inner)*len(suffixes) > maxBraceAlternatives {
+					return nil, errTooManyAlternatives
 				}
 				for _, in := range inner {
 					for _, s := range suffixes {
