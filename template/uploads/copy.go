@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"path"
 	"strings"
 	"time"
@@ -25,10 +24,11 @@ type CopyOptions struct {
 	// UID and GID own everything copied (E2B chowns the copy to the
 	// step's user, or the current USER, whatever the tar says).
 	UID, GID int
-	// Mode, when SetMode is true, replaces the permission bits of every
-	// copied file and directory (E2B: chmod -R <mode>); otherwise the
-	// tar's permission bits (setuid, setgid and sticky included) are kept.
-	Mode    fs.FileMode
+	// Mode, when SetMode is true, replaces the permission bits (as chmod
+	// takes them, 07777) of every copied file and directory (E2B: chmod -R
+	// <mode>); otherwise the tar's permission bits (setuid, setgid and
+	// sticky included) are kept.
+	Mode    uint32
 	SetMode bool
 	Limits  Limits
 }
@@ -173,7 +173,7 @@ func (c *copier) entry(h *tar.Header, name string, body io.Reader) error {
 
 	mode := uint32(h.Mode) & 0o7777
 	if c.o.SetMode {
-		mode = uint32(c.o.Mode.Perm())
+		mode = c.o.Mode & 0o7777
 	}
 	switch h.Typeflag {
 	case tar.TypeDir:

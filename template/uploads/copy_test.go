@@ -51,7 +51,7 @@ func TestCopyInto(t *testing.T) {
 		tar     []ent
 		src     string
 		dest    string
-		mode    fs.FileMode
+		mode    uint32
 		want    []string
 		wantErr string
 	}{
@@ -320,6 +320,57 @@ func FuzzCopyInto(f *testing.F) {
 		err := CopyInto(root, bytes.NewReader(data), CopyOptions{Src: src, Dest: "/" + dest, UID: uid, GID: gid,
 			Limits: Limits{MaxExpandedBytes: 1 << 20, MaxEntries: 1000}})
 		_ = err
+		if got := tree(t, outside); strings.Join(got, "\n") != "keep -rw-r--r-- =K" {
+			t.Fatalf("outside changed: %v", got)
+		}
+		if entries, _ := os.ReadDir(parent); len(entries) != 2 {
+			t.Fatalf("parent holds %v", entries)
+		}
+	})
+}
+
+// FuzzCopyIntoEntries builds tars from fuzz bytes out of names, links and
+// types chosen to collide and climb (.., absolute links, links through
+// links), so the fuzzer reaches deep into CopyInto rather than failing the
+// tar header checks: nothing outside the root may change.
+func FuzzCopyIntoEntries(f *testing.F) {
+	f.Add([]byte{2, 0, 5, 0, 1, 9, 0, 0}, uint8(0))
+	f.Add([]byte{1, 3, 0, 0, 2, 4, 6, 0, 0, 7, 0, 1}, uint8(1))
+	segs := []string{"a", "b", "l", "..", ".", "a/b", "l/x", "c.txt"}
+	links := []string{"/", "..", "../..", "../outside", "/escape", "a", "l", "/etc", "b/../../.."}
+	uid, gid := self()
+	f.Fuzz(func(t *testing.T, prog []byte, srcSel uint8) {
+		var ents []ent
+		for i := 0; i+2 < len(prog) && len(ents) < 32; i += 3 {
+			name := segs[int(prog[i+1])%len(segs)]
+			if prog[i+2]&1 == 1 {
+				name = "d/" + name
+			}
+			link := links[int(prog[i+2]>>1)%len(links)]
+			switch prog[i] % 4 {
+			case 0:
+				ents = append(ents, file(name, "F"))
+			case 1:
+				ents = append(ents, dir(name))
+			case 2:
+				ents = append(ents, symlink(name, link))
+			case 3:
+				ents = append(ents, hardlink(name, segs[int(prog[i+2])%len(segs)]))
+			}
+		}
+		if len(ents) == 0 {
+			return
+		}
+		src := []string{"d", "a", "*", ".", "l", "d/l"}[int(srcSel)%6]
+		dest := []string{"/o", "/o/", "/escape/x", "/", "/l"}[int(srcSel/6)%5]
+		data := bytes.NewReader(tarOf(t, false, ents...))
+		parent := t.TempDir()
+		root, outside := filepath.Join(parent, "root"), filepath.Join(parent, "outside")
+		os.Mkdir(root, 0o755)
+		os.Mkdir(outside, 0o755)
+		os.WriteFile(filepath.Join(outside, "keep"), []byte("K"), 0o644)
+		os.Symlink(outside, filepath.Join(root, "escape"))
+		_ = CopyInto(root, data, CopyOptions{Src: src, Dest: dest, UID: uid, GID: gid})
 		if got := tree(t, outside); strings.Join(got, "\n") != "keep -rw-r--r-- =K" {
 			t.Fatalf("outside changed: %v", got)
 		}
