@@ -36,6 +36,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/cubicle-dev/cubicle/template/buildspec"
 )
@@ -93,12 +94,45 @@ type Entry struct {
 	Size   int64 // bytes as stored
 }
 
-// New opens (creating if needed) a store in dir.
+// New opens (creating if needed) a store in dir. Temporary files of
+// uploads cut short by a crash are removed, so a directory has one Store
+// (one server) at a time.
 func New(dir string, limits Limits) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("uploads: %w", err)
 	}
+	stale, _ := filepath.Glob(filepath.Join(dir, ".put-*"))
+	for _, p := range stale {
+		os.Remove(p)
+	}
 	return &Store{dir: dir, limits: limits.withDefaults()}, nil
+}
+
+// Stored is one upload in List.
+type Stored struct {
+	Hash    string
+	Size    int64
+	ModTime time.Time // when it was uploaded
+}
+
+// List returns the stored uploads, for garbage collection.
+func (s *Store) List() ([]Stored, error) {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("uploads: %w", err)
+	}
+	var out []Stored
+	for _, e := range ents {
+		if !buildspec.ValidFilesHash(e.Name()) {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil || !fi.Mode().IsRegular() {
+			continue // removed meanwhile
+		}
+		out = append(out, Stored{Hash: e.Name(), Size: fi.Size(), ModTime: fi.ModTime()})
+	}
+	return out, nil
 }
 
 func (s *Store) path(hash string) (string, error) {

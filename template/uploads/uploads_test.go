@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -103,8 +104,20 @@ func TestStore(t *testing.T) {
 	if err != nil || e3.Digest == e.Digest {
 		t.Fatalf("re-upload: %+v, %v", e3, err)
 	}
+	if l, err := s.List(); err != nil || len(l) != 1 || l[0].Hash != h1 || l[0].Size != e3.Size {
+		t.Fatalf("List: %+v, %v", l, err)
+	}
 	if err := s.Remove(h1); err != nil || s.Has(h1) {
 		t.Fatalf("Remove: %v", err)
+	}
+	// A crash in the middle of a Put leaves a temporary file; reopening
+	// the store removes it.
+	os.WriteFile(filepath.Join(s.dir, ".put-123"), []byte("half"), 0o600)
+	if _, err := New(s.dir, Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := os.ReadDir(s.dir); len(left) != 0 {
+		t.Fatalf("left %v", left)
 	}
 
 	for _, tc := range []struct {
