@@ -285,6 +285,13 @@ func walk(r io.Reader, limits Limits, fn func(h *tar.Header, name string, body i
 		if err != nil {
 			return err
 		}
+		for k := range h.PAXRecords {
+			if strings.HasPrefix(k, "GNU.sparse.") {
+				// archive/tar would expand the holes to as many zeros as
+				// the header claims; no SDK writes sparse entries.
+				return fmt.Errorf("%w: %q is a sparse file", ErrBadUpload, h.Name)
+			}
+		}
 		switch h.Typeflag {
 		case tar.TypeReg: // tar.Reader reports the old TypeRegA as TypeReg
 			if h.Size < 0 {

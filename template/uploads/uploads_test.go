@@ -135,6 +135,8 @@ func TestStore(t *testing.T) {
 		{"absolute", h1, tarOf(t, false, file("/etc/passwd", "x")), ErrBadUpload, "absolute"},
 		{"climbs", h1, tarOf(t, false, file("a/../../x", "x")), ErrBadUpload, "climbs out"},
 		{"device", h1, tarOf(t, false, ent{name: "null", typ: tar.TypeChar}), ErrBadUpload, "character device"},
+		{"sparse", h1, sparseTar(t), ErrBadUpload, "sparse"},
+		{"old sparse", h1, tarOf(t, false, ent{name: "s", typ: tar.TypeGNUSparse}), ErrBadUpload, ""},
 		{"fifo", h1, tarOf(t, false, ent{name: "p", typ: tar.TypeFifo}), ErrBadUpload, "named pipe"},
 		{"link out", h1, tarOf(t, false, hardlink("x", "../y")), ErrBadUpload, "outside"},
 		{"too many", h1, tarOf(t, false, file("1", ""), file("2", ""), file("3", ""), file("4", ""), file("5", ""), file("6", ""), file("7", ""), file("8", ""), file("9", ""), file("10", ""), file("11", "")), ErrTooLarge, "entries"},
@@ -219,4 +221,45 @@ func TestItemOf(t *testing.T) {
 			t.Errorf("itemOf(%q) = %q, want %q", src, got, want)
 		}
 	}
+}
+
+// sparseTar is a PAX GNU-sparse 1.0 entry whose map claims a 1 GB file
+// made of one byte and a hole. archive/tar will not write a PAX header by
+// hand, so the 'x' header is written as a regular entry and its type byte
+// patched.
+func sparseTar(t *testing.T) []byte {
+	rec := func(k, v string) string {
+		s := " " + k + "=" + v + "\n"
+		n := len(s)
+		for {
+			if l := len(fmt.Sprint(n) + s); l != n {
+				n = l
+				continue
+			}
+			return fmt.Sprint(n) + s
+		}
+	}
+	pax := rec("GNU.sparse.major", "1") + rec("GNU.sparse.minor", "0") + rec("GNU.sparse.name", "s") + rec("GNU.sparse.realsize", "1000000000")
+	var buf bytes.Buffer
+	w := tar.NewWriter(&buf)
+	if err := w.WriteHeader(&tar.Header{Name: "x", Typeflag: tar.TypeReg, Size: int64(len(pax)), Format: tar.FormatUSTAR}); err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte(pax))
+	sparseMap := "1\n0\n1\n"
+	data := sparseMap + string(make([]byte, 512-len(sparseMap))) + "x"
+	if err := w.WriteHeader(&tar.Header{Name: "s", Typeflag: tar.TypeReg, Size: int64(len(data)), Format: tar.FormatUSTAR}); err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte(data))
+	w.Close()
+	b := buf.Bytes()
+	b[156] = tar.TypeXHeader
+	sum := 0
+	copy(b[148:156], "        ")
+	for _, c := range b[:512] {
+		sum += int(c)
+	}
+	copy(b[148:156], fmt.Sprintf("%06o\x00 ", sum))
+	return b
 }
