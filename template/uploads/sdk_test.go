@@ -191,3 +191,65 @@ console.log(JSON.stringify(seen))
 		}
 	}
 }
+
+// TestSDKBuildError pins what the SDK makes of a failed build: status
+// "error" with reason {message, step, logEntries} becomes a BuildError
+// carrying reason.message, after the SDK has drained the log entries.
+func TestSDKBuildError(t *testing.T) {
+	node, err := exec.LookPath("node")
+	if err != nil {
+		t.Skip("node is not installed: cannot run the e2b SDK")
+	}
+	sdk, _ := filepath.Abs("../../e2e/sdk/node_modules/e2b/dist/index.mjs")
+	if _, err := os.Stat(sdk); err != nil {
+		t.Skip("the e2b SDK is not installed (cd e2e/sdk && npm ci)")
+	}
+	mux := http.NewServeMux()
+	reply := func(w http.ResponseWriter, code int, v any) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(code)
+		json.NewEncoder(w).Encode(v)
+	}
+	mux.HandleFunc("POST /v3/templates", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, 202, map[string]any{"templateID": "tpl1", "buildID": "bld1", "names": []string{"demo"}, "tags": []string{}, "aliases": []string{}, "public": false})
+	})
+	mux.HandleFunc("POST /v2/templates/tpl1/builds/bld1", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(202) })
+	mux.HandleFunc("GET /templates/tpl1/builds/bld1/status", func(w http.ResponseWriter, r *http.Request) {
+		entries := []map[string]string{}
+		if r.URL.Query().Get("logsOffset") == "0" {
+			entries = append(entries, map[string]string{"timestamp": "2026-01-01T00:00:00Z", "level": "error", "message": "false: exit 1", "step": "1"})
+		}
+		reply(w, 200, map[string]any{"buildID": "bld1", "templateID": "tpl1", "status": "error", "logEntries": entries, "logs": []string{},
+			"reason": map[string]any{"message": "step 1 (RUN false) failed: exit status 1", "step": "1"}})
+	})
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	script := fmt.Sprintf(`import { Template } from %q
+try {
+  await Template.build(Template().fromImage("alpine").runCmd("false"), "demo", {onBuildLogs: (e) => console.error(e.message)})
+  console.log(JSON.stringify({ok: true}))
+} catch (e) {
+  console.log(JSON.stringify({name: e.name, message: e.message}))
+}
+`, sdk)
+	f := filepath.Join(t.TempDir(), "fail.mjs")
+	os.WriteFile(f, []byte(script), 0o644)
+	cmd := exec.Command(node, f)
+	cmd.Env = append(os.Environ(), "E2B_API_URL="+srv.URL, "E2B_API_KEY=e2b_"+strings.Repeat("0", 40), "E2B_DOMAIN=cubicle.localhost")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("node: %v\n%s", err, stderr.String())
+	}
+	var got struct{ Name, Message string }
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("node printed %q", out)
+	}
+	if got.Name != "BuildError" || got.Message != "step 1 (RUN false) failed: exit status 1" {
+		t.Errorf("SDK error %+v", got)
+	}
+	if !strings.Contains(stderr.String(), "false: exit 1") {
+		t.Errorf("the failing step's log did not reach onBuildLogs: %s", stderr.String())
+	}
+}
