@@ -95,6 +95,10 @@ func Open(dir string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: apply schema to %s: %w", path, err)
 	}
+	if _, err := db.Exec(volumesSchema); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("store: apply volumes schema to %s: %w", path, err)
+	}
 	st := &Store{db: db, sealer: sl, dir: dir}
 	st.reserveGone.Store(true) // until made
 	if err := st.ensureReserve(); err != nil && !errors.Is(err, syscall.ENOSPC) {
@@ -324,6 +328,8 @@ type Sandbox struct {
 	// written before owners existed are owned by their key.
 	APIKeyID string `json:"apiKeyID,omitempty"`
 	Owner    string `json:"owner,omitempty"`
+	// Volumes are the owner's volumes mounted into the sandbox (volumes.go).
+	Volumes []VolumeMount `json:"volumes,omitempty"`
 }
 
 // storedSandbox is a record as written: its tokens sealed, none in clear.
