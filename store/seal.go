@@ -132,7 +132,9 @@ func (s *sealer) sealFor(ad, plain []byte) string {
 // errUnsealable is a sealed value this key cannot open.
 var errUnsealable = errors.New("sealed tokens do not open with " + KeyFile + " (the key was replaced or lost, or the record was altered)")
 
-func (s *sealer) open(id, sealed string) ([]byte, error) { return s.openFor(additionalData(id), sealed) }
+func (s *sealer) open(id, sealed string) ([]byte, error) {
+	return s.openFor(additionalData(id), sealed)
+}
 
 // openFor opens what sealFor sealed with the same ad.
 func (s *sealer) openFor(ad []byte, sealed string) ([]byte, error) {
