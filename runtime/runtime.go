@@ -60,6 +60,10 @@ type Config struct {
 	// microVM), and only there: the runtime makes it the sandbox's
 	// nameserver. False keeps the template's resolver configuration.
 	GatewayDNS bool
+	// Volumes are host directories shared read-write with the sandbox
+	// (volumes.go). A backend that cannot share one fails Create with
+	// ErrUnsupported.
+	Volumes []VolumeMount `json:",omitempty"`
 }
 
 // State is where a sandbox stands as the runtime sees it.
