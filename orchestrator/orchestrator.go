@@ -379,6 +379,8 @@ type CreateRequest struct {
 	APIKeyID      string
 	// Owner is who may see and use the sandbox (see store.Sandbox.Owner).
 	Owner string
+	// Volumes are mounted into the sandbox (volumes.go).
+	Volumes []VolumeMount
 }
 
 // Create makes a sandbox ready to serve: from the template's pool when one is
@@ -404,7 +406,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 	// Where a create's time goes, for the log line below.
 	var tTaken, tEgress time.Time
 	for attempt := 0; ; attempt++ {
-		slot, err = p.take(ctx)
+		slot, err = p.takeFor(ctx, req)
 		if err != nil {
 			return Info{}, err
 		}
@@ -457,6 +459,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 		Runtime:         o.opts.Runtime.Name(),
 		APIKeyID:        req.APIKeyID,
 		Owner:           req.Owner,
+		Volumes:         recordVolumes(req.Volumes),
 	}
 	if !req.PublicTraffic {
 		rec.TrafficToken = newToken()
