@@ -16,7 +16,7 @@ import (
 )
 
 // newSandbox is the body of POST /sandboxes and /v2/sandboxes. Unknown
-// fields (mcp, iam, volumeMounts, …) are ignored, as E2B's API does.
+// fields (mcp, iam, …) are ignored, as E2B's API does.
 type newSandbox struct {
 	TemplateID    string            `json:"templateID"`
 	Timeout       *int64            `json:"timeout"`
@@ -27,6 +27,7 @@ type newSandbox struct {
 	Network       *networkConfig    `json:"network"`
 	Metadata      map[string]string `json:"metadata"`
 	EnvVars       map[string]string `json:"envVars"`
+	VolumeMounts  []volumeMount     `json:"volumeMounts"` // volumes.go
 }
 
 type networkConfig struct {
@@ -187,6 +188,9 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 		return orchestrator.CreateRequest{}, err
 	}
 	req.Egress = &egress
+	if req.Volumes, err = parseVolumeMounts(body.VolumeMounts); err != nil {
+		return orchestrator.CreateRequest{}, err
+	}
 	return req, nil
 }
 
@@ -292,6 +296,12 @@ func (s *Server) create(version int) http.Handler {
 		}
 		req.APIKeyID, _ = r.Context().Value(apiKeyCtx{}).(string)
 		req.Owner = requestOwner(r.Context())
+		release, err := s.resolveVolumes(r.Context(), &req)
+		if err != nil {
+			s.fail(w, err)
+			return
+		}
+		defer release()
 		info, err := s.opts.Orchestrator.Create(r.Context(), req)
 		if err != nil {
 			s.fail(w, err)
