@@ -101,6 +101,8 @@ type listedSandbox struct {
 	EnvdVersion string            `json:"envdVersion"`
 	State       string            `json:"state"`
 	Metadata    map[string]string `json:"metadata"`
+	// VolumeMounts are the volumes mounted into the sandbox (volumes.go).
+	VolumeMounts []volumeMount `json:"volumeMounts,omitempty"`
 }
 
 // sandboxDetail is E2B's SandboxDetail object.
@@ -127,6 +129,7 @@ func (s *Server) listed(in orchestrator.Info) listedSandbox {
 		SandboxID: in.ID, TemplateID: in.TemplateID, Alias: in.Alias, ClientID: ClientID,
 		StartedAt: in.StartedAt, EndAt: in.EndAt, CPUCount: in.CPUCount, MemoryMB: in.MemoryMB,
 		DiskSizeMB: in.DiskSizeMB, EnvdVersion: s.opts.EnvdVersion, State: in.State, Metadata: md,
+		VolumeMounts: mountsJSON(in.Volumes),
 	}
 }
 

@@ -241,6 +241,18 @@ type volumeMount struct {
 	Path string `json:"path"`
 }
 
+// mountsJSON is what sandbox objects say of their volumes.
+func mountsJSON(vs []store.VolumeMount) []volumeMount {
+	if len(vs) == 0 {
+		return nil
+	}
+	out := make([]volumeMount, len(vs))
+	for i, v := range vs {
+		out[i] = volumeMount{Name: v.Name, Path: v.Path}
+	}
+	return out
+}
+
 // parseVolumeMounts checks the create body's volumeMounts: names by E2B's
 // rule, paths absolute (cleaned) and allowed (runtime.CheckMountPath),
 // none overlapping. The volumes are resolved later (resolveVolumes): this
