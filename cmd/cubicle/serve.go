@@ -559,8 +559,9 @@ cubicle is serving.
 	fmt.Fprintf(w, `
 Point the E2B SDK at it:
   export E2B_API_URL=%s E2B_SANDBOX_URL=%s E2B_DOMAIN=%s E2B_API_KEY=%s
+  export E2B_VOLUME_API_URL=%s   # the Volume class's file methods
 
-`, b.apiURL, b.sandboxURL, b.domain, key)
+`, b.apiURL, b.sandboxURL, b.domain, key, b.apiURL)
 }
 
 // firstAPIKey makes the first API key when there is none, so that a fresh
