@@ -368,7 +368,10 @@ func (s *Server) volumeToken(h contentHandler) http.Handler {
 		}
 		root, err := s.opts.Volumes.Root(v.ID)
 		if err != nil {
-			s.fail(w, err)
+			// Its directory went missing under the server: say so
+			// without the host's paths.
+			s.log.Error("opening a volume's directory", "volume", v.ID, "err", err)
+			writeError(w, http.StatusInternalServerError, "cannot open the volume's files")
 			return
 		}
 		defer root.Close()
