@@ -325,6 +325,11 @@ func TestVolumeContent(t *testing.T) {
 	if w := do(s, "GET", "/volumecontent/"+v.VolumeID+"/dir?path=/", "", "", ""); !isAPIError(w, http.StatusUnauthorized) {
 		t.Fatalf("no token: %d %s", w.Code, w.Body)
 	}
+	// Files gone from under the server: an error, without host paths.
+	must(t, os.RemoveAll(dir))
+	if w := c("GET", "/dir?path=/", ""); !isAPIError(w, http.StatusInternalServerError) || strings.Contains(w.Body.String(), dir) {
+		t.Fatalf("missing directory: %d %s", w.Code, w.Body)
+	}
 }
 
 // FuzzVolumeMounts: whatever mounts a create body names, what is accepted
