@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/cubicle-dev/cubicle/orchestrator"
@@ -352,4 +353,52 @@ func FuzzVolumeMounts(f *testing.F) {
 			t.Fatalf("accepted %+v: %v", m, err)
 		}
 	})
+}
+
+// TestVolumeDeleteRacesMounts: creates resolving a volume and a delete run
+// at once; a create that resolved the volume finds its files there until
+// it is done, whatever the delete does.
+func TestVolumeDeleteRacesMounts(t *testing.T) {
+	s, dirs, alice, _ := volumeServer(t)
+	v := createVolume(t, s, alice, "data")
+	k, err := s.opts.Store.VerifyAPIKey(context.Background(), alice)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 20 {
+				req, _ := parseNewSandbox([]byte(`{"templateID":"b","volumeMounts":[{"name":"data","path":"/d"}]}`), 2)
+				req.Owner = ownerOf(k)
+				release, err := s.resolveVolumes(context.Background(), &req)
+				if err != nil {
+					return // deleted: later creates find no such volume
+				}
+				if _, err := os.Stat(dirs.Path(v.VolumeID)); err != nil {
+					errs <- fmt.Errorf("a pinned volume lost its directory: %w", err)
+				}
+				release()
+			}
+		}()
+	}
+	deleted := false
+	for !deleted {
+		w := do(s, "DELETE", "/volumes/"+v.VolumeID, alice, "", "")
+		switch w.Code {
+		case http.StatusNoContent:
+			deleted = true
+		case http.StatusConflict:
+		default:
+			t.Fatalf("delete: %d %s", w.Code, w.Body)
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
 }
