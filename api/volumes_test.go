@@ -402,3 +402,16 @@ func TestVolumeDeleteRacesMounts(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestVolumeContentCORS: a page may call the content API, PATCH
+// (updateMetadata) and the Authorization header included.
+func TestVolumeContentCORS(t *testing.T) {
+	s, _, _, _ := volumeServer(t)
+	w := call(s, "192.0.2.1:1", "OPTIONS", "/volumecontent/x/path?path=/a", "", map[string]string{
+		"Origin": "https://app.example", "Access-Control-Request-Method": "PATCH", "Access-Control-Request-Headers": "authorization, content-type"})
+	h := w.Header()
+	if w.Code != http.StatusNoContent || !strings.Contains(h.Get("Access-Control-Allow-Methods"), "PATCH") ||
+		!strings.Contains(strings.ToLower(h.Get("Access-Control-Allow-Headers")), "authorization") {
+		t.Fatalf("preflight: %d %v", w.Code, h)
+	}
+}
