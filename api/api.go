@@ -19,6 +19,7 @@ import (
 
 	"github.com/cubicle-dev/cubicle/orchestrator"
 	"github.com/cubicle-dev/cubicle/store"
+	"github.com/cubicle-dev/cubicle/volume"
 )
 
 // ClientID is the constant client id E2B puts in every sandbox object.
@@ -46,7 +47,10 @@ type Options struct {
 	// Isolation names the sandbox backend ("microvm", "gvisor"), which
 	// GET /health reports.
 	Isolation string
-	Logger    *slog.Logger
+	// Volumes keeps the volumes' files (volumes.go); nil answers the
+	// volume endpoints with 501.
+	Volumes *volume.Dirs
+	Logger  *slog.Logger
 }
 
 // Server is the control-plane HTTP handler.
@@ -56,6 +60,7 @@ type Server struct {
 	mux     *http.ServeMux
 	authLim *authLimiter
 	cors    corsPolicy
+	vols    volumeLocks
 }
 
 // New returns the API handler.
@@ -98,6 +103,7 @@ func (s *Server) routes() {
 	sandboxRoute("POST /sandboxes/{id}/resume", s.resume)
 	sandboxRoute("GET /sandboxes/{id}/metrics", s.metrics)
 	sandboxRoute("PUT /sandboxes/{id}/network", s.updateNetwork)
+	s.volumeRoutes(m, auth) // volumes.go
 
 	// Not yet served: answered plainly rather than with a fake result.
 	notYet := func(what string) http.Handler {

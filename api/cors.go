@@ -22,7 +22,7 @@ var DefaultCORSOrigins = []string{"*"}
 // a bearer token for the account APIs, and the SDK's identification
 // headers, which it sends on every request).
 var (
-	corsMethods = "GET, POST, PUT, DELETE"
+	corsMethods = "GET, POST, PUT, PATCH, DELETE" // PATCH: the volume content API (volumes.go)
 	corsHeaders = []string{
 		"X-Api-Key", "Content-Type", "Authorization", "User-Agent",
 		"Browser", "Lang", "Lang_version", "Package_version", "Publisher", "Sdk_runtime", "System",

@@ -16,7 +16,7 @@ import (
 )
 
 // newSandbox is the body of POST /sandboxes and /v2/sandboxes. Unknown
-// fields (mcp, iam, volumeMounts, …) are ignored, as E2B's API does.
+// fields (mcp, iam, …) are ignored, as E2B's API does.
 type newSandbox struct {
 	TemplateID string `json:"templateID"`
 	Timeout    *int64 `json:"timeout"`
@@ -29,6 +29,7 @@ type newSandbox struct {
 	Network         *networkConfig    `json:"network"`
 	Metadata        map[string]string `json:"metadata"`
 	EnvVars         map[string]string `json:"envVars"`
+	VolumeMounts    []volumeMount     `json:"volumeMounts"` // volumes.go
 }
 
 type networkConfig struct {
@@ -102,6 +103,8 @@ type listedSandbox struct {
 	EnvdVersion string            `json:"envdVersion"`
 	State       string            `json:"state"`
 	Metadata    map[string]string `json:"metadata"`
+	// VolumeMounts are the volumes mounted into the sandbox (volumes.go).
+	VolumeMounts []volumeMount `json:"volumeMounts,omitempty"`
 }
 
 // sandboxDetail is E2B's SandboxDetail object.
@@ -128,6 +131,7 @@ func (s *Server) listed(in orchestrator.Info) listedSandbox {
 		SandboxID: in.ID, TemplateID: in.TemplateID, Alias: in.Alias, ClientID: ClientID,
 		StartedAt: in.StartedAt, EndAt: in.EndAt, CPUCount: in.CPUCount, MemoryMB: in.MemoryMB,
 		DiskSizeMB: in.DiskSizeMB, EnvdVersion: s.opts.EnvdVersion, State: in.State, Metadata: md,
+		VolumeMounts: mountsJSON(in.Volumes),
 	}
 }
 
@@ -198,6 +202,9 @@ func parseNewSandbox(raw []byte, version int) (orchestrator.CreateRequest, error
 		return orchestrator.CreateRequest{}, err
 	}
 	req.Egress = &egress
+	if req.Volumes, err = parseVolumeMounts(body.VolumeMounts); err != nil {
+		return orchestrator.CreateRequest{}, err
+	}
 	return req, nil
 }
 
@@ -303,6 +310,12 @@ func (s *Server) create(version int) http.Handler {
 		}
 		req.APIKeyID, _ = r.Context().Value(apiKeyCtx{}).(string)
 		req.Owner = requestOwner(r.Context())
+		release, err := s.resolveVolumes(r.Context(), &req)
+		if err != nil {
+			s.fail(w, err)
+			return
+		}
+		defer release()
 		info, err := s.opts.Orchestrator.Create(r.Context(), req)
 		if err != nil {
 			s.fail(w, err)

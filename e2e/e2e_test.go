@@ -231,6 +231,9 @@ func (s *server) killAll() {
 func (s *server) env() []string {
 	return append(append(os.Environ(),
 		"E2B_API_URL="+s.apiURL,
+		// The SDK's Volume file methods call the content API, which
+		// cubicle serves on its API address.
+		"E2B_VOLUME_API_URL="+s.apiURL,
 		"E2B_SANDBOX_URL="+s.sandboxURL,
 		"E2B_DOMAIN=cubicle.localhost",
 		"E2B_API_KEY="+s.apiKey,

@@ -398,6 +398,8 @@ type CreateRequest struct {
 	APIKeyID      string
 	// Owner is who may see and use the sandbox (see store.Sandbox.Owner).
 	Owner string
+	// Volumes are mounted into the sandbox (volumes.go).
+	Volumes []VolumeMount
 }
 
 // Create makes a sandbox ready to serve: from the template's pool when one is
@@ -429,7 +431,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 	// Where a create's time goes, for the log line below.
 	var tTaken, tEgress time.Time
 	for attempt := 0; ; attempt++ {
-		slot, err = p.take(ctx)
+		slot, err = p.takeFor(ctx, req)
 		if err != nil {
 			return Info{}, err
 		}
@@ -496,6 +498,7 @@ func (o *Orchestrator) handOut(ctx context.Context, req CreateRequest, slot slot
 		Owner:              req.Owner,
 		EnvVars:            cloneMap(req.EnvVars),
 		AutoPauseFilesOnly: req.AutoPauseFilesOnly,
+		Volumes:            recordVolumes(req.Volumes),
 	}
 	if !req.PublicTraffic {
 		rec.TrafficToken = newToken()

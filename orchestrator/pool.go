@@ -191,6 +191,11 @@ func (p *pool) fill() {
 // start claims network devices, creates a sandbox in them and waits until
 // its envd answers.
 func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
+	return p.startWith(ctx, pooled, nil)
+}
+
+// startWith is start for a sandbox with volumes (volumes.go).
+func (p *pool) startWith(ctx context.Context, pooled bool, vols []runtime.VolumeMount) (slot, error) {
 	id := NewID()
 	if err := p.o.admit(ctx, id, p.tmpl, pooled); err != nil {
 		return slot{}, err
@@ -211,6 +216,7 @@ func (p *pool) start(ctx context.Context, pooled bool) (slot, error) {
 		EnvdArgs:   p.o.opts.EnvdArgs,
 		Network:    att,
 		GatewayDNS: p.o.opts.Egress != nil,
+		Volumes:    vols,
 	})
 	if err != nil {
 		// The runtime removed what it made; the network is ours.

@@ -107,7 +107,7 @@ func (o *Orchestrator) Snapshot(ctx context.Context, id, name string) (store.Sna
 	sn := store.Snapshot{
 		ID: NewID(), Name: name, Owner: sb.rec.Owner, SandboxID: id,
 		TemplateID: sb.baseTemplate(), CPUCount: sb.rec.CPUCount, MemoryMB: sb.rec.MemoryMB,
-		DiskSizeMB: sb.rec.DiskSizeMB, Runtime: o.opts.Runtime.Name(),
+		DiskSizeMB: sb.rec.DiskSizeMB, Runtime: o.opts.Runtime.Name(), Volumes: sb.rec.Volumes,
 		EnvdAccessToken: sb.rec.EnvdAccessToken, CreatedAt: start.UTC(),
 	}
 	dir := o.snapshotPath(sn.ID)
@@ -272,6 +272,10 @@ func (o *Orchestrator) restoreSlot(ctx context.Context, id string, src restoreSo
 // the new sandbox continues the snapshot's processes with its own ID,
 // token, network and timeout.
 func (o *Orchestrator) createFromSnapshot(ctx context.Context, req CreateRequest, sn store.Snapshot) (Info, error) {
+	if len(req.Volumes) > 0 {
+		return Info{}, fmt.Errorf("%w: a sandbox made from a snapshot mounts the snapshot's volumes, and no others", ErrInvalid)
+	}
+	req.Volumes = mountsOf(sn.Volumes)
 	src, err := o.snapshotSource(sn)
 	if err != nil {
 		return Info{}, err
@@ -389,7 +393,7 @@ func (o *Orchestrator) Fork(ctx context.Context, id string, count int, timeout t
 		Template: rec.TemplateID, Timeout: timeout, AutoPause: rec.AutoPause, AutoPauseFilesOnly: rec.AutoPauseFilesOnly,
 		AutoResume: rec.AutoResume, AllowInternet: rec.AllowInternet, Network: rec.Network, Egress: rec.Egress,
 		PublicTraffic: rec.TrafficToken == "", Metadata: rec.Metadata, EnvVars: rec.EnvVars,
-		APIKeyID: rec.APIKeyID, Owner: rec.Owner,
+		APIKeyID: rec.APIKeyID, Owner: rec.Owner, Volumes: mountsOf(rec.Volumes),
 	}
 	results := make([]ForkResult, count)
 	sem := make(chan struct{}, forkParallel)
@@ -405,6 +409,17 @@ func (o *Orchestrator) Fork(ctx context.Context, id string, count int, timeout t
 	}
 	wg.Wait()
 	return results, nil
+}
+
+// mountsOf is the volumes a restored sandbox has: the runtime mounts
+// its snapshot's (runtime.Snapshotter), so only the record's part is known
+// here.
+func mountsOf(vs []store.VolumeMount) []VolumeMount {
+	var out []VolumeMount
+	for _, v := range vs {
+		out = append(out, VolumeMount{VolumeMount: v})
+	}
+	return out
 }
 
 // baseTemplate is the template whose files the sandbox sees.

@@ -60,6 +60,10 @@ type Config struct {
 	// microVM), and only there: the runtime makes it the sandbox's
 	// nameserver. False keeps the template's resolver configuration.
 	GatewayDNS bool
+	// Volumes are host directories shared read-write with the sandbox
+	// (volumes.go). A backend that cannot share one fails Create with
+	// ErrUnsupported.
+	Volumes []VolumeMount `json:",omitempty"`
 }
 
 // State is where a sandbox stands as the runtime sees it.
@@ -168,7 +172,9 @@ type Snapshotter interface {
 	// Restore starts the sandbox cfg describes from the snapshot in dir,
 	// as Create starts one from a template: cfg.RootFS must be the
 	// template the snapshotted sandbox was made from, and its limits at
-	// least the snapshotted sandbox's. The snapshot is only read, so one
-	// snapshot restores any number of sandboxes.
+	// least the snapshotted sandbox's. cfg.Volumes nil mounts the
+	// snapshotted sandbox's volumes, whose files its processes may hold
+	// open. The snapshot is only read, so one snapshot restores any
+	// number of sandboxes.
 	Restore(ctx context.Context, cfg Config, dir string) (Sandbox, error)
 }

@@ -120,24 +120,33 @@ type sealedTokens struct {
 func additionalData(id string) []byte { return []byte("cubicle sandbox tokens v1\x00" + id) }
 
 // seal returns base64(nonce || ciphertext) of plain, for sandbox id.
-func (s *sealer) seal(id string, plain []byte) string {
+func (s *sealer) seal(id string, plain []byte) string { return s.sealFor(additionalData(id), plain) }
+
+// sealFor seals plain bound to ad, which says what the value belongs to:
+// a value sealed for one thing does not open as another's.
+func (s *sealer) sealFor(ad, plain []byte) string {
 	nonce := make([]byte, s.aead.NonceSize())
 	if _, err := rand.Read(nonce); err != nil {
 		panic("crypto/rand failed: " + err.Error()) // cannot happen on Linux ≥ 3.17
 	}
-	return base64.RawStdEncoding.EncodeToString(s.aead.Seal(nonce, nonce, plain, additionalData(id)))
+	return base64.RawStdEncoding.EncodeToString(s.aead.Seal(nonce, nonce, plain, ad))
 }
 
 // errUnsealable is a sealed value this key cannot open.
 var errUnsealable = errors.New("sealed tokens do not open with " + KeyFile + " (the key was replaced or lost, or the record was altered)")
 
 func (s *sealer) open(id, sealed string) ([]byte, error) {
+	return s.openFor(additionalData(id), sealed)
+}
+
+// openFor opens what sealFor sealed with the same ad.
+func (s *sealer) openFor(ad []byte, sealed string) ([]byte, error) {
 	raw, err := base64.RawStdEncoding.DecodeString(sealed)
 	n := s.aead.NonceSize()
 	if err != nil || len(raw) < n {
 		return nil, errUnsealable
 	}
-	plain, err := s.aead.Open(nil, raw[:n], raw[n:], additionalData(id))
+	plain, err := s.aead.Open(nil, raw[:n], raw[n:], ad)
 	if err != nil {
 		return nil, errUnsealable
 	}

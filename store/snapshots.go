@@ -31,6 +31,9 @@ type Snapshot struct {
 	MemoryMB   int    `json:"memoryMB"`
 	DiskSizeMB int    `json:"diskSizeMB"`
 	Runtime    string `json:"runtime"`
+	// Volumes are the source's: sandboxes made from the snapshot mount
+	// them too.
+	Volumes []VolumeMount `json:"volumes,omitempty"`
 	// EnvdAccessToken is the token envd held when it was saved: a sandbox
 	// restored from it needs it to give envd a token of its own. Sealed.
 	EnvdAccessToken string    `json:"-"`

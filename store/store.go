@@ -104,6 +104,10 @@ func Open(dir string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: apply schema to %s: %w", path, err)
 	}
+	if _, err := db.Exec(volumesSchema); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("store: apply volumes schema to %s: %w", path, err)
+	}
 	st := &Store{db: db, sealer: sl, dir: dir}
 	st.reserveGone.Store(true) // until made
 	if err := st.ensureReserve(); err != nil && !errors.Is(err, syscall.ENOSPC) {
@@ -345,6 +349,8 @@ type Sandbox struct {
 	// AutoPauseFilesOnly makes a timeout's pause (AutoPause) keep only
 	// the sandbox's files (E2B's onTimeout keepMemory false).
 	AutoPauseFilesOnly bool `json:"autoPauseFilesOnly,omitempty"`
+	// Volumes are the owner's volumes mounted into the sandbox (volumes.go).
+	Volumes []VolumeMount `json:"volumes,omitempty"`
 }
 
 // How a sandbox paused to disk was saved (Sandbox.PausedOnDisk).

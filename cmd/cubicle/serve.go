@@ -34,6 +34,7 @@ import (
 	"github.com/cubicle-dev/cubicle/proxy"
 	"github.com/cubicle-dev/cubicle/store"
 	"github.com/cubicle-dev/cubicle/template"
+	"github.com/cubicle-dev/cubicle/volume"
 )
 
 type serveConfig struct {
@@ -276,11 +277,16 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 		return err
 	}
 	resolver.orch = p.orch
+	// Volumes' files live beside the state, root's alone.
+	vols, err := volume.Open(filepath.Join(c.dataDir, "volumes"))
+	if err != nil {
+		return err
+	}
 
 	apiSrv := &http.Server{
 		Handler: api.New(api.Options{
 			Orchestrator: p.orch, Store: p.st, EnvdVersion: envd.Version, Logger: log.With("component", "api"),
-			CORSOrigins: k.corsOrigins, TrustedProxies: k.trustedProxies, Isolation: k.backend,
+			CORSOrigins: k.corsOrigins, TrustedProxies: k.trustedProxies, Isolation: k.backend, Volumes: vols,
 		}),
 		ReadHeaderTimeout: 30 * time.Second,
 	}
@@ -554,8 +560,9 @@ cubicle is serving.
 	fmt.Fprintf(w, `
 Point the E2B SDK at it:
   export E2B_API_URL=%s E2B_SANDBOX_URL=%s E2B_DOMAIN=%s E2B_API_KEY=%s
+  export E2B_VOLUME_API_URL=%s   # the Volume class's file methods
 
-`, b.apiURL, b.sandboxURL, b.domain, key)
+`, b.apiURL, b.sandboxURL, b.domain, key, b.apiURL)
 }
 
 // firstAPIKey makes the first API key when there is none, so that a fresh

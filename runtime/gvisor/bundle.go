@@ -116,6 +116,7 @@ func (r *Runtime) spec(cfg runtime.Config, dir string) *specs.Spec {
 		sp.Mounts = append(sp.Mounts, specs.Mount{Destination: "/etc/resolv.conf", Type: "bind",
 			Source: filepath.Join(dir, resolvConf), Options: []string{"rbind", "ro", "nosuid", "nodev", "noexec"}})
 	}
+	sp.Mounts = append(sp.Mounts, volumeMounts(cfg.Volumes)...) // volumes.go
 	return sp
 }
 

@@ -145,7 +145,7 @@ func (r *Runtime) checkConfig(cfg runtime.Config) error {
 	if fi, err := os.Stat(cfg.Envd); err != nil || !fi.Mode().IsRegular() || fi.Mode()&0o111 == 0 {
 		return fmt.Errorf("%w: Envd %q is not an executable file", ErrInvalidConfig, cfg.Envd)
 	}
-	return nil
+	return checkVolumes(cfg)
 }
 
 // start runs `runsc create` then `runsc start` for the bundle in dir.

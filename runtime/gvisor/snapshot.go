@@ -162,6 +162,16 @@ func (r *Runtime) Restore(ctx context.Context, cfg runtime.Config, dir string) (
 	case snap.meta.Memory && cfg.MemoryMB < src.MemoryMB:
 		return runtime.Sandbox{}, fmt.Errorf("%w: the snapshot's processes had %d MiB of memory; %d is too little", ErrInvalidConfig, src.MemoryMB, cfg.MemoryMB)
 	}
+	// The snapshot's processes had its volumes open: they come back with
+	// it, from the same host directories.
+	if cfg.Volumes == nil {
+		cfg.Volumes = src.Volumes
+	}
+	for _, v := range cfg.Volumes {
+		if fi, err := os.Stat(v.HostDir); err != nil || !fi.IsDir() {
+			return runtime.Sandbox{}, fmt.Errorf("%w: the volume the snapshot mounted at %s is gone", ErrInvalidConfig, v.Path)
+		}
+	}
 	return r.create(ctx, cfg, snap)
 }
 

@@ -259,3 +259,51 @@ func TestSnapshotWithoutDisk(t *testing.T) {
 		}
 	}
 }
+
+// TestSnapshotKeepsVolumes: a restored sandbox mounts its snapshot's
+// volumes (its processes may hold their files open), shared with the
+// source; one whose volume is gone is refused.
+func TestSnapshotKeepsVolumes(t *testing.T) {
+	e := newEnv(t, "100.88.253.48/28")
+	ctx := context.Background()
+	tmpl := makeTemplate(t)
+	vol := filepath.Join(t.TempDir(), "vol")
+	if err := os.Mkdir(vol, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	cfg := config(testID("vsrc"), tmpl)
+	cfg.Volumes = []runtime.VolumeMount{{HostDir: vol, Path: "/mnt/data"}}
+	a, err := e.create(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitHealthy(t, a, 10*time.Second)
+	write(t, a, "/mnt/data/x", "before")
+	snap := filepath.Join(t.TempDir(), "snap")
+	if err := e.rt.Snapshot(ctx, a.ID, snap, runtime.SnapshotOptions{Memory: true}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := e.restoreAs(ctx, config(testID("vcopy"), tmpl), snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitHealthy(t, b, 10*time.Second)
+	write(t, b, "/mnt/data/y", "from-b")
+	if got := read(t, a, "/mnt/data/y"); got != "from-b" {
+		t.Errorf("the source reads %q of the copy's write to the shared volume", got)
+	}
+	if got := read(t, b, "/mnt/data/x"); got != "before" {
+		t.Errorf("the copy reads %q", got)
+	}
+	for _, id := range []string{a.ID, b.ID} {
+		if err := e.kill(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.RemoveAll(vol); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.restoreAs(ctx, config(testID("vgone"), tmpl), snap); !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "volume") {
+		t.Errorf("restore without the snapshot's volume: %v", err)
+	}
+}

@@ -55,6 +55,11 @@ func (r *Runtime) checkConfig(cfg runtime.Config) error {
 	if err := checkID(cfg.ID); err != nil {
 		return err
 	}
+	// No device of the VMM shares a host directory (virtio-fs would):
+	// refused before anything is made.
+	if len(cfg.Volumes) > 0 {
+		return fmt.Errorf("%w: volumes are not supported by the microvm backend (it cannot share a host directory read-write)", runtime.ErrUnsupported)
+	}
 	if cfg.CPUCount < 1 || cfg.MemoryMB < 1 || cfg.DiskSizeMB < 1 {
 		return fmt.Errorf("%w: CPUCount %d, MemoryMB %d and DiskSizeMB %d must be positive (a microVM needs a disk)",
 			ErrInvalidConfig, cfg.CPUCount, cfg.MemoryMB, cfg.DiskSizeMB)
