@@ -85,10 +85,29 @@ func applyTar(ctx context.Context, root int, r io.Reader) error {
 			return fmt.Errorf("%w: tar: %w", ErrCorrupt, err)
 		}
 		if err := a.entry(hdr, tr); err != nil {
+			if imagesFault(err) {
+				return fmt.Errorf("%w: entry %q: %w", ErrCorrupt, hdr.Name, err)
+			}
 			return fmt.Errorf("entry %q: %w", hdr.Name, err)
 		}
 	}
 	return a.finish()
+}
+
+// imagesFault reports whether err, from applying an entry, comes from what
+// the layers hold rather than from the host (a full disk, missing
+// privileges): a parent that is a dangling symlink or a file, a name too
+// long, a hard link to a directory.
+func imagesFault(err error) bool {
+	if errors.Is(err, ErrCorrupt) || errors.Is(err, ErrUnsafe) {
+		return false // says so already
+	}
+	for _, e := range []error{unix.ENOENT, unix.ENOTDIR, unix.ELOOP, unix.ENAMETOOLONG, unix.EEXIST, unix.EISDIR, unix.EMLINK} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // cleanPath turns a tar entry name into a clean path relative to the root
@@ -104,6 +123,19 @@ func cleanPath(name string) (string, error) {
 		return "", fmt.Errorf("%w: %q climbs above the root", ErrUnsafe, name)
 	}
 	return p, nil
+}
+
+// isSparse reports whether hdr is a GNU sparse file, old style or PAX.
+func isSparse(hdr *tar.Header) bool {
+	if hdr.Typeflag == tar.TypeGNUSparse {
+		return true
+	}
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return false
 }
 
 // split returns rel's directory and last name; the root's are both ".".
@@ -124,9 +156,15 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 	if strings.HasPrefix(base, whiteoutPrefix) {
 		return a.whiteout(dir, base)
 	}
+	if isSparse(hdr) {
+		// archive/tar expands a sparse file's holes: a few bytes of
+		// layer could declare petabytes of zeros. Image builders never
+		// write sparse entries.
+		return fmt.Errorf("%w: sparse files are not supported", ErrUnsafe)
+	}
 	var mode uint32 // the file type for mknod
 	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeGNUSparse, tar.TypeCont, tar.TypeDir, tar.TypeSymlink, tar.TypeLink:
+	case tar.TypeReg, tar.TypeCont, tar.TypeDir, tar.TypeSymlink, tar.TypeLink:
 	case tar.TypeChar:
 		mode = unix.S_IFCHR
 	case tar.TypeBlock:

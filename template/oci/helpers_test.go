@@ -186,7 +186,7 @@ func push(t testing.TB, ref string, img v1.Image) {
 	}
 }
 
-// sandbox makes tmp/{dst,sentinel,outside/} and returns tmp and dst;
+// sandbox makes tmp/{dst/,sentinel,outside/} and returns tmp and dst;
 // snapshot(tmp) before and after an unpack must agree outside dst.
 func sandbox(t testing.TB) (tmp, dst string) {
 	t.Helper()
@@ -198,7 +198,11 @@ func sandbox(t testing.TB) (tmp, dst string) {
 	if err := os.Mkdir(filepath.Join(tmp, "outside"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	return tmp, filepath.Join(tmp, "dst")
+	dst = filepath.Join(tmp, "dst")
+	if err := os.Mkdir(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return tmp, dst
 }
 
 // makeRemovable gives every directory under root u+rwx, so that a test
