@@ -120,9 +120,9 @@ func Resolve(ctx context.Context, ref string, opts Options) (v1.Image, error) {
 // checkPlatform refuses an image whose config names another OS or
 // architecture than want; a config that names none is taken as it is.
 func checkPlatform(img v1.Image, want v1.Platform) error {
-	cf, err := img.ConfigFile()
+	cf, err := verifiedConfig(img)
 	if err != nil {
-		return fmt.Errorf("%w: config: %w", ErrCorrupt, err)
+		return err
 	}
 	if cf.OS == "" && cf.Architecture == "" {
 		return nil
@@ -437,7 +437,7 @@ func fromArchive(spec string) (v1.Image, error) {
 	}
 	for _, d := range m {
 		for _, rt := range d.RepoTags {
-			if t, err := name.NewTag(rt); err == nil && t.String() == tag.String() {
+			if t, err := name.NewTag(rt); err == nil && t.Name() == tag.Name() {
 				return tarball.Image(opener, &tag)
 			}
 		}

@@ -39,26 +39,24 @@ type Config struct {
 	Cmd        []string
 }
 
-// ImageConfig returns img's Config, after checking its config blob against
-// the digest the manifest names.
+// ImageConfig returns img's Config, after checking its manifest against
+// the image's digest and its config against the manifest.
 func ImageConfig(img v1.Image) (Config, error) {
+	cfg, _, err := imageConfig(img)
+	return cfg, err
+}
+
+func imageConfig(img v1.Image) (Config, *v1.ConfigFile, error) {
 	digest, err := img.Digest()
 	if err != nil {
-		return Config{}, fmt.Errorf("%w: manifest: %w", ErrCorrupt, err)
+		return Config{}, nil, fmt.Errorf("%w: manifest: %w", ErrCorrupt, err)
 	}
 	if err := verifyBlob(img.RawManifest, digest, "manifest"); err != nil {
-		return Config{}, err
+		return Config{}, nil, err
 	}
-	name, err := img.ConfigName()
+	cf, err := verifiedConfig(img)
 	if err != nil {
-		return Config{}, fmt.Errorf("%w: config: %w", ErrCorrupt, err)
-	}
-	if err := verifyBlob(img.RawConfigFile, name, "config"); err != nil {
-		return Config{}, err
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		return Config{}, fmt.Errorf("%w: config: %w", ErrCorrupt, err)
+		return Config{}, nil, err
 	}
 	c := cf.Config
 	return Config{
@@ -68,7 +66,25 @@ func ImageConfig(img v1.Image) (Config, error) {
 		User:       c.User,
 		Entrypoint: c.Entrypoint,
 		Cmd:        c.Cmd,
-	}, nil
+	}, cf, nil
+}
+
+// verifiedConfig returns img's config file after checking it against the
+// config digest in the manifest (go-containerregistry's ConfigName hashes
+// whatever config it read, so it cannot tell).
+func verifiedConfig(img v1.Image) (*v1.ConfigFile, error) {
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, fmt.Errorf("%w: manifest: %w", ErrCorrupt, err)
+	}
+	if err := verifyBlob(img.RawConfigFile, m.Config.Digest, "config"); err != nil {
+		return nil, err
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return nil, fmt.Errorf("%w: config: %w", ErrCorrupt, err)
+	}
+	return cf, nil
 }
 
 // verifyBlob checks that the bytes raw returns hash to want. Registries'
@@ -97,13 +113,20 @@ func verifyBlob(raw func() ([]byte, error), want v1.Hash, what string) error {
 // remove it (os.RemoveAll). Unpack never writes outside dst, whatever the
 // layers hold.
 func Unpack(ctx context.Context, img v1.Image, dst string) (Config, error) {
-	cfg, err := ImageConfig(img)
+	cfg, cf, err := imageConfig(img)
 	if err != nil {
 		return Config{}, err
 	}
 	layers, err := img.Layers()
 	if err != nil {
 		return Config{}, fmt.Errorf("%w: layers: %w", ErrCorrupt, err)
+	}
+	// The diff IDs come from the config, which the manifest's digest
+	// vouches for; a layer's own DiffID may be computed from whatever
+	// blob is on disk.
+	diffIDs := cf.RootFS.DiffIDs
+	if len(diffIDs) != len(layers) {
+		return Config{}, fmt.Errorf("%w: the manifest has %d layers, the config %d diff IDs", ErrCorrupt, len(layers), len(diffIDs))
 	}
 	root, err := openRoot(dst)
 	if err != nil {
@@ -114,7 +137,7 @@ func Unpack(ctx context.Context, img v1.Image, dst string) (Config, error) {
 		if err := ctx.Err(); err != nil {
 			return Config{}, err
 		}
-		if err := unpackLayer(ctx, root, l); err != nil {
+		if err := unpackLayer(ctx, root, l, diffIDs[i]); err != nil {
 			d, _ := l.Digest()
 			return Config{}, fmt.Errorf("layer %d of %d (%s): %w", i+1, len(layers), d, err)
 		}
@@ -148,12 +171,8 @@ func openRoot(dst string) (int, error) {
 }
 
 // unpackLayer applies layer l to the tree under root, checking its content
-// against its diff ID.
-func unpackLayer(ctx context.Context, root int, l v1.Layer) error {
-	want, err := l.DiffID()
-	if err != nil {
-		return fmt.Errorf("%w: diff ID: %w", ErrCorrupt, err)
-	}
+// against want, its diff ID.
+func unpackLayer(ctx context.Context, root int, l v1.Layer, want v1.Hash) error {
 	rc, err := l.Uncompressed()
 	if err != nil {
 		return streamError(err)
