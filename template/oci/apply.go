@@ -347,6 +347,9 @@ func (a *applier) setMeta(pfd int, base, rel string, hdr *tar.Header) error {
 		return fmt.Errorf("%w: owner %d:%d out of range", ErrCorrupt, hdr.Uid, hdr.Gid)
 	}
 	if err := unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if errors.Is(err, unix.EPERM) && os.Geteuid() != 0 {
+			return fmt.Errorf("chown %d:%d: %w (unpacking an image needs root)", hdr.Uid, hdr.Gid, err)
+		}
 		return fmt.Errorf("chown %d:%d: %w", hdr.Uid, hdr.Gid, err)
 	}
 	if hdr.Typeflag != tar.TypeSymlink {

@@ -15,9 +15,6 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/compression"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/layout"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 )
 
 // compressedBytes is l's blob.
@@ -103,13 +100,6 @@ func TestCorruptLayoutLayer(t *testing.T) {
 	img := imageOf(t, runtime.GOARCH, good)
 	digest, _ := good.Digest()
 
-	write := func(t *testing.T) (dir string) {
-		dir = t.TempDir()
-		if _, err := layout.Write(dir, mutate.AppendManifests(empty.Index, mutate.IndexAddendum{Add: img})); err != nil {
-			t.Fatal(err)
-		}
-		return dir
-	}
 	blobPath := func(dir string, h v1.Hash) string { return filepath.Join(dir, "blobs", h.Algorithm, h.Hex) }
 
 	for _, tc := range []struct {
@@ -143,7 +133,8 @@ func TestCorruptLayoutLayer(t *testing.T) {
 		}, "config is sha256:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := write(t)
+			dir := t.TempDir()
+			writeLayout(t, dir, img)
 			tc.tamper(t, dir)
 			resolved, err := Resolve(context.Background(), "oci-layout://"+dir, Options{})
 			if err != nil {

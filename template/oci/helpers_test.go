@@ -21,6 +21,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
@@ -247,4 +248,12 @@ func snapshot(t testing.TB, tmp string) map[string]string {
 func canMknod(t testing.TB) bool {
 	p := filepath.Join(t.TempDir(), "null")
 	return unix.Mknod(p, unix.S_IFCHR|0o600, int(unix.Mkdev(1, 3))) == nil
+}
+
+// writeLayout writes an OCI image layout holding img alone to dir.
+func writeLayout(t testing.TB, dir string, img v1.Image) {
+	t.Helper()
+	if _, err := layout.Write(dir, mutate.AppendManifests(empty.Index, mutate.IndexAddendum{Add: img})); err != nil {
+		t.Fatal(err)
+	}
 }
