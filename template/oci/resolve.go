@@ -53,6 +53,9 @@ var (
 	ErrUnauthorized = errors.New("image access denied")
 	// ErrPlatform: the image is built for another OS or architecture.
 	ErrPlatform = errors.New("image is for another platform")
+	// ErrUnreachable: the registry's name does not resolve or nothing
+	// answers there (a bad reference more often than an outage).
+	ErrUnreachable = errors.New("registry unreachable")
 	// ErrInsecure: a registry would have to be spoken to in plain HTTP
 	// but is neither loopback nor listed in Options.Insecure.
 	ErrInsecure = errors.New("plain HTTP to registry not allowed")
@@ -204,6 +207,13 @@ func registryError(err error, r name.Reference) error {
 	}
 	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrInsecure) || errors.Is(err, ErrCorrupt) {
 		return err
+	}
+	var (
+		dnsErr *net.DNSError
+		opErr  *net.OpError
+	)
+	if errors.As(err, &dnsErr) || errors.As(err, &opErr) {
+		return fmt.Errorf("%w: %s: %w", ErrUnreachable, r.Context().RegistryStr(), err)
 	}
 	return fmt.Errorf("registry %s: %w", r.Context().RegistryStr(), err)
 }

@@ -124,6 +124,7 @@ func TestResolveRegistry(t *testing.T) {
 		{"ftp://" + host + "/x", ErrInvalidReference, []string{`unknown scheme "ftp://"`}},
 		{host + "/UPPER/case:1", ErrInvalidReference, nil},
 		{"", ErrInvalidReference, nil},
+		{"127.0.0.1:1/test/app:1", ErrUnreachable, []string{"registry unreachable: 127.0.0.1:1", "connection refused"}},
 	} {
 		_, err := Resolve(ctx, tc.ref, Options{})
 		wantErr(t, "Resolve("+tc.ref+")", err, tc.target, tc.says...)

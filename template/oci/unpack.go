@@ -179,7 +179,7 @@ func unpackLayer(ctx context.Context, root int, l v1.Layer, want v1.Hash) error 
 	}
 	defer rc.Close()
 	h := sha256.New()
-	r := &recordingReader{r: io.TeeReader(rc, h)}
+	r := &recordingReader{r: io.TeeReader(ctxReader{ctx, rc}, h)}
 	if err := applyTar(ctx, root, r); err != nil {
 		if r.err != nil {
 			return streamError(r.err)
@@ -234,4 +234,18 @@ func (r *recordingReader) Read(p []byte) (int, error) {
 		r.err = err
 	}
 	return n, err
+}
+
+// ctxReader stops reading once ctx is done: a layer read from disk knows
+// no context of its own, and one file of it can be gigabytes.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (r ctxReader) Read(p []byte) (int, error) {
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return r.r.Read(p)
 }

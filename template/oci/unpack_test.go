@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -371,5 +372,16 @@ func TestUnpackNeedsEmptyDir(t *testing.T) {
 	}
 	if _, err := Unpack(context.Background(), img, dst); err == nil || !bytes.Contains([]byte(err.Error()), []byte("not empty")) {
 		t.Fatalf("Unpack into a non-empty directory: %v, want an error saying so", err)
+	}
+}
+
+// TestUnpackCancelled: a cancelled context stops Unpack.
+func TestUnpackCancelled(t *testing.T) {
+	img := hostImage(t, []ent{file("f", "f")})
+	_, dst := sandbox(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := Unpack(ctx, img, dst); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Unpack with a cancelled context: %v", err)
 	}
 }
