@@ -530,11 +530,16 @@ func (a *applier) mkdirAll(rel string) (int, error) {
 		sub := strings.Join(parts[:i+1], "/")
 		next, err := a.openDir(sub, unix.O_PATH)
 		if errors.Is(err, unix.ENOENT) {
-			if err := unix.Mkdirat(cur, name, 0o755); err != nil && !errors.Is(err, unix.EEXIST) {
+			switch err := unix.Mkdirat(cur, name, 0o755); {
+			case err == nil:
+				// Ours, just made, no link: chmod may follow it. Not
+				// so on EEXIST, where name can be a symlink that
+				// dangles inside the root but names a host directory.
+				_ = unix.Fchmodat(cur, name, 0o755, 0) // 0755, not the umask's
+			case !errors.Is(err, unix.EEXIST):
 				unix.Close(cur)
 				return -1, fmt.Errorf("mkdir %s: %w", sub, err)
 			}
-			_ = unix.Fchmodat(cur, name, 0o755, 0) // not the umask's
 			next, err = a.openDir(sub, unix.O_PATH)
 		}
 		unix.Close(cur)

@@ -196,7 +196,11 @@ func sandbox(t testing.TB) (tmp, dst string) {
 	if err := os.WriteFile(filepath.Join(tmp, "sentinel"), []byte("keep"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Mkdir(filepath.Join(tmp, "outside"), 0o755); err != nil {
+	// Modes no layer would give: a chmod that escaped would show.
+	if err := os.Mkdir(filepath.Join(tmp, "outside"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(tmp, 0o711); err != nil {
 		t.Fatal(err)
 	}
 	dst = filepath.Join(tmp, "dst")

@@ -100,6 +100,12 @@ func TestHostileLayers(t *testing.T) {
 		},
 		inside: []string{"outside/f"},
 	}, {
+		name: "through a symlink to an outside directory missing inside",
+		ents: func(tmp string) [][]ent {
+			return [][]ent{{symlink("a", filepath.Join(tmp, "outside")), file("a/f", "x")}}
+		},
+		wantErr: ErrCorrupt, // a dangling link inside dst
+	}, {
 		name:    "through a magic link",
 		ents:    func(string) [][]ent { return [][]ent{{symlink("p", "/proc/self/root"), file("p/etc/"+hostName, "x")}} },
 		wantErr: ErrCorrupt, // /proc is not inside dst: a dangling link
