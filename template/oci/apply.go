@@ -374,12 +374,12 @@ func (a *applier) setMeta(pfd int, base, rel string, hdr *tar.Header) error {
 	return setTimes(pfd, base, atime, hdr.ModTime)
 }
 
-// setXattrs sets the extended attributes hdr's PAX records carry, in the
-// order of their names.
+// setXattrs sets the extended attributes hdr's PAX records carry that
+// xattrApplied lets through, in the order of their names.
 func setXattrs(pfd int, base string, hdr *tar.Header) error {
 	var names []string
 	for k := range hdr.PAXRecords {
-		if strings.HasPrefix(k, paxXattr) {
+		if strings.HasPrefix(k, paxXattr) && xattrApplied(strings.TrimPrefix(k, paxXattr)) {
 			names = append(names, k)
 		}
 	}
@@ -400,6 +400,23 @@ func setXattrs(pfd int, base string, hdr *tar.Header) error {
 		}
 	}
 	return nil
+}
+
+// xattrApplied reports whether an image's extended attribute is written
+// to the tree: user.*, file capabilities and POSIX ACLs, which the image's
+// programs rely on. trusted.* is the kernel's and privileged tools' own
+// namespace (overlayfs reads trusted.overlay.* from its lower layers, and
+// the tree becomes one), and the other security.* attributes are labels of
+// the host that built the image (SELinux, IMA, EVM), which mean nothing
+// here or worse; they are dropped.
+func xattrApplied(name string) bool {
+	switch {
+	case strings.HasPrefix(name, "user."),
+		name == "security.capability",
+		name == "system.posix_acl_access", name == "system.posix_acl_default":
+		return true
+	}
+	return false
 }
 
 func setTimes(pfd int, base string, atime, mtime time.Time) error {

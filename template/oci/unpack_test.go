@@ -288,6 +288,23 @@ func TestUnpackLayers(t *testing.T) {
 			}
 		},
 	}, {
+		name: "host-only xattrs dropped",
+		root: true,
+		layers: [][]ent{{{name: "d", typ: tar.TypeDir, owned: true, xattrs: map[string]string{
+			"trusted.overlay.opaque": "y", "trusted.overlay.redirect": "/etc",
+			"security.selinux": "system_u:object_r:bin_t:s0", "user.kept": "1",
+		}}}},
+		check: func(t *testing.T, root string) {
+			if got := getxattr(t, root+"/d", "user.kept"); got != "1" {
+				t.Errorf("user.kept = %q", got)
+			}
+			for _, attr := range []string{"trusted.overlay.opaque", "trusted.overlay.redirect"} {
+				if _, err := unix.Lgetxattr(root+"/d", attr, make([]byte, 64)); !errors.Is(err, unix.ENODATA) {
+					t.Errorf("%s: %v, want it dropped (ENODATA)", attr, err)
+				}
+			}
+		},
+	}, {
 		name:   "fifo",
 		layers: [][]ent{{{name: "pipe", typ: tar.TypeFifo, mode: 0o620}}},
 		check: func(t *testing.T, root string) {
