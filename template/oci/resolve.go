@@ -67,6 +67,11 @@ type Options struct {
 	// authn.DefaultKeychain (~/.docker/config.json, $DOCKER_CONFIG and the
 	// credential helpers it names).
 	Keychain authn.Keychain
+	// Auth, when set, is the credentials for the image's registry, used
+	// in place of Keychain: what a build request names (E2B's
+	// fromImageRegistry {type: "registry", username, password} is an
+	// &authn.Basic).
+	Auth authn.Authenticator
 	// Insecure lists registries ("host" or "host:port") that may be
 	// spoken to in plain HTTP. Loopback registries (localhost, 127.0.0.0/8,
 	// ::1) always may; every other one must speak HTTPS, private addresses
@@ -161,9 +166,13 @@ func fromRegistry(ctx context.Context, ref string, opts Options) (v1.Image, erro
 	if base == nil {
 		base = remote.DefaultTransport
 	}
+	auth := remote.WithAuthFromKeychain(keychain)
+	if opts.Auth != nil {
+		auth = remote.WithAuth(opts.Auth)
+	}
 	ropts := []remote.Option{
 		remote.WithContext(ctx),
-		remote.WithAuthFromKeychain(keychain),
+		auth,
 		remote.WithPlatform(opts.platform()),
 		remote.WithTransport(httpsOnly{base: base, insecure: opts.Insecure}),
 		remote.WithUserAgent("cubicle"),

@@ -171,6 +171,13 @@ func TestResolveAuth(t *testing.T) {
 	t.Setenv("DOCKER_CONFIG", t.TempDir())
 	_, err = Resolve(context.Background(), host+"/private/app:1", Options{})
 	wantErr(t, "Resolve without credentials", err, ErrUnauthorized)
+
+	// Credentials a build request carries, in place of the keychain.
+	if got := unpackedFile(t, host+"/private/app:1", Options{Auth: &authn.Basic{Username: user, Password: pass}}, "secret"); got != "ok" {
+		t.Errorf("with Options.Auth: secret = %q", got)
+	}
+	_, err = Resolve(context.Background(), host+"/private/app:1", Options{Auth: &authn.Basic{Username: user, Password: "nope"}})
+	wantErr(t, "Resolve with a wrong Options.Auth", err, ErrUnauthorized)
 }
 
 func TestResolveLayout(t *testing.T) {
