@@ -6,10 +6,12 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -400,5 +402,31 @@ func TestUnpackCancelled(t *testing.T) {
 	cancel()
 	if _, err := Unpack(ctx, img, dst); !errors.Is(err, context.Canceled) {
 		t.Fatalf("Unpack with a cancelled context: %v", err)
+	}
+}
+
+// BenchmarkUnpack unpacks an image of two layers of 5000 small files each,
+// the second replacing half of the first.
+func BenchmarkUnpack(b *testing.B) {
+	var l1, l2 []ent
+	for i := range 5000 {
+		d := fmt.Sprintf("usr/lib/d%02d", i%50)
+		if i < 50 {
+			l1 = append(l1, dir(d))
+		}
+		l1 = append(l1, file(fmt.Sprintf("%s/f%d", d, i), strings.Repeat("x", 512)))
+		if i%2 == 0 {
+			l2 = append(l2, file(fmt.Sprintf("%s/f%d", d, i), strings.Repeat("y", 512)))
+		}
+	}
+	img := hostImage(b, append([]ent{dir("usr"), dir("usr/lib")}, l1...), l2)
+	if _, err := img.RawManifest(); err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		dst := filepath.Join(b.TempDir(), "dst")
+		if _, err := Unpack(context.Background(), img, dst); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
