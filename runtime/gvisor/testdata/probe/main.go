@@ -26,6 +26,23 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == "-exit" {
 		return // a /bin/true, for timing a bare `runsc run`
 	}
+	if len(os.Args) > 3 && os.Args[1] == "-once" {
+		// As a RunOnce command: write Args[3] to the file Args[2], say
+		// so on stdout and stderr with the uid, and exit 3 if asked.
+		if err := os.WriteFile(os.Args[2], []byte(os.Args[3]), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Printf("wrote %s as %d\n", os.Args[2], os.Getuid())
+		fmt.Fprintf(os.Stderr, "cwd %s env %s\n", must(os.Getwd()), os.Getenv("STEP"))
+		if len(os.Args) > 4 && os.Args[4] == "fail" {
+			os.Exit(3)
+		}
+		if len(os.Args) > 4 && os.Args[4] == "hang" {
+			time.Sleep(time.Hour)
+		}
+		return
+	}
 	if len(os.Args) > 1 && os.Args[1] == "-euid" {
 		// As a setuid copy: print the effective uid it runs with.
 		fmt.Print(os.Geteuid())
@@ -264,4 +281,11 @@ func fill(path string, mb int) (int, error) {
 		return mb, fmt.Errorf("close: %w", err)
 	}
 	return mb, nil
+}
+
+func must(s string, err error) string {
+	if err != nil {
+		return err.Error()
+	}
+	return s
 }
