@@ -44,6 +44,8 @@ type Options struct {
 	// CORSOrigins are the browser origins allowed to call the API; "*" is
 	// any. Nil means DefaultCORSOrigins.
 	CORSOrigins []string
+	// Templates serves template builds; nil answers them with 501.
+	Templates *Templates
 	// Isolation names the sandbox backend ("microvm", "gvisor"), which
 	// GET /health reports.
 	Isolation string
@@ -60,7 +62,9 @@ type Server struct {
 	mux     *http.ServeMux
 	authLim *authLimiter
 	cors    corsPolicy
-	vols    volumeLocks
+	// uploadKey signs the upload URLs of template builds.
+	uploadKey []byte
+	vols      volumeLocks
 }
 
 // New returns the API handler.
@@ -117,8 +121,9 @@ func (s *Server) routes() {
 	// Snapshots are templates: deleted as such. Owner-walled by the
 	// orchestrator's lookup (another owner's snapshot is not found).
 	m.Handle("DELETE /templates/{id}", auth(http.HandlerFunc(s.deleteTemplate)))
+	s.templateRoutes(m, auth)
 	for _, p := range []string{"/templates", "/templates/", "/v2/templates", "/v2/templates/", "/v3/templates", "/v3/templates/"} {
-		m.Handle(p, notYet("building templates through the API"))
+		m.Handle(p, notYet("this template endpoint"))
 	}
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path))

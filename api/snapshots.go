@@ -86,10 +86,15 @@ func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-// deleteTemplate is DELETE /templates/{id}: snapshots are templates, and
-// are deleted as such. Templates built through the API do not exist yet.
+// deleteTemplate is DELETE /templates/{id}: a snapshot (snapshots are
+// templates, and are deleted as such) or a template the owner built.
 func (s *Server) deleteTemplate(w http.ResponseWriter, r *http.Request) {
-	err := s.opts.Orchestrator.DeleteSnapshot(r.Context(), requestOwner(r.Context()), r.PathValue("id"))
+	owner, id := requestOwner(r.Context()), r.PathValue("id")
+	err := s.opts.Orchestrator.DeleteSnapshot(r.Context(), owner, id)
+	if errors.Is(err, orchestrator.ErrTemplateNotFound) && s.opts.Templates != nil {
+		s.deleteBuiltTemplate(w, r, owner, id)
+		return
+	}
 	if err != nil {
 		s.fail(w, err)
 		return

@@ -226,8 +226,7 @@ func (o *Orchestrator) resumeFromDisk(ctx context.Context, sb *Sandbox, timeout 
 	auth := sb.rec.EnvdAccessToken
 	if !memory {
 		// A fresh envd: it learns everything again, and has no token yet.
-		init = initRequest{EnvVars: sandboxEnv(sb.rec.EnvVars, id, sb.rec.TemplateID), AccessToken: sb.rec.EnvdAccessToken,
-			Timestamp: init.Timestamp, DefaultUser: EnvdUser}
+		init = initFor(t, sb.rec.EnvVars, id, sb.rec.TemplateID, sb.rec.EnvdAccessToken)
 		auth = ""
 	}
 	if err := o.envd.init(ctx, s.Addr, auth, init); err != nil {

@@ -78,3 +78,15 @@ func (o *Orchestrator) releaseNetwork(ctx context.Context, id string) {
 		o.log.Error("releasing the network of a failed create", "sandbox", id, "err", err)
 	}
 }
+
+// BuildNetwork claims devices for a template build's step (id names it
+// like a sandbox): under the default egress policy, as every device is
+// made, with cubicle's resolver on the gateway when an enforcer runs.
+// release gives them back.
+func (o *Orchestrator) BuildNetwork(ctx context.Context, id string) (a network.Attachment, gatewayDNS bool, release func(), err error) {
+	a, err = o.claimNetwork(ctx, id)
+	if err != nil {
+		return a, false, nil, err
+	}
+	return a, o.opts.Egress != nil, func() { o.releaseNetwork(context.WithoutCancel(ctx), id) }, nil
+}

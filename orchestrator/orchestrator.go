@@ -63,6 +63,14 @@ type Template struct {
 	// tells when it serves (E2B's startCmd and readyCmd).
 	StartCmd string
 	ReadyCmd string
+	// Env ("K=V"), User and Workdir are the defaults of its sandboxes'
+	// processes (a built template's final ENV, USER and WORKDIR); User ""
+	// is EnvdUser.
+	Env     []string
+	User    string
+	Workdir string
+	// Owner, when set, is the only owner who may use it.
+	Owner string
 	// base, for a snapshot used as a template, is the ID of the template
 	// whose files its sandboxes see (store.Sandbox.BaseTemplate).
 	base string
@@ -418,13 +426,11 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 	if err != nil {
 		return Info{}, err
 	}
+	if p.tmpl.Owner != "" && p.tmpl.Owner != req.Owner {
+		return Info{}, fmt.Errorf("%w: %q", ErrTemplateNotFound, req.Template)
+	}
 	now := time.Now().UTC()
 	token := newToken()
-	env := map[string]string{}
-	for k, v := range req.EnvVars {
-		env[k] = v
-	}
-	env["E2B_TEMPLATE_ID"] = p.tmpl.ID
 	// A pooled slot can have died while it waited; one that fails its
 	// initialisation is destroyed and a cold one takes its place.
 	var slot slot
@@ -436,7 +442,6 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 			return Info{}, err
 		}
 		tTaken = time.Now()
-		env["E2B_SANDBOX_ID"] = slot.ID
 		if req.Egress != nil {
 			if err := o.applyEgress(slot.net, *req.Egress); err != nil {
 				o.destroyAsync(slot.ID)
@@ -444,12 +449,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 			}
 		}
 		tEgress = time.Now()
-		err = o.initEnvd(ctx, slot, initRequest{
-			EnvVars:     env,
-			AccessToken: token,
-			Timestamp:   time.Now().UTC(),
-			DefaultUser: EnvdUser,
-		})
+		err = o.initEnvd(ctx, slot, initFor(p.tmpl, req.EnvVars, slot.ID, p.tmpl.ID, token))
 		if err == nil {
 			break
 		}

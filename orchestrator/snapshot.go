@@ -302,28 +302,34 @@ func (o *Orchestrator) startRestored(ctx context.Context, req CreateRequest, src
 		}
 	}
 	token := newToken()
-	if err := o.envd.init(ctx, s.Addr, src.token, initRequest{
-		EnvVars:     sandboxEnv(req.EnvVars, id, tmpl.ID),
-		AccessToken: token,
-		Timestamp:   time.Now().UTC(),
-		DefaultUser: EnvdUser,
-	}); err != nil {
+	if err := o.envd.init(ctx, s.Addr, src.token, initFor(src.tmpl, req.EnvVars, id, tmpl.ID, token)); err != nil {
 		o.destroyAsync(id)
 		return Info{}, fmt.Errorf("orchestrator: initialise envd of %s: %w", id, err)
 	}
 	return o.handOut(ctx, req, s, tmpl, token, began, "restoredFrom", src.dir, "restoreMs", ms(tRestored.Sub(began)))
 }
 
-// sandboxEnv is what envd's /init gives a sandbox's processes: the
-// client's envVars and E2B's own.
-func sandboxEnv(vars map[string]string, id, template string) map[string]string {
-	env := make(map[string]string, len(vars)+2)
+// initFor is the /init that gives a sandbox of t its user's envVars,
+// its identity (E2B_SANDBOX_ID, E2B_TEMPLATE_ID: templateID, which is
+// t's or a snapshot's) and its access token, and t's defaults.
+func initFor(t Template, vars map[string]string, id, templateID, token string) initRequest {
+	env := make(map[string]string, len(t.Env)+len(vars)+2)
+	for _, kv := range t.Env {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			env[k] = v
+		}
+	}
 	for k, v := range vars {
 		env[k] = v
 	}
 	env["E2B_SANDBOX_ID"] = id
-	env["E2B_TEMPLATE_ID"] = template
-	return env
+	env["E2B_TEMPLATE_ID"] = templateID
+	user := t.User
+	if user == "" {
+		// E2B's sandboxes run commands as "user" unless told otherwise.
+		user = EnvdUser
+	}
+	return initRequest{EnvVars: env, AccessToken: token, Timestamp: time.Now().UTC(), DefaultUser: user, DefaultWorkdir: t.Workdir}
 }
 
 // ForkResult is one copy of a fork: a sandbox or why it did not start.
@@ -488,4 +494,26 @@ func (o *Orchestrator) sweepSnapshots(ctx context.Context) {
 			remove(filepath.Join(o.opts.SnapshotDir, name), "no snapshot record names it")
 		}
 	}
+}
+
+// TemplateInUse says why template id must stay ("" if nothing needs it):
+// sandboxes made from it (their overlays read its files) or snapshots of
+// them.
+func (o *Orchestrator) TemplateInUse(ctx context.Context, id string) string {
+	for _, sb := range o.All() {
+		in := sb.Info()
+		if in.TemplateID == id || in.BaseTemplate == id {
+			return fmt.Sprintf("sandbox %s was made from it", in.ID)
+		}
+	}
+	sns, err := o.opts.Store.ListSnapshots(ctx, store.SnapshotFilter{})
+	if err != nil {
+		return err.Error()
+	}
+	for _, sn := range sns {
+		if sn.TemplateID == id {
+			return fmt.Sprintf("snapshot %s was made from it", sn.ID)
+		}
+	}
+	return ""
 }

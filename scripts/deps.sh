@@ -21,6 +21,9 @@ pkgs=(debootstrap ca-certificates iproute2 e2fsprogs curl unzip)
 # gcc: cgo for go test -race; gcc and binutils (objcopy): the VMM's C test
 # guest (vmm/testguest).
 $with_tests && pkgs+=(gcc libc6-dev binutils)
+# busybox-static: the image e2e/template_test.go builds and serves from a
+# registry on loopback.
+$with_tests && pkgs+=(busybox-static)
 # guest/codeinterp's tests drive real Jupyter kernels (Debian's python3, not a pyenv one).
 # The guest kernel's build (vmm/linux/build.sh). scripts/nested-kvm.sh
 # installs QEMU and its L1's tools itself, only where the host needs them

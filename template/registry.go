@@ -167,6 +167,17 @@ func (r *Registry) Delete(idOrAlias string) error {
 	return nil
 }
 
+// Stage makes an empty work directory for template id, for a builder
+// outside this package: it fills <dir>/rootfs and hands the directory to
+// Install, or removes it.
+func (r *Registry) Stage(id string) (string, error) { return r.stage(id) }
+
+// Install puts a directory from Stage in place as template t (see install).
+func (r *Registry) Install(t Template, staging string) error { return r.install(t, staging) }
+
+// RootFSOf is the root filesystem directory inside a directory from Stage.
+func RootFSOf(staging string) string { return filepath.Join(staging, rootfsDir) }
+
 // stage makes an empty work directory for a template that is being made. The
 // builder fills <staging>/rootfs and hands the directory to install; it lies
 // in the registry's own directory so install can rename it into place.

@@ -72,6 +72,16 @@ type Template struct {
 	// until it exits 0 to tell that the start command is serving.
 	StartCmd string `json:"startCmd,omitempty"`
 	ReadyCmd string `json:"readyCmd,omitempty"`
+	// Owner, for a template built through the API, is who may see and use
+	// it (the API key's owner, as sandboxes have it); "" is everyone's
+	// (base, code-interpreter-v1).
+	Owner string `json:"owner,omitempty"`
+	// Env ("K=V"), User and Workdir are what its build ended with: the
+	// environment, default user and working directory of its sandboxes'
+	// processes.
+	Env     []string `json:"env,omitempty"`
+	User    string   `json:"user,omitempty"`
+	Workdir string   `json:"workdir,omitempty"`
 }
 
 var (

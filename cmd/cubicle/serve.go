@@ -34,6 +34,7 @@ import (
 	"github.com/cubicle-dev/cubicle/proxy"
 	"github.com/cubicle-dev/cubicle/store"
 	"github.com/cubicle-dev/cubicle/template"
+	"github.com/cubicle-dev/cubicle/template/builder"
 	"github.com/cubicle-dev/cubicle/volume"
 )
 
@@ -57,6 +58,9 @@ type serveConfig struct {
 	maxTimeout  time.Duration
 	logLevel    string
 	readyFile   string
+	// insecureRegistries may serve template builds' images over plain
+	// HTTP (loopback registries always may).
+	insecureRegistries []string
 	// corsOrigins and trustedProxies configure the API (serve_api.go).
 	corsOrigins    string
 	trustedProxies string
@@ -92,6 +96,7 @@ prints the environment an E2B SDK needs.`,
 	f.StringVar(&c.linkPrefix, "link-prefix", envOr("CUBICLE_LINK_PREFIX", network.DefaultLinkPrefix), "names the host's sandbox devices and namespaces; servers sharing a host need distinct ones (env CUBICLE_LINK_PREFIX)")
 	f.IntVar(&c.netSpares, "network-spares", 8, "sandbox network devices kept made in advance, so creating a sandbox makes none (env CUBICLE_NETWORK_SPARES)")
 	f.StringVar(&c.dnsUpstream, "dns-upstream", envOr("CUBICLE_DNS_UPSTREAM", ""), "servers the sandboxes' resolver forwards to, comma-separated ip or ip:port (env CUBICLE_DNS_UPSTREAM; default: the host's /etc/resolv.conf)")
+	f.StringSliceVar(&c.insecureRegistries, "insecure-registry", envList("CUBICLE_INSECURE_REGISTRIES"), "registries (host or host:port) that template builds may pull images from over plain HTTP; loopback ones always may; repeatable or comma-separated (env CUBICLE_INSECURE_REGISTRIES)")
 	f.StringSliceVar(&c.denyCIDR, "deny-cidr", envList("CUBICLE_DENY_CIDR"), "ranges no sandbox may reach whatever its policy, like this host's own addresses; repeatable or comma-separated (env CUBICLE_DENY_CIDR)")
 	f.StringSliceVar(&c.allowCIDR, "allow-cidr", envList("CUBICLE_ALLOW_CIDR"), "ranges taken out of those closed to sandboxes by default (private and special-purpose ranges, this host's LAN and gateways): sandboxes reach them as they reach the internet, under their policies; never opens this host's own addresses, other sandboxes or metadata; repeatable or comma-separated (env CUBICLE_ALLOW_CIDR)")
 	f.BoolVar(&c.noBuild, "no-build", false, "fail instead of building a missing default template")
@@ -277,6 +282,11 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 		return err
 	}
 	resolver.orch = p.orch
+	builds, tmplAPI, err := startBuilds(c, k, templates, p.orch, log)
+	if err != nil {
+		return err
+	}
+	p.builds = builds
 	// Volumes' files live beside the state, root's alone.
 	vols, err := volume.Open(filepath.Join(c.dataDir, "volumes"))
 	if err != nil {
@@ -287,6 +297,7 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 		Handler: api.New(api.Options{
 			Orchestrator: p.orch, Store: p.st, EnvdVersion: envd.Version, Logger: log.With("component", "api"),
 			CORSOrigins: k.corsOrigins, TrustedProxies: k.trustedProxies, Isolation: k.backend, Volumes: vols,
+			Templates: tmplAPI,
 		}),
 		ReadHeaderTimeout: 30 * time.Second,
 	}
@@ -350,6 +361,7 @@ type parts struct {
 	netPool       *network.Pool
 	rt            backendRuntime
 	orch          *orchestrator.Orchestrator
+	builds        *builder.Manager
 	listeners     []net.Listener
 	servers       []*http.Server
 }
@@ -371,6 +383,11 @@ func (p *parts) close() error {
 	}
 	for _, l := range p.listeners {
 		l.Close() // already closed by Shutdown when served
+	}
+	// Builds under way stop (and give back their devices) before the
+	// orchestrator and the network go.
+	if p.builds != nil {
+		p.builds.Close()
 	}
 	if p.orch != nil {
 		errs = append(errs, p.orch.Close(ctx))
