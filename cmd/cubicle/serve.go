@@ -58,6 +58,8 @@ type serveConfig struct {
 	maxTimeout  time.Duration
 	logLevel    string
 	readyFile   string
+	// artifactCacheMax caps template builds' reproducible artifacts.
+	artifactCacheMax sizeFlag
 	// insecureRegistries may serve template builds' images over plain
 	// HTTP (loopback registries always may).
 	insecureRegistries []string
@@ -96,6 +98,8 @@ prints the environment an E2B SDK needs.`,
 	f.StringVar(&c.linkPrefix, "link-prefix", envOr("CUBICLE_LINK_PREFIX", network.DefaultLinkPrefix), "names the host's sandbox devices and namespaces; servers sharing a host need distinct ones (env CUBICLE_LINK_PREFIX)")
 	f.IntVar(&c.netSpares, "network-spares", 8, "sandbox network devices kept made in advance, so creating a sandbox makes none (env CUBICLE_NETWORK_SPARES)")
 	f.StringVar(&c.dnsUpstream, "dns-upstream", envOr("CUBICLE_DNS_UPSTREAM", ""), "servers the sandboxes' resolver forwards to, comma-separated ip or ip:port (env CUBICLE_DNS_UPSTREAM; default: the host's /etc/resolv.conf)")
+	c.artifactCacheMax = 20 << 30
+	f.Var(&c.artifactCacheMax, "artifact-cache-max", "cap on what template builds keep to be quicker next time (RUN steps' trees, unpacked images, uploads), least recently used removed first; K, M, G or T; 0: no cap (env CUBICLE_ARTIFACT_CACHE_MAX)")
 	f.StringSliceVar(&c.insecureRegistries, "insecure-registry", envList("CUBICLE_INSECURE_REGISTRIES"), "registries (host or host:port) that template builds may pull images from over plain HTTP; loopback ones always may; repeatable or comma-separated (env CUBICLE_INSECURE_REGISTRIES)")
 	f.StringSliceVar(&c.denyCIDR, "deny-cidr", envList("CUBICLE_DENY_CIDR"), "ranges no sandbox may reach whatever its policy, like this host's own addresses; repeatable or comma-separated (env CUBICLE_DENY_CIDR)")
 	f.StringSliceVar(&c.allowCIDR, "allow-cidr", envList("CUBICLE_ALLOW_CIDR"), "ranges taken out of those closed to sandboxes by default (private and special-purpose ranges, this host's LAN and gateways): sandboxes reach them as they reach the internet, under their policies; never opens this host's own addresses, other sandboxes or metadata; repeatable or comma-separated (env CUBICLE_ALLOW_CIDR)")
@@ -146,12 +150,13 @@ func parseCIDRs(flag string, vals []string) ([]netip.Prefix, error) {
 // own values, so that CUBICLE_POOL_SIZE=abc is an error and not, silently,
 // the default.
 var numericEnv = map[string]string{
-	"pool-size":         "CUBICLE_POOL_SIZE",
-	"network-spares":    "CUBICLE_NETWORK_SPARES",
-	"overcommit-memory": "CUBICLE_OVERCOMMIT_MEMORY",
-	"overcommit-cpu":    "CUBICLE_OVERCOMMIT_CPU",
-	"reserve-memory-mb": "CUBICLE_RESERVE_MEMORY_MB",
-	"reserve-disk-mb":   "CUBICLE_RESERVE_DISK_MB",
+	"pool-size":          "CUBICLE_POOL_SIZE",
+	"network-spares":     "CUBICLE_NETWORK_SPARES",
+	"overcommit-memory":  "CUBICLE_OVERCOMMIT_MEMORY",
+	"overcommit-cpu":     "CUBICLE_OVERCOMMIT_CPU",
+	"reserve-memory-mb":  "CUBICLE_RESERVE_MEMORY_MB",
+	"reserve-disk-mb":    "CUBICLE_RESERVE_DISK_MB",
+	"artifact-cache-max": "CUBICLE_ARTIFACT_CACHE_MAX",
 }
 
 // fromEnv gives each flag in env (flag name → variable) its variable's
@@ -287,6 +292,9 @@ func serve(ctx context.Context, c serveConfig) (err error) {
 		return err
 	}
 	p.builds = builds
+	if builds != nil {
+		builds.CollectEvery(int64(c.artifactCacheMax), 10*time.Minute)
+	}
 	// Volumes' files live beside the state, root's alone.
 	vols, err := volume.Open(filepath.Join(c.dataDir, "volumes"))
 	if err != nil {

@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -80,7 +81,12 @@ type Options struct {
 
 // Builder builds templates. It is safe for concurrent builds of different
 // templates.
-type Builder struct{ opts Options }
+type Builder struct {
+	opts Options
+	// mu is held shared by builds and exclusively by a garbage
+	// collection (gc.go), which must not remove what a build reads.
+	mu sync.RWMutex
+}
 
 // New returns a Builder.
 func New(opts Options) (*Builder, error) {
@@ -132,6 +138,8 @@ const injectVersion = "inject-v1"
 // Build runs req and installs the template. On error nothing of the build
 // is left but the step cache.
 func (b *Builder) Build(ctx context.Context, req Request, log Log) (t template.Template, err error) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
 	if req.CPUCount == 0 {
 		req.CPUCount = template.DefaultCPUCount
 	}
@@ -187,6 +195,9 @@ func (b *Builder) Build(ctx context.Context, req Request, log Log) (t template.T
 	}
 	if start > 0 {
 		log.Add("info", strconv.Itoa(start), fmt.Sprintf("steps 1 to %d: cached", start))
+	}
+	if start > 0 || !injected {
+		touch(startDir) // a cached tree or an image: the collector's order
 	}
 	if err := sparse.CopyTree(ctx, startDir, root); err != nil {
 		return t, &StepError{Step: "base", Err: err}

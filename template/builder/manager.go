@@ -82,6 +82,8 @@ type Manager struct {
 	cancel context.CancelFunc
 	// running are the templates with a build under way: one at a time.
 	running map[string]string
+	// gcMax caps the build artifacts (CollectEvery); 0 is no cap.
+	gcMax int64
 }
 
 var buildIDPattern = regexp.MustCompile(`^[a-z0-9-]{1,64}$`)
@@ -115,6 +117,47 @@ func cutSuffix(s, suffix string) (string, bool) {
 		return s[:len(s)-len(suffix)], true
 	}
 	return "", false
+}
+
+// CollectEvery runs the builder's garbage collection with cap max bytes
+// after every build and every period, until Close.
+func (m *Manager) CollectEvery(max int64, period time.Duration) {
+	m.mu.Lock()
+	m.gcMax = max
+	m.mu.Unlock()
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		t := time.NewTicker(period)
+		defer t.Stop()
+		for {
+			select {
+			case <-m.ctx.Done():
+				return
+			case <-t.C:
+				m.collect()
+			}
+		}
+	}()
+}
+
+// collect runs one garbage collection, if a cap is set.
+func (m *Manager) collect() {
+	m.mu.Lock()
+	max := m.gcMax
+	m.mu.Unlock()
+	if max <= 0 {
+		return
+	}
+	rep, err := m.b.CollectGarbage(m.ctx, max)
+	if err != nil {
+		m.log.Warn("collecting build artifacts", "err", err)
+		return
+	}
+	if rep.Removed > 0 {
+		m.log.Info("collected build artifacts", "removed", rep.Removed, "freedMiB", rep.RemovedBytes>>20,
+			"leftMiB", (rep.Bytes-rep.RemovedBytes)>>20, "capMiB", max>>20)
+	}
 }
 
 // Close cancels the builds under way and waits for them.
@@ -195,6 +238,7 @@ func (m *Manager) run(info Info, spec buildspec.Spec) {
 		m.log.Error("recording a build's end", "build", info.BuildID, "err", err)
 	}
 	m.mu.Unlock()
+	m.collect()
 }
 
 // Logs returns build id's log entries from offset on (at most limit).
