@@ -114,9 +114,6 @@ func (s *Server) createTemplate(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		id = t.TemplateID // a new build of the owner's template
-	} else if o := tmpls.Builds.OwnerOf(id); o != "" {
-		writeError(w, http.StatusConflict, "template id collision: try again")
-		return
 	}
 	buildID := newBuildID()
 	if err := tmpls.Builds.Register(builder.Info{BuildID: buildID, TemplateID: id, Alias: alias, Owner: owner,

@@ -291,12 +291,10 @@ func (b *Builder) base(ctx context.Context, req Request, log Log) (dir string, s
 
 // step runs one step on root; before and after are the state around it.
 func (b *Builder) step(ctx context.Context, req Request, root string, before, after buildspec.State, st buildspec.Step, out io.Writer) error {
+	// run runs a step's own work (making a WORKDIR or a USER) as root in
+	// /: the directory may not exist yet.
 	run := func(user string, args ...string) error {
-		cwd := after.Workdir
-		if cwd == "" || !filepath.IsAbs(cwd) {
-			cwd = "/"
-		}
-		code, err := b.opts.Runner.Run(ctx, root, Command{Args: args, Env: after.Environ(), Cwd: cwd, User: user,
+		code, err := b.opts.Runner.Run(ctx, root, Command{Args: args, Env: after.Environ(), Cwd: "/", User: user,
 			CPUCount: req.CPUCount, MemoryMB: req.MemoryMB}, out)
 		if err != nil {
 			return err
