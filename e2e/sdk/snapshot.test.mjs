@@ -143,3 +143,41 @@ test('snapshot and fork refuse bad input in E2B\'s error shape', async (t) => {
     assert.deepEqual(listed.json, [], 'a refused snapshot left one behind')
   })
 })
+
+// fetchPort sends a request through the proxy to a port of a sandbox.
+async function fetchPort(id, port, path) {
+  const res = await fetch(process.env.E2B_SANDBOX_URL + path, { headers: { 'E2b-Sandbox-Id': id, 'E2b-Sandbox-Port': String(port) } })
+  return { status: res.status, text: await res.text() }
+}
+
+test('autoResume: a sandbox paused at its timeout wakes on traffic through the proxy and on connect', async (t) => {
+  const sbx = await Sandbox.create('base', { timeoutMs: 60_000, lifecycle: { onTimeout: 'pause', autoResume: true } })
+  t.after(() => sbx.kill().catch(() => {}))
+  await sbx.files.write('/tmp/www/hello.txt', 'hello through the proxy')
+  await sbx.commands.run('python3 -m http.server 8000 --directory /tmp/www', { background: true })
+  await waitFor(async () => (await fetchPort(sbx.sandboxId, 8000, '/hello.txt')).status === 200, { what: 'the web server' })
+
+  await sbx.setTimeout(1_000)
+  await waitFor(async () => (await Sandbox.getInfo(sbx.sandboxId)).state === 'paused', { timeoutMs: 30_000, what: 'the pause at timeout' })
+  const woken = await fetchPort(sbx.sandboxId, 8000, '/hello.txt')
+  assert.equal(woken.status, 200, woken.text)
+  assert.equal(woken.text, 'hello through the proxy', 'the server process came back with the sandbox')
+  assert.equal((await Sandbox.getInfo(sbx.sandboxId)).state, 'running')
+
+  assert.equal(await sbx.pause(), true)
+  const back = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 60_000 })
+  assert.equal((await fetchPort(back.sandboxId, 8000, '/hello.txt')).status, 200)
+})
+
+test('a sandbox paused at its timeout without its memory wakes only on connect', async (t) => {
+  const sbx = await Sandbox.create('base', { timeoutMs: 60_000, lifecycle: { onTimeout: { action: 'pause', keepMemory: false } } })
+  t.after(() => sbx.kill().catch(() => {}))
+  await sbx.files.write('/home/user/kept', 'files only')
+  await sbx.setTimeout(1_000)
+  await waitFor(async () => (await Sandbox.getInfo(sbx.sandboxId)).state === 'paused', { timeoutMs: 30_000, what: 'the pause at timeout' })
+  const r = await fetchPort(sbx.sandboxId, 49983, '/health')
+  assert.equal(r.status, 502, r.text)
+  assert.equal((await Sandbox.getInfo(sbx.sandboxId)).state, 'paused', 'traffic woke it')
+  const back = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 60_000 })
+  assert.equal(await back.files.read('/home/user/kept'), 'files only')
+})
