@@ -7,7 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/cubicle-dev/cubicle/internal/hostcheck"
+	"github.com/cubicle-dev/cubicle/hostcheck"
 )
 
 // errNoBackend makes doctor exit 1 once its lines have said why.

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cubicle-dev/cubicle/internal/hostcheck"
+	"github.com/cubicle-dev/cubicle/hostcheck"
 )
 
 // TestDoctor: one line per item and one for the backend, and the exit
