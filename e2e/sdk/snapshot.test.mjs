@@ -154,8 +154,11 @@ test('autoResume: a sandbox paused at its timeout wakes on traffic through the p
   const sbx = await Sandbox.create('base', { timeoutMs: 60_000, lifecycle: { onTimeout: 'pause', autoResume: true } })
   t.after(() => sbx.kill().catch(() => {}))
   await sbx.files.write('/tmp/www/hello.txt', 'hello through the proxy')
-  await sbx.commands.run('python3 -m http.server 8000 --directory /tmp/www', { background: true })
+  const server = await sbx.commands.run('python3 -m http.server 8000 --directory /tmp/www', { background: true })
   await waitFor(async () => (await fetchPort(sbx.sandboxId, 8000, '/hello.txt')).status === 200, { what: 'the web server' })
+  // The handle's stream is traffic too: it would wake the sandbox the
+  // moment it pauses.
+  await server.disconnect()
 
   await sbx.setTimeout(1_000)
   await waitFor(async () => (await Sandbox.getInfo(sbx.sandboxId)).state === 'paused', { timeoutMs: 30_000, what: 'the pause at timeout' })
