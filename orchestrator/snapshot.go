@@ -377,7 +377,7 @@ func (o *Orchestrator) Fork(ctx context.Context, id string, count int, timeout t
 	case store.PausedMemory:
 		err = copyDir(ctx, o.pausedPath(id), dir)
 	default:
-		err = snapper.Snapshot(ctx, id, dir, runtime.SnapshotOptions{Memory: true})
+		err = snapper.Snapshot(ctx, id, dir, runtime.SnapshotOptions{Memory: true, Temporary: true})
 	}
 	sb.mu.Unlock()
 	if err != nil {

@@ -158,6 +158,10 @@ type SnapshotOptions struct {
 	// process where it was. Without it only the filesystem is saved, and a
 	// restored sandbox boots afresh on it (E2B's pause with memory false).
 	Memory bool
+	// Temporary says the snapshot serves this process only (a fork's,
+	// removed once its copies run): it need not survive a crash of the
+	// host, so it is not flushed to disk.
+	Temporary bool
 }
 
 // Snapshotter is a Runtime that can save a sandbox's state to a directory

@@ -136,8 +136,12 @@ func (r *Runtime) Snapshot(ctx context.Context, id, dir string, opts runtime.Sna
 	if err := writeJSON(filepath.Join(tmp, snapshotMetaFile), meta); err != nil {
 		return err
 	}
-	if err := syncFS(tmp); err != nil {
-		return err
+	if !opts.Temporary {
+		// Durable before it is named: whoever records the snapshot must
+		// find it whole after a crash of the host.
+		if err := syncFS(tmp); err != nil {
+			return err
+		}
 	}
 	if err := os.Rename(tmp, dir); err != nil {
 		return fmt.Errorf("gvisor: snapshot of %s: %w", id, err)
