@@ -118,7 +118,7 @@ func (r *Renderer) begin(id, label, title string) *step {
 	case TTY:
 		r.draw()
 	default:
-		r.println(s.label + " " + s.title)
+		r.println(strings.TrimSpace(s.label + " " + s.title))
 	}
 	return s
 }
@@ -149,6 +149,14 @@ func (r *Renderer) Warn(id, label, msg string) {
 		label = s.label
 	}
 	r.permanent(label + " warning: " + msg)
+}
+
+// Print writes a line of its own in every mode (above the running step's
+// line on a terminal).
+func (r *Renderer) Print(line string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.permanent(line)
 }
 
 // Done ends step id; d < 0 means the time since it began.
