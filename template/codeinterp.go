@@ -123,7 +123,7 @@ func buildCodeInterpreter(ctx context.Context, opts BuildOptions) (Template, bui
 		return Template{}, 0, fmt.Errorf("build template %s: %w", CodeInterpreterAlias, ErrNotRoot)
 	}
 
-	p.logTo(filepath.Join(opts.CacheDir, "logs", CodeInterpreterAlias+".log"))
+	p.logTo(filepath.Join(opts.CacheDir, "logs"), CodeInterpreterAlias)
 	defer p.close()
 	p.printf("build %s: base %s + %v, cache %s", buildID, rec.Base, rec.Packages, opts.CacheDir)
 	c := cache{dir: opts.CacheDir, p: p}

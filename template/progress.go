@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 
@@ -30,6 +29,7 @@ type progress struct {
 	running string // the running stage, whose output lines are kept
 	logPath string
 	log     *os.File
+	failed  bool // a stage failed: the log is kept
 }
 
 func newProgress(w io.Writer, templateID string) *progress {
@@ -49,14 +49,15 @@ func newProgress(w io.Writer, templateID string) *progress {
 	return &progress{r: buildprogress.New(w, buildprogress.Options{Mode: mode, Width: width}), prefix: "[template " + templateID + "]"}
 }
 
-// logTo makes path (created, or emptied) the log of the tools' output.
+// logTo starts a log of the tools' output in dir, named for the
+// template; it is kept only if a stage fails (its path is then shown).
 // A log that cannot be made is skipped with a warning: the build goes on,
 // and a failure still shows its last lines.
-func (p *progress) logTo(path string) {
-	err := os.MkdirAll(filepath.Dir(path), 0o755)
+func (p *progress) logTo(dir, name string) {
+	err := os.MkdirAll(dir, 0o755)
 	var f *os.File
 	if err == nil {
-		f, err = os.Create(path)
+		f, err = os.CreateTemp(dir, name+"-*.log")
 	}
 	if err != nil {
 		p.printf("warning: no build log: %v", err)
@@ -64,10 +65,7 @@ func (p *progress) logTo(path string) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.log != nil {
-		p.log.Close()
-	}
-	p.log, p.logPath = f, path
+	p.log, p.logPath = f, f.Name()
 }
 
 // logFile is the log's path, "" if there is none.
@@ -77,12 +75,16 @@ func (p *progress) logFile() string {
 	return p.logPath
 }
 
-// close closes the log file.
+// close ends the output and closes the log, which is removed unless a
+// stage failed.
 func (p *progress) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.log != nil {
 		p.log.Close()
+		if !p.failed {
+			os.Remove(p.logPath)
+		}
 		p.log = nil
 	}
 	p.r.Close()
@@ -124,6 +126,7 @@ func (p *progress) stage(name string) func(error) error {
 			p.running = ""
 		}
 		logPath := p.logPath
+		p.failed = p.failed || err != nil
 		p.mu.Unlock()
 		if err != nil {
 			p.logLine(id + " failed: " + err.Error())

@@ -88,8 +88,8 @@ func TestDiskSizeMB(t *testing.T) {
 func TestLineWriter(t *testing.T) {
 	var out bytes.Buffer
 	p := newProgress(&out, "x")
-	logPath := filepath.Join(t.TempDir(), "logs", "x.log")
-	p.logTo(logPath)
+	p.logTo(filepath.Join(t.TempDir(), "logs"), "x")
+	logPath := p.logFile()
 	w := p.lines("tool")
 	for _, chunk := range []string{"first li", "ne\nsecond\r\n", "\n  \n", "50%\r100%\r", "no newline"} {
 		if _, err := w.Write([]byte(chunk)); err != nil {
@@ -97,10 +97,14 @@ func TestLineWriter(t *testing.T) {
 		}
 	}
 	w.Close()
+	b, err := os.ReadFile(logPath)
 	p.close()
 	want := "tool: first line\ntool: second\ntool: 50%\ntool: 100%\ntool: no newline\n"
-	if b, err := os.ReadFile(logPath); err != nil || string(b) != want {
+	if err != nil || string(b) != want {
 		t.Errorf("log: %v\n%s\nwant:\n%s", err, b, want)
+	}
+	if _, err := os.Stat(logPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the log of a build without a failure was kept: %v", err)
 	}
 	if out.Len() != 0 {
 		t.Errorf("the tool's output reached the screen:\n%s", out.String())
@@ -116,8 +120,8 @@ func TestProgressStages(t *testing.T) {
 	}
 	var out bytes.Buffer
 	p := newProgress(&out, "base")
-	logPath := filepath.Join(t.TempDir(), "base.log")
-	p.logTo(logPath)
+	p.logTo(t.TempDir(), "base")
+	logPath := p.logFile()
 	if err := p.stage("debootstrap")(runLogged(exec.CommandContext(context.Background(), "/bin/sh", "-c", "echo I: Retrieving; echo I: Validating"), p, "debootstrap", "")); err != nil {
 		t.Fatal(err)
 	}
