@@ -190,10 +190,12 @@ func buildTemplate(ctx context.Context, c *client.Client, req buildRequest, out,
 	}
 	r := buildprogress.New(out, buildprogress.Options{Mode: req.mode, Width: termWidth(out)})
 	feed := buildprogress.NewFeed(r, len(spec.Steps), titles)
+	stopTicks := func() {}
 	if req.mode == buildprogress.TTY {
-		stop := make(chan struct{})
-		defer close(stop)
+		// The running step's spinner and time move between log lines.
+		stop, stopped := make(chan struct{}), make(chan struct{})
 		go func() {
+			defer close(stopped)
 			t := time.NewTicker(100 * time.Millisecond)
 			defer t.Stop()
 			for {
@@ -205,8 +207,10 @@ func buildTemplate(ctx context.Context, c *client.Client, req buildRequest, out,
 				}
 			}
 		}()
+		stopTicks = func() { close(stop); <-stopped }
 	}
 	st, err := followBuild(ctx, c, nb.TemplateID, nb.BuildID, 0, func(e client.BuildLogEntry) { feed.Add(e.Level, e.Step, e.Message) })
+	stopTicks()
 	if err != nil {
 		r.Close()
 		if ctx.Err() != nil {
@@ -215,7 +219,7 @@ func buildTemplate(ctx context.Context, c *client.Client, req buildRequest, out,
 		return err
 	}
 	if st.Status == client.BuildReady {
-		feed.Add("info", "finalize", "")
+		feed.End()
 		r.Close()
 		fmt.Fprintf(out, "template %s (%s) ready\n", req.name, nb.TemplateID)
 		return nil

@@ -32,6 +32,7 @@ var (
 	stepStart = regexp.MustCompile(`^\[(\d+)/(\d+)\] (.*)$`)
 	stepsHit  = regexp.MustCompile(`^steps 1 to (\d+): cached$`)
 	stepDone  = regexp.MustCompile(`^done in ([0-9.]+)s$`)
+	baseFrom  = regexp.MustCompile(`^(?:resolving image|from template) (\S+)`)
 )
 
 // Label is how step is shown: "[3/7]", "[base]", "[finalize]".
@@ -74,8 +75,11 @@ func (f *Feed) Add(level, step, msg string) {
 	}
 	if step == "finalize" {
 		// "template X built": the build is over, nothing to watch.
-		f.r.Done(f.r.activeID(), -1)
+		f.End()
 		return
+	}
+	if m := baseFrom.FindStringSubmatch(msg); m != nil && step == "base" && f.titles["base"] == "" {
+		f.titles["base"] = "FROM " + m[1] // a log read without its Dockerfile
 	}
 	if level == "warn" {
 		f.r.Warn(step, f.Label(step), msg)
@@ -83,6 +87,9 @@ func (f *Feed) Add(level, step, msg string) {
 	}
 	f.r.Output(step, f.Label(step), f.titles[step], msg)
 }
+
+// End ends the running step, if any, as done: the build is ready.
+func (f *Feed) End() { f.r.Done(f.r.activeID(), -1) }
 
 // Fail ends the build as failed in step (the build status's reason.step).
 func (f *Feed) Fail(step string) { f.r.Fail(step) }

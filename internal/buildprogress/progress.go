@@ -176,11 +176,13 @@ func (r *Renderer) Cached(id, label, title string) {
 	r.endActive(done, -1)
 	s := &step{id: id, label: label, title: oneLine(title), state: cached}
 	r.steps[id] = s
-	switch r.o.Mode {
-	case TTY:
+	switch {
+	case r.o.Mode == TTY:
 		r.println(r.fit(s.label, s.title, dim+"cached"+reset, len("cached")))
+	case s.title == "":
+		r.println(s.label + " cached")
 	default:
-		r.println(strings.TrimSpace(s.label+" "+s.title) + ": cached")
+		r.println(s.label + " " + s.title + ": cached")
 	}
 }
 

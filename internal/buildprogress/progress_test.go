@@ -125,8 +125,9 @@ func TestRenderer(t *testing.T) {
 		name    string
 		mode    Mode
 		log     []entry
-		fail    string // reason.step, if the build fails
-		want    string // the screen at the end
+		titles  map[string]string // nil: titles
+		fail    string            // reason.step, if the build fails
+		want    string            // the screen at the end
 		wantRaw []string
 		noRaw   []string
 	}{
@@ -195,6 +196,23 @@ func TestRenderer(t *testing.T) {
 			noRaw: []string{"\x1b", "\r"},
 		},
 		{
+			name: "a log read without its Dockerfile", mode: Plain, log: ok, titles: map[string]string{},
+			want: `[base] FROM 127.0.0.1:5000/e2e/busybox:1
+[base] resolving image 127.0.0.1:5000/e2e/busybox:1
+[base] image ready in 0.8s
+[base] done in 0.8s
+[1/4] cached
+[2/4] COPY notes.txt /opt/
+[2/4] done in 0.1s
+[3/4] RUN apt-get update && apt-get install -y curl wget git build-essential python3 python3-pip
+[3/4] Get:1 http://deb.debian.org bookworm InRelease
+[3/4] Setting up curl (7.88.1-10)
+[3/4] done in 12.3s
+[4/4] USER user
+[4/4] warning: not cached: disk full
+[4/4] done in 0.2s`,
+		},
+		{
 			name: "a build that fails before any step", mode: TTY, fail: "base",
 			log:  []entry{info("base", "resolving image nope:1"), {level: "error", step: "base", msg: "build failed: nope:1: not found", after: time.Second}},
 			want: "[base] FROM 127.0.0.1:5000/e2e/busybox:1 ✗ 1.0s\n--- [base]: the last 1 lines of its output ---\n  resolving image nope:1",
@@ -207,8 +225,11 @@ func TestRenderer(t *testing.T) {
 			}
 			clk := &clock{t: time.Date(2026, 12, 8, 0, 0, 0, 0, time.UTC)}
 			r := New(scr, Options{Mode: c.mode, Width: func() int { return 80 }, Now: clk.now})
-			ti := map[string]string{}
-			for k, v := range titles {
+			ti, from := map[string]string{}, titles
+			if c.titles != nil {
+				from = c.titles
+			}
+			for k, v := range from {
 				ti[k] = v
 			}
 			f := NewFeed(r, 4, ti)
