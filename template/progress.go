@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/term"
 
@@ -23,6 +24,7 @@ import (
 // with other output. It is safe for concurrent use.
 type progress struct {
 	r      *buildprogress.Renderer
+	tty    bool
 	prefix string
 
 	mu      sync.Mutex
@@ -46,7 +48,8 @@ func newProgress(w io.Writer, templateID string) *progress {
 			return 80
 		}
 	}
-	return &progress{r: buildprogress.New(w, buildprogress.Options{Mode: mode, Width: width}), prefix: "[template " + templateID + "]"}
+	return &progress{r: buildprogress.New(w, buildprogress.Options{Mode: mode, Width: width}), tty: mode == buildprogress.TTY,
+		prefix: "[template " + templateID + "]"}
 }
 
 // logTo starts a log of the tools' output in dir, named for the
@@ -120,7 +123,9 @@ func (p *progress) stage(name string) func(error) error {
 	p.mu.Unlock()
 	p.logLine(id + " ...")
 	p.r.Begin(id, id, "")
+	stopTicks := p.ticks()
 	return func(err error) error {
+		stopTicks()
 		p.mu.Lock()
 		if p.running == id {
 			p.running = ""
@@ -140,6 +145,29 @@ func (p *progress) stage(name string) func(error) error {
 		}
 		return err
 	}
+}
+
+// ticks moves the running stage's spinner and time on a terminal until
+// the returned function is called.
+func (p *progress) ticks() func() {
+	if !p.tty {
+		return func() {}
+	}
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				p.r.Tick()
+			}
+		}
+	}()
+	return func() { close(stop); <-stopped }
 }
 
 // output takes a line of a tool's output: into the log, and kept for the
