@@ -52,12 +52,17 @@ Ctrl-C stops following; the build goes on on the server.`,
 			if name == "" {
 				return errors.New("a template name is needed: -n NAME")
 			}
-			if file == "" {
-				file = "Dockerfile"
-			}
-			ctxDir := filepath.Dir(file)
+			// As docker build: the Dockerfile defaults to the context's,
+			// and the context to the Dockerfile's directory.
+			ctxDir := ""
 			if len(args) == 1 {
 				ctxDir = args[0]
+			}
+			if file == "" {
+				file = filepath.Join(ctxDir, "Dockerfile")
+			}
+			if ctxDir == "" {
+				ctxDir = filepath.Dir(file)
 			}
 			mode, err := progressMode(progress, verbose, cmd.OutOrStdout())
 			if err != nil {
@@ -73,7 +78,7 @@ Ctrl-C stops following; the build goes on on the server.`,
 	}
 	cf.register(cmd.Flags())
 	fs := cmd.Flags()
-	fs.StringVarP(&file, "file", "f", "", "the Dockerfile (default ./Dockerfile)")
+	fs.StringVarP(&file, "file", "f", "", "the Dockerfile (default CONTEXT/Dockerfile)")
 	fs.StringVarP(&name, "name", "n", "", "the template's name, optionally name:tag (required)")
 	fs.IntVar(&cpus, "cpu", 0, "vCPUs of the template's sandboxes and its RUN steps (default: the server's)")
 	fs.IntVar(&memMB, "memory-mb", 0, "memory in MiB of the template's sandboxes and its RUN steps (default: the server's)")
