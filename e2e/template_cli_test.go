@@ -163,6 +163,31 @@ ENV GREETING=hello
 		t.Errorf("cli-app listed after rm:\n%s", out)
 	}
 
+	// Ctrl-C stops following, not the build: logs -f then follows it to
+	// its end.
+	slow := write("Dockerfile.slow", "FROM "+ref+"\nRUN echo slow-start; sleep 4; echo slow-end\n")
+	cmd := exec.Command(srv.bin, "template", "build", "-f", slow, "-n", "cli-slow")
+	cmd.Env = srv.env()
+	var slowOut, slowErr syncBuffer
+	cmd.Stdout, cmd.Stderr = &slowOut, &slowErr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(2 * time.Minute); !strings.Contains(slowOut.String(), "RUN echo slow-start") && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	cmd.Process.Signal(os.Interrupt)
+	err = cmd.Wait()
+	t.Logf("build interrupted: %v\n%s%s", err, slowOut.String(), slowErr.String())
+	if cmd.ProcessState.ExitCode() != 1 || !strings.Contains(slowErr.String(), "stopped following; the build goes on on the server: cubicle template logs") {
+		t.Errorf("Ctrl-C: exit %d: %s", cmd.ProcessState.ExitCode(), slowErr.String())
+	}
+	out, _, code = cli(t, "template", "logs", "cli-slow", "-f")
+	if code != 0 || !strings.Contains(out, "] slow-end") || !strings.Contains(out, ": ready") {
+		t.Errorf("logs -f after Ctrl-C: exit %d:\n%s", code, out)
+	}
+	cli(t, "template", "rm", "cli-slow")
+
 	// A Dockerfile error: its line, and nothing on the server.
 	bad := write("Dockerfile.bad", "FROM "+ref+"\nRUN true\nFROBNICATE x\n")
 	out, errOut, code = cli(t, "template", "build", "-f", bad, "-n", "cli-bad")
