@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -193,7 +194,20 @@ func buildTemplate(ctx context.Context, c *client.Client, req buildRequest, out,
 	for i, st := range spec.Steps {
 		titles[fmt.Sprint(i+1)] = st.Type + " " + strings.Join(st.Args, " ")
 	}
-	r := buildprogress.New(out, buildprogress.Options{Mode: req.mode, Width: termWidth(out)})
+	// Steps are timed on the server's clock, as its log entries have it,
+	// moved on by the local clock since the last entry: a step that
+	// began and ended between two polls shows its own time, not 0.0s.
+	var clockMu sync.Mutex
+	var lastStamp, lastSeen time.Time
+	now := func() time.Time {
+		clockMu.Lock()
+		defer clockMu.Unlock()
+		if lastStamp.IsZero() {
+			return time.Now()
+		}
+		return lastStamp.Add(time.Since(lastSeen))
+	}
+	r := buildprogress.New(out, buildprogress.Options{Mode: req.mode, Width: termWidth(out), Now: now})
 	feed := buildprogress.NewFeed(r, len(spec.Steps), titles)
 	stopTicks := func() {}
 	if req.mode == buildprogress.TTY {
@@ -214,7 +228,12 @@ func buildTemplate(ctx context.Context, c *client.Client, req buildRequest, out,
 		}()
 		stopTicks = func() { close(stop); <-stopped }
 	}
-	st, err := followBuild(ctx, c, nb.TemplateID, nb.BuildID, 0, func(e client.BuildLogEntry) { feed.Add(e.Level, e.Step, e.Message) })
+	st, err := followBuild(ctx, c, nb.TemplateID, nb.BuildID, 0, func(e client.BuildLogEntry) {
+		clockMu.Lock()
+		lastStamp, lastSeen = e.Timestamp, time.Now()
+		clockMu.Unlock()
+		feed.Add(e.Level, e.Step, e.Message)
+	})
 	stopTicks()
 	if err != nil {
 		r.Close()
