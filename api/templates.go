@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -48,6 +49,7 @@ func (s *Server) templateRoutes(m *http.ServeMux, auth func(http.Handler) http.H
 	h("GET /templates", s.listTemplates)
 	h("GET /v2/templates", s.listTemplates)
 	h("GET /templates/aliases/{alias}", s.templateAlias)
+	h("GET /templates/{id}", s.getTemplate)
 	h("GET /templates/{id}/files/{hash}", s.templateFiles)
 	h("POST /v2/templates/{id}/builds/{buildID}", s.startBuild)
 	h("GET /templates/{id}/builds/{buildID}/status", s.buildStatus)
@@ -299,6 +301,48 @@ func (s *Server) listTemplates(w http.ResponseWriter, r *http.Request) {
 			out = append(out, templateJSON(t))
 		}
 	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// getTemplate is GET /templates/{id}: E2B's TemplateWithBuilds, the
+// template (by ID or name) with its builds, newest first. A template whose
+// builds all failed is still found by its builds, so its logs can be read.
+func (s *Server) getTemplate(w http.ResponseWriter, r *http.Request) {
+	owner, ref := requestOwner(r.Context()), r.PathValue("id")
+	tmpls := s.opts.Templates
+	builds, err := tmpls.Builds.List(owner, ref)
+	if err != nil {
+		s.fail(w, err)
+		return
+	}
+	var out map[string]any
+	if t, err := tmpls.Registry.Get(ref); err == nil && visible(t, owner) {
+		out = templateJSON(t)
+		builds = slices.DeleteFunc(builds, func(b builder.Info) bool { return b.TemplateID != t.TemplateID })
+	} else if len(builds) > 0 {
+		// Never built: the newest build's template, as far as it exists.
+		id, alias := builds[0].TemplateID, builds[0].Alias
+		builds = slices.DeleteFunc(builds, func(b builder.Info) bool { return b.TemplateID != id })
+		names := []string{}
+		if alias != "" {
+			names = []string{alias}
+		}
+		out = map[string]any{"templateID": id, "public": false, "aliases": names, "names": names,
+			"cpuCount": builds[0].CPUCount, "memoryMB": builds[0].MemoryMB, "createdAt": builds[len(builds)-1].CreatedAt}
+	} else {
+		writeError(w, http.StatusNotFound, "template not found")
+		return
+	}
+	list := make([]map[string]any, 0, len(builds))
+	for _, b := range builds {
+		e := map[string]any{"buildID": b.BuildID, "status": b.Status, "createdAt": b.CreatedAt, "updatedAt": b.CreatedAt,
+			"cpuCount": b.CPUCount, "memoryMB": b.MemoryMB}
+		if !b.FinishedAt.IsZero() {
+			e["finishedAt"], e["updatedAt"] = b.FinishedAt, b.FinishedAt
+		}
+		list = append(list, e)
+	}
+	out["builds"] = list
 	writeJSON(w, http.StatusOK, out)
 }
 

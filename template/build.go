@@ -219,6 +219,8 @@ func buildBase(ctx context.Context, opts BuildOptions) (Template, buildOutcome, 
 		return Template{}, 0, fmt.Errorf("build template %s: %w", BaseID, ErrNotRoot)
 	}
 
+	p.logTo(filepath.Join(opts.CacheDir, "logs"), BaseID)
+	defer p.close()
 	p.printf("build %s: debian %s %s/%s, cache %s", buildID, rec.Suite, rec.Variant, rec.Arch, opts.CacheDir)
 	c := cache{dir: opts.CacheDir, p: p}
 	archive, outcome, err := c.rootfs(ctx, key, rec, opts.Force, c.debootstrap(rec))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 )
@@ -122,6 +123,8 @@ func buildCodeInterpreter(ctx context.Context, opts BuildOptions) (Template, bui
 		return Template{}, 0, fmt.Errorf("build template %s: %w", CodeInterpreterAlias, ErrNotRoot)
 	}
 
+	p.logTo(filepath.Join(opts.CacheDir, "logs"), CodeInterpreterAlias)
+	defer p.close()
 	p.printf("build %s: base %s + %v, cache %s", buildID, rec.Base, rec.Packages, opts.CacheDir)
 	c := cache{dir: opts.CacheDir, p: p}
 	// The base tar comes first, under its own turn of the cache lock: the

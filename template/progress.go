@@ -4,51 +4,181 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/term"
+
+	"github.com/cubicle-dev/cubicle/internal/buildprogress"
 )
 
-// progress writes a build's human-readable log, one line per event, each
-// prefixed with "[template <id>] " so it reads well interleaved with other
-// output. It is safe for concurrent use.
+// progress shows a build of a default template as one line per stage
+// (debootstrap, configure, archive, extract rootfs, install template):
+// redrawn in place with a spinner when w is a terminal, a line at each
+// stage's start and end otherwise (internal/buildprogress). The tools'
+// output is not shown: it goes to a log file (logTo), and a failing
+// stage shows its last lines and the log's path. Lines of its own
+// (printf) are prefixed "[template <id>] " so they read well interleaved
+// with other output. It is safe for concurrent use.
 type progress struct {
-	mu     sync.Mutex
-	w      io.Writer
+	r      *buildprogress.Renderer
+	tty    bool
 	prefix string
+
+	mu      sync.Mutex
+	running string // the running stage, whose output lines are kept
+	logPath string
+	log     *os.File
+	failed  bool // a stage failed: the log is kept
 }
 
 func newProgress(w io.Writer, templateID string) *progress {
 	if w == nil {
 		w = io.Discard
 	}
-	return &progress{w: w, prefix: "[template " + templateID + "] "}
+	mode, width := buildprogress.Lines, func() int { return 80 }
+	if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		mode = buildprogress.TTY
+		width = func() int {
+			if cols, _, err := term.GetSize(int(f.Fd())); err == nil {
+				return cols
+			}
+			return 80
+		}
+	}
+	return &progress{r: buildprogress.New(w, buildprogress.Options{Mode: mode, Width: width}), tty: mode == buildprogress.TTY,
+		prefix: "[template " + templateID + "]"}
 }
 
-// printf writes one line. Write errors are ignored: a closed terminal must
-// not fail a build.
-func (p *progress) printf(format string, args ...any) {
-	line := p.prefix + fmt.Sprintf(format, args...) + "\n"
+// logTo starts a log of the tools' output in dir, named for the
+// template; it is kept only if a stage fails (its path is then shown).
+// A log that cannot be made is skipped with a warning: the build goes on,
+// and a failure still shows its last lines.
+func (p *progress) logTo(dir, name string) {
+	err := os.MkdirAll(dir, 0o755)
+	var f *os.File
+	if err == nil {
+		f, err = os.CreateTemp(dir, name+"-*.log")
+	}
+	if err != nil {
+		p.printf("warning: no build log: %v", err)
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	_, _ = io.WriteString(p.w, line)
+	p.log, p.logPath = f, f.Name()
+}
+
+// logFile is the log's path, "" if there is none.
+func (p *progress) logFile() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.logPath
+}
+
+// close ends the output and closes the log, which is removed unless a
+// stage failed.
+func (p *progress) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.log != nil {
+		p.log.Close()
+		if !p.failed {
+			os.Remove(p.logPath)
+		}
+		p.log = nil
+	}
+	p.r.Close()
+}
+
+// printf writes one line of its own. Write errors are ignored: a closed
+// terminal must not fail a build.
+func (p *progress) printf(format string, args ...any) {
+	line := p.prefix + " " + fmt.Sprintf(format, args...)
+	p.r.Print(line)
+	p.logLine(line)
+}
+
+// logLine appends a line to the log file, if there is one.
+func (p *progress) logLine(line string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.log != nil {
+		_, _ = io.WriteString(p.log, line+"\n")
+	}
 }
 
 // stage announces a named step and returns the function that closes it,
 // reporting the step's elapsed time and passing its error through:
 //
 //	err = p.stage("debootstrap")(runDebootstrap())
+//
+// A failed stage shows its last output lines and where the whole log is.
 func (p *progress) stage(name string) func(error) error {
-	start := time.Now()
-	p.printf("%s ...", name)
+	id := p.prefix + " " + name
+	p.mu.Lock()
+	p.running = id
+	p.mu.Unlock()
+	p.logLine(id + " ...")
+	p.r.Begin(id, id, "")
+	stopTicks := p.ticks()
 	return func(err error) error {
-		d := time.Since(start).Round(100 * time.Millisecond)
+		stopTicks()
+		p.mu.Lock()
+		if p.running == id {
+			p.running = ""
+		}
+		logPath := p.logPath
+		p.failed = p.failed || err != nil
+		p.mu.Unlock()
 		if err != nil {
-			p.printf("%s failed after %s", name, d)
+			p.logLine(id + " failed: " + err.Error())
+			p.r.Fail(id)
+			if logPath != "" {
+				p.r.Print(p.prefix + " the whole output is in " + logPath)
+			}
 		} else {
-			p.printf("%s done in %s", name, d)
+			p.r.Done(id, -1)
+			p.logLine(id + " done")
 		}
 		return err
+	}
+}
+
+// ticks moves the running stage's spinner and time on a terminal until
+// the returned function is called.
+func (p *progress) ticks() func() {
+	if !p.tty {
+		return func() {}
+	}
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				p.r.Tick()
+			}
+		}
+	}()
+	return func() { close(stop); <-stopped }
+}
+
+// output takes a line of a tool's output: into the log, and kept for the
+// running stage's failure.
+func (p *progress) output(tag, line string) {
+	p.mu.Lock()
+	id := p.running
+	p.mu.Unlock()
+	p.logLine(tag + ": " + line)
+	if id != "" {
+		p.r.Output(id, id, "", line)
 	}
 }
 
@@ -114,7 +244,7 @@ func (w *lineWriter) emit(b []byte) {
 	if strings.TrimSpace(line) == "" {
 		return
 	}
-	w.p.printf("%s: %s", w.tag, line)
+	w.p.output(w.tag, line)
 	if len(w.tail) == tailLines {
 		w.tail = append(w.tail[:0], w.tail[1:]...)
 	}

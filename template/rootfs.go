@@ -254,6 +254,11 @@ func runLogged(cmd *exec.Cmd, p *progress, tag, chroot string) error {
 	err := cmd.Run()
 	out.Close()
 	if err != nil {
+		// The progress has shown the last lines; the error says where
+		// the rest is.
+		if path := p.logFile(); path != "" {
+			return fmt.Errorf("%s: %w (its output is in %s)", tag, err, path)
+		}
 		return fmt.Errorf("%s: %w; last output:\n%s", tag, err, out.Tail())
 	}
 	return nil

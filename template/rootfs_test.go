@@ -83,9 +83,13 @@ func TestDiskSizeMB(t *testing.T) {
 	}
 }
 
+// TestLineWriter: a tool's output is split into lines (on \n and \r),
+// blank ones dropped, into the build's log, not onto the screen.
 func TestLineWriter(t *testing.T) {
 	var out bytes.Buffer
 	p := newProgress(&out, "x")
+	p.logTo(filepath.Join(t.TempDir(), "logs"), "x")
+	logPath := p.logFile()
 	w := p.lines("tool")
 	for _, chunk := range []string{"first li", "ne\nsecond\r\n", "\n  \n", "50%\r100%\r", "no newline"} {
 		if _, err := w.Write([]byte(chunk)); err != nil {
@@ -93,25 +97,54 @@ func TestLineWriter(t *testing.T) {
 		}
 	}
 	w.Close()
-	want := "[template x] tool: first line\n[template x] tool: second\n[template x] tool: 50%\n" +
-		"[template x] tool: 100%\n[template x] tool: no newline\n"
-	if out.String() != want {
-		t.Errorf("got:\n%s\nwant:\n%s", out.String(), want)
+	b, err := os.ReadFile(logPath)
+	p.close()
+	want := "tool: first line\ntool: second\ntool: 50%\ntool: 100%\ntool: no newline\n"
+	if err != nil || string(b) != want {
+		t.Errorf("log: %v\n%s\nwant:\n%s", err, b, want)
 	}
-	if !strings.HasSuffix(w.Tail(), "100%\nno newline") {
-		t.Errorf("Tail = %q", w.Tail())
+	if _, err := os.Stat(logPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the log of a build without a failure was kept: %v", err)
 	}
-	for i := range 2 * tailLines {
-		w.Write([]byte(strings.Repeat("y", i+1) + "\n"))
+	if out.Len() != 0 {
+		t.Errorf("the tool's output reached the screen:\n%s", out.String())
 	}
-	if n := strings.Count(w.Tail(), "\n") + 1; n != tailLines {
-		t.Errorf("Tail keeps %d lines, want %d", n, tailLines)
-	}
+}
 
-	out.Reset()
-	done := p.stage("step")
-	if err := done(errors.New("boom")); err == nil || !strings.Contains(out.String(), "step failed after") {
-		t.Errorf("failed stage: %v, %q", err, out.String())
+// TestProgressStages: not on a terminal, a stage is a line when it starts
+// and one when it ends, its tool's output hidden; a failing stage shows
+// its last lines and the log's path, and runLogged's error names the log.
+func TestProgressStages(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("runLogged unshares a mount namespace, which needs root")
+	}
+	var out bytes.Buffer
+	p := newProgress(&out, "base")
+	p.logTo(t.TempDir(), "base")
+	logPath := p.logFile()
+	if err := p.stage("debootstrap")(runLogged(exec.CommandContext(context.Background(), "/bin/sh", "-c", "echo I: Retrieving; echo I: Validating"), p, "debootstrap", "")); err != nil {
+		t.Fatal(err)
+	}
+	err := p.stage("configure")(runLogged(exec.CommandContext(context.Background(), "/bin/sh", "-c", "echo E: unable to locate package; exit 100"), p, "configure", ""))
+	p.close()
+	if err == nil || !strings.Contains(err.Error(), "exit status 100 (its output is in "+logPath+")") {
+		t.Errorf("error: %v", err)
+	}
+	got := out.String()
+	for _, re := range []string{
+		`(?m)^\[template base\] debootstrap$`,
+		`(?m)^\[template base\] debootstrap done in \d+\.\ds$`,
+		`(?m)^\[template base\] configure failed after \d+\.\ds\n.*\n  E: unable to locate package\n\[template base\] the whole output is in ` + regexp.QuoteMeta(logPath) + `$`,
+	} {
+		if !regexp.MustCompile(re).MatchString(got) {
+			t.Errorf("output does not match %s:\n%s", re, got)
+		}
+	}
+	if strings.Contains(got, "Retrieving") || strings.ContainsAny(got, "\x1b\r") {
+		t.Errorf("a tool's output or escape codes on a pipe:\n%q", got)
+	}
+	if b, _ := os.ReadFile(logPath); !strings.Contains(string(b), "debootstrap: I: Retrieving\n") || !strings.Contains(string(b), "configure: E: unable") {
+		t.Errorf("log:\n%s", b)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -16,31 +17,10 @@ import (
 
 func templateCmd() *cobra.Command {
 	var dataDir, cacheDir string
-	cmd := &cobra.Command{Use: "template", Short: "Templates on this host"}
+	cmd := &cobra.Command{Use: "template", Short: "Build, list and remove templates"}
 	dataDirFlag(cmd.PersistentFlags(), &dataDir)
 	cmd.PersistentFlags().StringVar(&cacheDir, "cache-dir", template.DefaultCacheDir(), "cache for slow artifacts (env CUBICLE_CACHE_DIR)")
 
-	list := &cobra.Command{
-		Use:   "list",
-		Short: "List templates",
-		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, err := template.Open(dataDir)
-			if err != nil {
-				return err
-			}
-			ts, err := reg.List()
-			if err != nil {
-				return err
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tALIASES\tCPU\tMEMORY MB\tDISK MB\tBUILD\tCREATED")
-			for _, t := range ts {
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\n", t.TemplateID, strings.Join(t.Aliases, ","),
-					t.CPUCount, t.MemoryMB, t.DiskSizeMB, t.BuildID, t.CreatedAt.Local().Format("2006-01-02 15:04"))
-			}
-			return tw.Flush()
-		},
-	}
 	var force bool
 	buildBase := &cobra.Command{
 		Use:   "build-base",
@@ -60,9 +40,28 @@ func templateCmd() *cobra.Command {
 		},
 	}
 	buildBase.Flags().BoolVar(&force, "force", false, "rebuild from the mirror even when the cache has it")
-	cmd.AddCommand(list, buildBase)
+	cmd.AddCommand(templateBuildCmd(), templateListCmd(&dataDir), templateRmCmd(), templateLogsCmd(), buildBase)
 	cmd.AddCommand(buildCodeInterpreterCmd(&dataDir, &cacheDir))
 	return cmd
+}
+
+// listLocalTemplates lists the registry in dataDir, without a server.
+func listLocalTemplates(out io.Writer, dataDir string) error {
+	reg, err := template.Open(dataDir)
+	if err != nil {
+		return err
+	}
+	ts, err := reg.List()
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tALIASES\tCPU\tMEMORY MB\tDISK MB\tBUILD\tCREATED")
+	for _, t := range ts {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\n", t.TemplateID, strings.Join(t.Aliases, ","),
+			t.CPUCount, t.MemoryMB, t.DiskSizeMB, t.BuildID, t.CreatedAt.Local().Format("2006-01-02 15:04"))
+	}
+	return tw.Flush()
 }
 
 // templateSource resolves templates for the orchestrator from the registry.

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sync"
 	"time"
 
@@ -386,4 +387,29 @@ func (m *Manager) OwnerOf(templateID string) string {
 		}
 	}
 	return ""
+}
+
+// List returns owner's builds of the template whose ID or name is ref,
+// newest first. A template's name is known to its builds even before one
+// of them succeeds, so a template whose first build failed still has its
+// log.
+func (m *Manager) List(owner, ref string) ([]Info, error) {
+	ents, err := os.ReadDir(m.dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []Info
+	for _, e := range ents {
+		id, ok := cutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		info, err := m.read(id)
+		if err != nil || info.Owner != owner || (info.TemplateID != ref && info.Alias != ref) {
+			continue
+		}
+		out = append(out, info)
+	}
+	slices.SortFunc(out, func(a, b Info) int { return b.CreatedAt.Compare(a.CreatedAt) })
+	return out, nil
 }
