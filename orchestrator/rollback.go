@@ -67,6 +67,13 @@ func (o *Orchestrator) Rollback(ctx context.Context, id, ref string) (Info, erro
 		// Another sandbox's snapshot is as unknown here as a missing one.
 		return Info{}, fmt.Errorf("%w: sandbox %s has no snapshot %q", ErrTemplateNotFound, id, ref)
 	}
+	// What the restore needs, checked before anything is touched.
+	if _, err := o.opts.Templates.Lookup(sb.baseTemplate()); err != nil {
+		return Info{}, fmt.Errorf("%w: the template %q of sandbox %s is gone", ErrTemplateNotFound, sb.baseTemplate(), id)
+	}
+	if _, err := os.Stat(o.snapshotPath(sn.ID)); err != nil {
+		return Info{}, fmt.Errorf("orchestrator: rollback of %s: snapshot %s: %w", id, sn.ID, err)
+	}
 	start := time.Now()
 	if sb.rec.State == StatePaused {
 		if err := o.rollbackPaused(ctx, sb, sn); err != nil {
