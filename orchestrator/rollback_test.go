@@ -329,5 +329,31 @@ func TestCommandCheckpoints(t *testing.T) {
 	}
 	waitFor(t, "the checkpoints' files to go", func() bool { return snapshotDirs() == 1 })
 	o.Kill(ctx, plain.ID)
+
+	// A crash between a sandbox's end and the removal of its checkpoints:
+	// the next start removes them.
+	d, err := o.Create(ctx, CreateRequest{Template: "tiny", Timeout: time.Hour, Owner: "alice", Metadata: perCmd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := o.CheckpointCommand(ctx, d.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := o.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.st.DeleteSandbox(ctx, d.ID); err != nil {
+		t.Fatal(err)
+	}
+	w.rt = w.runtime(t, "100.89.11.0/24")
+	o = w.orchestrator(t, 0)
+	if sns, _ := o.ListSnapshots(ctx, store.SnapshotFilter{SandboxID: d.ID}); len(sns) != 0 {
+		t.Errorf("after a restart, an ended sandbox's checkpoints are left: %d", len(sns))
+	}
+	if n := snapshotDirs(); n != 1 {
+		t.Errorf("after a restart, %d snapshot directories, want the one named snapshot's", n)
+	}
 	o.Close(ctx)
 }
