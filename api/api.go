@@ -118,6 +118,7 @@ func (s *Server) routes() {
 	sandboxRoute("POST /sandboxes/{id}/snapshots", s.createSnapshot)
 	m.Handle("GET /snapshots", auth(http.HandlerFunc(s.listSnapshots)))
 	sandboxRoute("POST /sandboxes/{id}/fork", s.fork)
+	sandboxRoute("POST /sandboxes/{id}/rollback", s.rollback) // rollback.go, a cubicle extension
 	// Snapshots are templates: deleted as such. Owner-walled by the
 	// orchestrator's lookup (another owner's snapshot is not found).
 	m.Handle("DELETE /templates/{id}", auth(http.HandlerFunc(s.deleteTemplate)))

@@ -293,7 +293,7 @@ func runNode(t *testing.T, args ...string) {
 }
 
 func TestSDK(t *testing.T) {
-	runNode(t, "sandbox.test.mjs", "commands.test.mjs", "pty.test.mjs", "files.test.mjs", "lifecycle.test.mjs", "network.test.mjs", "snapshot.test.mjs")
+	runNode(t, "sandbox.test.mjs", "commands.test.mjs", "pty.test.mjs", "files.test.mjs", "lifecycle.test.mjs", "network.test.mjs", "snapshot.test.mjs", "rollback.test.mjs")
 }
 
 // TestSDKDeadSandboxes: sandboxes that die under the SDK (dead.test.mjs).

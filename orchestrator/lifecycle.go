@@ -55,6 +55,7 @@ func (o *Orchestrator) killLocked(ctx context.Context, sb *Sandbox, event, reaso
 	if err := o.opts.Store.DeleteSandbox(ctx, id); err != nil {
 		o.log.Error("deleting sandbox record", "sandbox", id, "err", err)
 	}
+	o.dropCheckpoints(ctx, sb.rec) // checkpoint.go
 	o.destroyAsync(id)
 	if sb.rec.PausedOnDisk != "" {
 		if err := os.RemoveAll(o.pausedPath(id)); err != nil {
@@ -201,6 +202,14 @@ func (o *Orchestrator) resumeLocked(ctx context.Context, sb *Sandbox, timeout ti
 // resumeFromDisk restores sb from its paused directory, with its ID, token
 // and egress policy, in devices claimed anew. On error it stays paused.
 func (o *Orchestrator) resumeFromDisk(ctx context.Context, sb *Sandbox, timeout time.Duration) error {
+	return o.resumeFrom(ctx, sb, o.pausedPath(sb.rec.ID), sb.rec.PausedOnDisk == store.PausedMemory,
+		sb.rec.EnvdAccessToken, func() time.Time { return time.Now().UTC().Add(timeout) })
+}
+
+// resumeFrom is resumeFromDisk from dir, a snapshot of sb (its pause, or
+// one of its snapshots for a rollback) whose envd holds token, to run
+// until end(). On success sb's pause is removed; on error sb stays paused.
+func (o *Orchestrator) resumeFrom(ctx context.Context, sb *Sandbox, dir string, memory bool, token string, end func() time.Time) error {
 	start := time.Now()
 	id := sb.rec.ID
 	t, err := o.opts.Templates.Lookup(sb.baseTemplate())
@@ -208,8 +217,7 @@ func (o *Orchestrator) resumeFromDisk(ctx context.Context, sb *Sandbox, timeout 
 		return fmt.Errorf("%w: the template %q of paused sandbox %s is gone", ErrTemplateNotFound, sb.baseTemplate(), id)
 	}
 	t.CPUCount, t.MemoryMB, t.DiskSizeMB = sb.rec.CPUCount, sb.rec.MemoryMB, sb.rec.DiskSizeMB
-	memory := sb.rec.PausedOnDisk == store.PausedMemory
-	s, err := o.restoreSlot(ctx, id, restoreSource{dir: o.pausedPath(id), tmpl: t, token: sb.rec.EnvdAccessToken, memory: memory})
+	s, err := o.restoreSlot(ctx, id, restoreSource{dir: dir, tmpl: t, token: token, memory: memory})
 	if err != nil {
 		return err
 	}
@@ -223,7 +231,10 @@ func (o *Orchestrator) resumeFromDisk(ctx context.Context, sb *Sandbox, timeout 
 		}
 	}
 	init := initRequest{Timestamp: time.Now().UTC()}
-	auth := sb.rec.EnvdAccessToken
+	auth := token
+	if token != sb.rec.EnvdAccessToken {
+		init.AccessToken = sb.rec.EnvdAccessToken
+	}
 	if !memory {
 		// A fresh envd: it learns everything again, and has no token yet.
 		init = initFor(t, sb.rec.EnvVars, id, sb.rec.TemplateID, sb.rec.EnvdAccessToken)
@@ -234,7 +245,7 @@ func (o *Orchestrator) resumeFromDisk(ctx context.Context, sb *Sandbox, timeout 
 	}
 	rec := sb.rec
 	rec.State, rec.PausedOnDisk, rec.Addr = StateRunning, "", s.Addr.String()
-	rec.EndAt = time.Now().UTC().Add(timeout)
+	rec.EndAt = end()
 	if err := o.opts.Store.PutSandbox(ctx, rec); err != nil {
 		return fail(err)
 	}

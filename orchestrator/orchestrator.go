@@ -416,6 +416,9 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 	if req.Timeout <= 0 || req.Timeout > o.opts.MaxTimeout {
 		return Info{}, fmt.Errorf("%w: timeout must be between 1 and %d seconds", ErrInvalid, int(o.opts.MaxTimeout/time.Second))
 	}
+	if err := o.checkCheckpointMetadata(req.Metadata); err != nil { // checkpoint.go
+		return Info{}, err
+	}
 	p, err := o.poolFor(req.Template)
 	if errors.Is(err, ErrTemplateNotFound) {
 		// A templateID may name one of the owner's snapshots.

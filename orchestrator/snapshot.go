@@ -92,6 +92,13 @@ func (o *Orchestrator) Snapshot(ctx context.Context, id, name string) (store.Sna
 	}
 	sb.mu.Lock()
 	defer sb.mu.Unlock()
+	return o.snapshotLocked(ctx, snapper, sb, name)
+}
+
+// snapshotLocked is Snapshot with sb.mu held and name checked.
+func (o *Orchestrator) snapshotLocked(ctx context.Context, snapper runtime.Snapshotter, sb *Sandbox, name string) (store.Snapshot, error) {
+	id := sb.rec.ID
+	var err error
 	if sb.gone {
 		return store.Snapshot{}, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
@@ -134,6 +141,9 @@ func (o *Orchestrator) Snapshot(ctx context.Context, id, name string) (store.Sna
 func checkSnapshotName(name string) error {
 	if len(name) > 128 {
 		return fmt.Errorf("%w: snapshot name longer than 128 characters", ErrInvalid)
+	}
+	if _, ok := checkpointNumber(name); ok {
+		return fmt.Errorf("%w: snapshot name %q: names cmd-<n>.<sandbox> are cubicle's per-command checkpoints'", ErrInvalid, name)
 	}
 	for _, c := range name {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
@@ -469,6 +479,7 @@ func (o *Orchestrator) sweepSnapshots(ctx context.Context) {
 	if o.opts.SnapshotDir == "" {
 		return
 	}
+	o.sweepCheckpoints(ctx) // checkpoint.go
 	remove := func(path, why string) {
 		o.log.Info("removing a leftover snapshot", "path", path, "why", why)
 		if err := os.RemoveAll(path); err != nil {

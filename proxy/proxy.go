@@ -33,9 +33,14 @@ type Route struct {
 	// TrafficToken, when set, is demanded in TrafficTokenHeader on every
 	// port but envd's (network.allowPublicTraffic false).
 	TrafficToken string
-	// AccessToken is envd's token; used only to match signed /files URLs
-	// that arrive without sandbox headers.
+	// AccessToken is envd's token; used to match signed /files URLs that
+	// arrive without sandbox headers, and to tell which process starts
+	// deserve a checkpoint.
 	AccessToken string
+	// Checkpoint says the sandbox is checkpointed before every command:
+	// each envd process Start carrying AccessToken makes the proxy call
+	// Resolver.Checkpoint before forwarding it.
+	Checkpoint bool
 }
 
 // Resolver is what the proxy needs of the control plane.
@@ -47,6 +52,9 @@ type Resolver interface {
 	Wake(ctx context.Context, id string) bool
 	// Each calls fn for every live sandbox until fn returns false.
 	Each(fn func(id string, r Route) bool)
+	// Checkpoint snapshots a sandbox whose Route says Checkpoint before a
+	// command starts in it. On error the command is not forwarded.
+	Checkpoint(ctx context.Context, id string) error
 }
 
 // Proxy is an http.Handler; serve it with the http.Server that Server
@@ -151,6 +159,22 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if route.Checkpoint && port == EnvdPort && isProcessStart(r) && tokenEqual(r.Header.Get(accessTokenHeader), route.AccessToken) {
+		// A command the agent may want to undo: save the sandbox first. A
+		// command run without its checkpoint would make that undo lose
+		// work, so it is refused instead. Requests without the sandbox's
+		// token take none: envd refuses them, and they must not push the
+		// owner's checkpoints out.
+		if err := p.resolver.Checkpoint(r.Context(), id); err != nil {
+			writeError(w, http.StatusBadGateway, id, "The command was not started: cubicle could not checkpoint the sandbox before it: "+err.Error())
+			return
+		}
+		// A rollback may have moved it meanwhile.
+		if route, found = p.resolver.Route(id); !found {
+			writeError(w, http.StatusBadGateway, id, msgNotFound)
+			return
+		}
+	}
 	tc, _ := r.Context().Value(connKey{}).(*trackedConn)
 	if tc != nil {
 		p.track(id, tc)
@@ -165,6 +189,17 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	_ = http.NewResponseController(w).EnableFullDuplex()
 	ctx := context.WithValue(r.Context(), targetKey{}, routeTarget{id: id, addr: route.Addr, port: port})
 	p.rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// processStartPath is envd's Connect procedure that starts a command
+// (process.Process/Start; the SDKs' commands.run and pty.create).
+const processStartPath = "/process.Process/Start"
+
+// accessTokenHeader carries envd's access token.
+const accessTokenHeader = "X-Access-Token"
+
+func isProcessStart(r *http.Request) bool {
+	return r.Method == http.MethodPost && r.URL.Path == processStartPath
 }
 
 // TrafficTokenHeader carries a sandbox's traffic access token, as the SDKs

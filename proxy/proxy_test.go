@@ -22,6 +22,10 @@ type table struct {
 	mu     sync.Mutex
 	routes map[string]Route
 	woken  []string
+	// checkpoints lists the sandboxes Checkpoint was called for; it fails
+	// with checkpointErr when set.
+	checkpoints   []string
+	checkpointErr error
 }
 
 func (t *table) Route(id string) (Route, bool) {
@@ -42,6 +46,13 @@ func (t *table) Wake(ctx context.Context, id string) bool {
 	t.routes[id] = r
 	t.woken = append(t.woken, id)
 	return true
+}
+
+func (t *table) Checkpoint(ctx context.Context, id string) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.checkpoints = append(t.checkpoints, id)
+	return t.checkpointErr
 }
 
 func (t *table) Each(fn func(string, Route) bool) {
@@ -465,5 +476,93 @@ func TestTrafficToken(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || string(body) != "hello /w" || len(tb.woken) != 1 {
 		t.Fatalf("paused, with the token: %d %q, woken %v", resp.StatusCode, body, tb.woken)
+	}
+}
+
+func TestCheckpointBeforeProcessStart(t *testing.T) {
+	// The checkpoint hook is for envd's port only: serve it.
+	ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(EnvdPort))
+	if err != nil {
+		t.Skipf("port %d busy on this host: %v", EnvdPort, err)
+	}
+	var mu sync.Mutex
+	var forwarded []string
+	record := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		forwarded = append(forwarded, r.Method+" "+r.URL.Path)
+		mu.Unlock()
+		io.WriteString(w, "ok")
+	})
+	srv := &http.Server{Handler: record}
+	go srv.Serve(ln)
+	defer srv.Close()
+	other := upstream(t, record)
+
+	const ckpt, plain = "cccccccccccccccccccc", "dddddddddddddddddddd"
+	tb := &table{routes: map[string]Route{
+		ckpt:  {Addr: loopback, AccessToken: "tok", Checkpoint: true},
+		plain: {Addr: loopback, AccessToken: "tok"},
+	}}
+	_, base := startProxy(t, tb)
+	failing := errors.New("disk full")
+	for _, tc := range []struct {
+		name, id, method, path, token string
+		port                          int
+		fail                          error
+		wantCheckpoint                bool
+		wantCode                      int
+	}{
+		{"a command", ckpt, "POST", processStartPath, "tok", EnvdPort, nil, true, 200},
+		{"without the token", ckpt, "POST", processStartPath, "", EnvdPort, nil, false, 200},
+		{"with a wrong token", ckpt, "POST", processStartPath, "nope", EnvdPort, nil, false, 200},
+		{"another envd call", ckpt, "POST", "/process.Process/List", "tok", EnvdPort, nil, false, 200},
+		{"a GET", ckpt, "GET", processStartPath, "tok", EnvdPort, nil, false, 200},
+		{"another port", ckpt, "POST", processStartPath, "tok", other, nil, false, 200},
+		{"a sandbox without checkpoints", plain, "POST", processStartPath, "tok", EnvdPort, nil, false, 200},
+		{"a checkpoint that fails", ckpt, "POST", processStartPath, "tok", EnvdPort, failing, true, 502},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tb.mu.Lock()
+			tb.checkpoints, tb.checkpointErr = nil, tc.fail
+			tb.mu.Unlock()
+			mu.Lock()
+			forwarded = nil
+			mu.Unlock()
+			req, _ := http.NewRequest(tc.method, base+tc.path, strings.NewReader("{}"))
+			req.Header.Set("E2b-Sandbox-Id", tc.id)
+			req.Header.Set("E2b-Sandbox-Port", strconv.Itoa(tc.port))
+			if tc.token != "" {
+				req.Header.Set("X-Access-Token", tc.token)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.wantCode {
+				t.Fatalf("got %d %q, want %d", resp.StatusCode, body, tc.wantCode)
+			}
+			tb.mu.Lock()
+			got := len(tb.checkpoints) > 0
+			tb.mu.Unlock()
+			if got != tc.wantCheckpoint {
+				t.Errorf("checkpoint taken: %v, want %v", got, tc.wantCheckpoint)
+			}
+			mu.Lock()
+			n := len(forwarded)
+			mu.Unlock()
+			if tc.wantCode == 502 {
+				var e errorBody
+				if err := json.Unmarshal(body, &e); err != nil || e.Code != 502 || e.SandboxID != tc.id || !strings.Contains(e.Message, "disk full") {
+					t.Errorf("error body %q", body)
+				}
+				if n != 0 {
+					t.Errorf("a command whose checkpoint failed was forwarded")
+				}
+			} else if n != 1 {
+				t.Errorf("forwarded %d requests, want 1", n)
+			}
+		})
 	}
 }

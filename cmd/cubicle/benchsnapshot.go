@@ -31,7 +31,21 @@ type snapshotFigures struct {
 	PauseMS        float64            `json:"pause_p50_ms"`
 	PauseMiB       float64            `json:"pause_size_p50_mib,omitempty"`
 	ResumeMS       float64            `json:"resume_p50_ms"`
+	// RollbackMS is a rollback in place (a cubicle extension) up to the
+	// first commands.run("true") after it.
+	RollbackMS float64 `json:"rollback_p50_ms"`
+	// CommandMS and CheckpointedCommandMS are a commands.run("true") in a
+	// plain sandbox and in one with per-command checkpoints (a cubicle
+	// extension), measured alternately; the difference is the checkpoint's
+	// cost per command.
+	CommandMS             float64 `json:"command_p50_ms"`
+	CheckpointedCommandMS float64 `json:"command_per_command_checkpoint_p50_ms"`
 }
+
+// commandsPerRound is how many commands each round runs in the plain and
+// the checkpointed sandbox: over the rounds, more than a sandbox keeps
+// (orchestrator.MaxCommandCheckpoints), so removing the oldest is counted.
+const commandsPerRound = 8
 
 func benchSnapshotCmd() *cobra.Command {
 	var cf clientFlags
@@ -40,14 +54,19 @@ func benchSnapshotCmd() *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "snapshot",
-		Short: "Snapshot, create-from-snapshot, fork, pause to disk and resume, beside a pooled create",
+		Short: "Snapshot, create-from-snapshot, fork, pause to disk, resume, rollback and per-command checkpoints, beside a pooled create",
 		Long: `snapshot measures, against a running cubicle serve, for an idle sandbox of
 --template: the snapshot (POST /sandboxes/{id}/snapshots), a create from it up
 to its first commands.run("true"), a fork per copy at each --forks count, a
 pause to disk and its size (read under --data-dir when the server's data
 directory is on this host), and the resume (connect) up to the first
-commands.run("true"). Each is the median of --rounds, beside a pooled create
-(create to first commands.run("true")) measured in the same run.`,
+commands.run("true"). Then cubicle's extensions: a rollback in place to the
+snapshot up to the first commands.run("true"), and the cost of per-command
+checkpoints: a commands.run("true") in a sandbox created with metadata
+cubicle.checkpoint=per-command beside one in a plain sandbox, alternately,
+8 of each per round. Each is the median of --rounds (of all commands for
+the last two), beside a pooled create (create to first commands.run("true"))
+measured in the same run.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := cf.client()
 			if err != nil {
@@ -89,6 +108,13 @@ commands.run("true"). Each is the median of --rounds, beside a pooled create
 				fmt.Fprintf(out, "pause size           p50=%.1f MiB\n", f.PauseMiB)
 			}
 			fmt.Fprintf(out, "resume               p50=%.1f ms%s\n", f.ResumeMS, ratio(f.ResumeMS))
+			fmt.Fprintf(out, "rollback             p50=%.1f ms%s\n", f.RollbackMS, ratio(f.RollbackMS))
+			fmt.Fprintf(out, "command              p50=%.1f ms\n", f.CommandMS)
+			perCmd := ""
+			if f.CommandMS > 0 {
+				perCmd = fmt.Sprintf("  (%.2f× a plain command, +%.1f ms)", f.CheckpointedCommandMS/f.CommandMS, f.CheckpointedCommandMS-f.CommandMS)
+			}
+			fmt.Fprintf(out, "checkpointed command p50=%.1f ms%s\n", f.CheckpointedCommandMS, perCmd)
 			return nil
 		},
 	}
@@ -115,7 +141,7 @@ func benchSnapshot(ctx context.Context, c *client.Client, tmpl, dataDir string, 
 	if rounds < 1 {
 		return snapshotFigures{}, fmt.Errorf("--rounds must be at least 1")
 	}
-	var pooled, snaps, froms, pauses, resumes []time.Duration
+	var pooled, snaps, froms, pauses, resumes, rollbacks, plainCmds, ckptCmds []time.Duration
 	var sizes []float64
 	forkPer := map[int][]time.Duration{}
 	var kill []string
@@ -124,9 +150,9 @@ func benchSnapshot(ctx context.Context, c *client.Client, tmpl, dataDir string, 
 			c.Kill(context.WithoutCancel(ctx), id)
 		}
 	}()
-	create := func(template string) (client.Sandbox, time.Duration, error) {
+	create := func(template string, metadata map[string]string) (client.Sandbox, time.Duration, error) {
 		t0 := time.Now()
-		sb, err := c.Create(ctx, template, client.CreateOptions{Timeout: 10 * time.Minute})
+		sb, err := c.Create(ctx, template, client.CreateOptions{Timeout: 10 * time.Minute, Metadata: metadata})
 		if err != nil {
 			return sb, 0, err
 		}
@@ -134,15 +160,21 @@ func benchSnapshot(ctx context.Context, c *client.Client, tmpl, dataDir string, 
 		err = firstRun(ctx, c, sb)
 		return sb, time.Since(t0), err
 	}
+	// One checkpointed sandbox for the whole run: its checkpoints pile up
+	// to the bound and the oldest go, as in an agent's long session.
+	ckpt, _, err := create(tmpl, map[string]string{"cubicle.checkpoint": "per-command"})
+	if err != nil {
+		return snapshotFigures{}, fmt.Errorf("create with per-command checkpoints: %w", err)
+	}
 	for r := 0; r < rounds; r++ {
 		fmt.Fprintf(progress, "bench snapshot: round %d/%d\n", r+1, rounds)
 		// The baseline, in the same round.
-		_, d, err := create(tmpl)
+		_, d, err := create(tmpl, nil)
 		if err != nil {
 			return snapshotFigures{}, fmt.Errorf("pooled create: %w", err)
 		}
 		pooled = append(pooled, d)
-		src, _, err := create(tmpl)
+		src, _, err := create(tmpl, nil)
 		if err != nil {
 			return snapshotFigures{}, fmt.Errorf("create: %w", err)
 		}
@@ -155,11 +187,32 @@ func benchSnapshot(ctx context.Context, c *client.Client, tmpl, dataDir string, 
 			return snapshotFigures{}, fmt.Errorf("snapshot: %w", err)
 		}
 		snaps = append(snaps, time.Since(t0))
-		_, d, err = create(snap.SnapshotID)
+		_, d, err = create(snap.SnapshotID, nil)
 		if err != nil {
 			return snapshotFigures{}, fmt.Errorf("create from snapshot: %w", err)
 		}
 		froms = append(froms, d)
+		t0 = time.Now()
+		if _, err := c.Do(ctx, http.MethodPost, "/sandboxes/"+src.SandboxID+"/rollback", map[string]any{"snapshotID": snap.SnapshotID}, nil); err != nil {
+			return snapshotFigures{}, fmt.Errorf("rollback: %w", err)
+		}
+		if err := firstRun(ctx, c, src); err != nil {
+			return snapshotFigures{}, fmt.Errorf("after a rollback: %w", err)
+		}
+		rollbacks = append(rollbacks, time.Since(t0))
+		for i := 0; i < commandsPerRound; i++ {
+			for _, sb := range []client.Sandbox{src, ckpt} {
+				t0 := time.Now()
+				if err := firstRun(ctx, c, sb); err != nil {
+					return snapshotFigures{}, fmt.Errorf("command: %w", err)
+				}
+				if sb.SandboxID == ckpt.SandboxID {
+					ckptCmds = append(ckptCmds, time.Since(t0))
+				} else {
+					plainCmds = append(plainCmds, time.Since(t0))
+				}
+			}
+		}
 		if _, err := c.Do(ctx, http.MethodDelete, "/templates/"+url.PathEscape(snap.SnapshotID), nil, nil); err != nil {
 			return snapshotFigures{}, fmt.Errorf("delete snapshot: %w", err)
 		}
@@ -202,10 +255,18 @@ func benchSnapshot(ctx context.Context, c *client.Client, tmpl, dataDir string, 
 			return snapshotFigures{}, fmt.Errorf("resume: %w", err)
 		}
 		resumes = append(resumes, time.Since(t0))
+		// This round's sandboxes go: rounds must not fill the host.
+		for _, id := range kill {
+			if id != ckpt.SandboxID {
+				c.Kill(ctx, id)
+			}
+		}
+		kill = []string{ckpt.SandboxID}
 	}
 	p50 := func(ds []time.Duration) float64 { v, _, _ := percentiles(ds); return v }
 	f := snapshotFigures{Rounds: rounds, PooledCreateMS: p50(pooled), SnapshotMS: p50(snaps), FromSnapshotMS: p50(froms),
-		PauseMS: p50(pauses), ResumeMS: p50(resumes), ForkPerCopyMS: map[string]float64{}}
+		PauseMS: p50(pauses), ResumeMS: p50(resumes), ForkPerCopyMS: map[string]float64{},
+		RollbackMS: p50(rollbacks), CommandMS: p50(plainCmds), CheckpointedCommandMS: p50(ckptCmds)}
 	for n, ds := range forkPer {
 		f.ForkPerCopyMS[strconv.Itoa(n)] = p50(ds)
 	}

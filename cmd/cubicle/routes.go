@@ -20,6 +20,7 @@ func routeOf(in orchestrator.Info) proxy.Route {
 		Paused:       in.State == orchestrator.StatePaused,
 		TrafficToken: in.TrafficToken,
 		AccessToken:  in.EnvdAccessToken,
+		Checkpoint:   in.CheckpointsPerCommand(),
 	}
 }
 
@@ -49,4 +50,11 @@ func (r *routes) Each(fn func(id string, rt proxy.Route) bool) {
 			return
 		}
 	}
+}
+
+func (r *routes) Checkpoint(ctx context.Context, id string) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	_, err := r.orch.CheckpointCommand(ctx, id)
+	return err
 }
