@@ -3,6 +3,7 @@
 package microvm
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,6 +11,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -234,7 +237,7 @@ func (r *Runtime) Snapshot(ctx context.Context, id, dir string, opts runtime.Sna
 		}
 	}()
 	if opts.Memory {
-		if err := r.saveVM(ctx, c, rec, tmp); err != nil {
+		if err := r.saveVM(ctx, c, rec, tmp, org.MemoryMiB); err != nil {
 			return fmt.Errorf("microvm: snapshot of %s: %w", id, err)
 		}
 	}
@@ -281,11 +284,37 @@ func (r *Runtime) Snapshot(ctx context.Context, id, dir string, opts runtime.Sna
 
 // saveVM has rec's paused VMM write its state and memory into dir. A
 // jailed VMM can write only in its jail: the files are made there and
-// taken out (adopt), never followed through a link the VMM may have put
-// in their place.
-func (r *Runtime) saveVM(ctx context.Context, c *control.Client, rec record, dir string) error {
+// copied out (never followed through a link the VMM may have put in their
+// place), and the jail's copies removed.
+//
+// The memory file's page cache is charged to the writer's memory cgroup,
+// which a jailed VMM's guest may fill already: the jail's limit is raised
+// by the guest's memory for the time of the save (where the files cannot
+// be written back, as on a tmpfs, the VMM would otherwise be OOM-killed
+// mid-snapshot), and set back once the jail's copies, and so their
+// charge, are gone.
+func (r *Runtime) saveVM(ctx context.Context, c *control.Client, rec record, dir string, memoryMiB int) (err error) {
 	if rec.Jail == nil {
 		return c.Snapshot(ctx, control.Snapshot{State: filepath.Join(dir, snapState), Memory: filepath.Join(dir, snapMemory)})
+	}
+	if rec.Jail.Memory != "" {
+		limit := filepath.Join(rec.Jail.Memory, "memory.limit_in_bytes")
+		old, err := os.ReadFile(limit)
+		if err != nil {
+			return fmt.Errorf("jail memory limit: %w", err)
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(string(old)), 10, 64)
+		if err != nil {
+			return fmt.Errorf("jail memory limit %q: %w", old, err)
+		}
+		if err := os.WriteFile(limit, []byte(strconv.FormatInt(n+int64(memoryMiB)<<20, 10)), 0); err != nil {
+			return fmt.Errorf("raise the jail's memory limit: %w", err)
+		}
+		defer func() {
+			if werr := os.WriteFile(limit, old, 0); werr != nil {
+				err = errors.Join(err, fmt.Errorf("set the jail's memory limit back to %s: %w", bytes.TrimSpace(old), werr))
+			}
+		}()
 	}
 	name := ".snapshot-" + randHex(6)
 	vmmSnap := control.Snapshot{State: "/" + name + "." + snapState, Memory: "/" + name + "." + snapMemory}
@@ -295,18 +324,40 @@ func (r *Runtime) saveVM(ctx context.Context, c *control.Client, rec record, dir
 	}
 	defer func() {
 		for _, p := range host {
-			os.Remove(p) // gone once adopted; a failure's otherwise
+			os.Remove(p)
 		}
 	}()
 	if err := c.Snapshot(ctx, vmmSnap); err != nil {
 		return err
 	}
 	for _, n := range []string{snapState, snapMemory} {
-		if err := adopt(host[n], filepath.Join(dir, n)); err != nil {
+		if err := copyOut(host[n], filepath.Join(dir, n)); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// copyOut copies the regular file from (not a symbolic link: it is
+// opened O_NOFOLLOW and copied through its descriptor) to a new file to
+// and removes from.
+func copyOut(from, to string) error {
+	f, err := os.OpenFile(from, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s: not a regular file", from)
+	}
+	if err := sparse.Copy(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), to); err != nil {
+		return err
+	}
+	return os.Remove(from)
 }
 
 // Restore implements runtime.Snapshotter: Create's path from the
@@ -518,18 +569,4 @@ func (r *Runtime) boot(ctx context.Context, proc *control.Process, cfg runtime.C
 		return fail("waiting for envd", err)
 	}
 	return nil
-}
-
-// adoptFile is adopt for a file that may be on another filesystem: the
-// open file is copied when it cannot be renamed.
-func adoptFile(f *os.File, from, to string) error {
-	err := os.Rename(from, to)
-	if !errors.Is(err, unix.EXDEV) {
-		return err
-	}
-	// The descriptor, not the name: the name may have been replaced.
-	if err := sparse.Copy(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), to); err != nil {
-		return err
-	}
-	return os.Remove(from)
 }

@@ -10,8 +10,10 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cubicle-dev/cubicle/network"
 	"github.com/cubicle-dev/cubicle/runtime"
@@ -209,6 +211,187 @@ func FuzzSandboxSnapMeta(f *testing.F) {
 		if m.Runtime != Name || m.Version != sbSnapVersion || m.DiskMB < 1 || m.DiskMB != m.Config.DiskSizeMB ||
 			m.VCPUs < 1 || m.MemoryMiB < 1 || checkID(m.Config.ID) != nil || (m.Memory && (m.Origin.ImageKey == "" || m.Origin.VMMHash == "")) {
 			t.Fatalf("accepted %+v", m)
+		}
+	})
+}
+
+// testSnapshots is TestMicroVM's part for runtime.Snapshotter on real
+// guests, as runtime/gvisor's TestSnapshotRestore: a value held only in a
+// guest process's memory survives a memory snapshot into two forks,
+// which continue the process, get their own hostname, RNG and clock, see
+// the files of the snapshot's instant and then diverge; the source runs
+// on; a filesystem-only snapshot of a paused sandbox leaves it paused
+// and boots afresh with its files; and what cannot be restored is
+// refused with nothing left behind.
+func testSnapshots(t *testing.T, r *Runtime, opts Options, create func(*testing.T, string) runtime.Sandbox) {
+	ctx := context.Background()
+	snaps := t.TempDir()
+	src := create(t, "mvsnapsrc")
+	waitHealth(t, src.Addr)
+	envdRun(t, src.Addr, "echo before > /tmp/state && sync")
+	// The memo is in the loop's shell variable only; /dev/shm (tmpfs, in
+	// guest memory too) shows it, with a counter that says the loop runs.
+	pid := envdRun(t, src.Addr, `setsid bash -c 'memo=m$RANDOM$RANDOM; n=0; while :; do n=$((n+1)); echo "$memo $n" > /dev/shm/memo.tmp; mv /dev/shm/memo.tmp /dev/shm/memo; sleep 0.2; done' </dev/null >/dev/null 2>&1 & echo $!`)
+	var memo string
+	for i := 0; memo == "" && i < 100; i++ {
+		memo, _, _ = strings.Cut(envdRun(t, src.Addr, "cat /dev/shm/memo 2>/dev/null || true"), " ")
+	}
+	if memo == "" {
+		t.Fatal("the memo loop never wrote its memo")
+	}
+	counter := func(sb runtime.Sandbox) (string, int) {
+		t.Helper()
+		m, n, _ := strings.Cut(envdRun(t, sb.Addr, "cat /dev/shm/memo"), " ")
+		c, err := strconv.Atoi(n)
+		if err != nil {
+			t.Fatalf("%s: memo %q %q", sb.ID, m, n)
+		}
+		return m, c
+	}
+
+	mem := filepath.Join(snaps, "mem")
+	if err := r.Snapshot(ctx, src.ID, mem, runtime.SnapshotOptions{Memory: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(ctx, src.ID, mem, runtime.SnapshotOptions{Memory: true}); err == nil || !strings.Contains(err.Error(), "exists") {
+		t.Errorf("a snapshot into an existing directory: %v", err)
+	}
+	if _, err := os.Stat(mem + ".tmp"); !os.IsNotExist(err) {
+		t.Errorf("temporary directory left: %v", err)
+	}
+	if st := state(t, r, src.ID); st != runtime.StateRunning {
+		t.Fatalf("source after the snapshot is %s", st)
+	}
+	_, atSnapshot := counter(src)
+	envdRun(t, src.Addr, "echo after > /tmp/state && echo x > /tmp/later && sync")
+
+	t.Run("memory: forks continue the process and diverge", func(t *testing.T) {
+		var forks []runtime.Sandbox
+		for _, id := range []string{"mvforka", "mvforkb"} {
+			cfg := testConfig(t, opts, id)
+			sb, err := r.Restore(ctx, cfg, mem)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { r.Kill(context.Background(), id) })
+			if sb.ID != id || sb.Addr != cfg.Network.Addr || sb.State != runtime.StateRunning {
+				t.Fatalf("restored %+v into %+v", sb, cfg.Network)
+			}
+			forks = append(forks, sb)
+		}
+		const rng = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+		var rngs []string
+		for _, f := range forks {
+			waitHealth(t, f.Addr)
+			if got := envdRun(t, f.Addr, "hostname"); got != f.ID {
+				t.Errorf("%s's hostname is %q", f.ID, got)
+			}
+			if got := envdRun(t, f.Addr, "kill -0 "+pid+" && echo alive"); got != "alive" {
+				t.Errorf("%s: the snapshot's process %s: %q", f.ID, pid, got)
+			}
+			m, n := counter(f)
+			if m != memo || n < atSnapshot-20 {
+				t.Errorf("%s: memo %q at %d; the source had %q at %d when snapshotted", f.ID, m, n, memo, atSnapshot)
+			}
+			time.Sleep(2 * time.Second)
+			if _, n2 := counter(f); n2 <= n {
+				t.Errorf("%s: the memo loop does not run on: %d, then %d", f.ID, n, n2)
+			}
+			if got := envdRun(t, f.Addr, "cat /tmp/state; ls /tmp/later 2>/dev/null || true"); got != "before" {
+				t.Errorf("%s's files are not the snapshot's: %q", f.ID, got)
+			}
+			envdRun(t, f.Addr, "echo "+f.ID+" > /tmp/mine")
+			rngs = append(rngs, envdRun(t, f.Addr, rng))
+			sec, err := strconv.ParseInt(envdRun(t, f.Addr, "date +%s"), 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := time.Since(time.Unix(sec, 0)); d < -time.Minute || d > time.Minute {
+				t.Errorf("%s's clock is %v off the host's", f.ID, d)
+			}
+		}
+		for _, f := range forks {
+			if got := envdRun(t, f.Addr, "cat /tmp/mine"); got != f.ID {
+				t.Errorf("%s sees /tmp/mine = %q: the forks share a disk", f.ID, got)
+			}
+		}
+		if len(rngs[0]) != 32 || rngs[0] == rngs[1] {
+			t.Errorf("the forks' RNGs agree (or failed): %q", rngs)
+		}
+		if got := envdRun(t, src.Addr, "cat /tmp/state; cat /tmp/mine 2>/dev/null || true"); got != "after" {
+			t.Errorf("the source sees %q", got)
+		}
+		// A fork can be snapshotted in turn, and killing it leaves nothing.
+		again := filepath.Join(snaps, "again")
+		if err := r.Snapshot(ctx, forks[0].ID, again, runtime.SnapshotOptions{Memory: true}); err != nil {
+			t.Errorf("snapshot of a fork: %v", err)
+		}
+		rec, err := r.readRecord(forks[0].ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Kill(ctx, forks[0].ID); err != nil {
+			t.Fatal(err)
+		}
+		if alive(rec) {
+			t.Errorf("fork's VMM %d runs after Kill", rec.Pid)
+		}
+		if rec.Jail != nil {
+			if _, err := os.Stat(rec.Jail.Root); !os.IsNotExist(err) {
+				t.Errorf("fork's jail left: %v", err)
+			}
+		}
+	})
+
+	t.Run("filesystem only: a paused source stays paused; the restore boots afresh", func(t *testing.T) {
+		if err := r.Pause(ctx, src.ID); err != nil {
+			t.Fatal(err)
+		}
+		fsOnly := filepath.Join(snaps, "fs")
+		if err := r.Snapshot(ctx, src.ID, fsOnly, runtime.SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if st := state(t, r, src.ID); st != runtime.StatePaused {
+			t.Errorf("paused source after the snapshot is %s", st)
+		}
+		if err := r.Resume(ctx, src.ID); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(filepath.Join(fsOnly, snapMemory)); !os.IsNotExist(err) {
+			t.Errorf("a filesystem-only snapshot has memory: %v", err)
+		}
+		cfg := testConfig(t, opts, "mvfsonly")
+		sb, err := r.Restore(ctx, cfg, fsOnly)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Kill(context.Background(), sb.ID) })
+		waitHealth(t, sb.Addr)
+		if got := envdRun(t, sb.Addr, "hostname; cat /tmp/state /tmp/later; ls /dev/shm"); got != "mvfsonly\nafter\nx" {
+			t.Errorf("booted afresh: %q (want its hostname, the files, an empty /dev/shm)", got)
+		}
+		// ("mem[o]=" matches the loop's command line, not grep's own.)
+		if got := envdRun(t, sb.Addr, "grep -l 'mem[o]=' /proc/[0-9]*/cmdline 2>/dev/null | wc -l"); got != "0" {
+			t.Errorf("the snapshot's memo loop runs in a fresh boot: %q", got)
+		}
+	})
+
+	t.Run("refusals leave nothing behind", func(t *testing.T) {
+		cfg := testConfig(t, opts, "mvrefused")
+		small := cfg
+		small.MemoryMB = testMemoryMB / 2
+		other := cfg
+		other.DiskSizeMB = testDiskMB * 2
+		for _, c := range []runtime.Config{small, other} {
+			if _, err := r.Restore(ctx, c, mem); !errors.Is(err, ErrInvalidConfig) {
+				t.Errorf("restore with %d MiB, %d MiB disk: %v", c.MemoryMB, c.DiskSizeMB, err)
+			}
+		}
+		if _, err := os.Stat(r.sandboxDir(cfg.ID)); !os.IsNotExist(err) {
+			t.Errorf("sandbox directory left: %v", err)
+		}
+		if err := r.Snapshot(ctx, "mvnosuch", filepath.Join(snaps, "none"), runtime.SnapshotOptions{Memory: true}); !errors.Is(err, runtime.ErrNotFound) {
+			t.Errorf("snapshot of no sandbox: %v", err)
 		}
 	})
 }

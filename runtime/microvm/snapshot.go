@@ -447,7 +447,7 @@ func (r *Runtime) bootAndSnapshot(ctx context.Context, img Image, m snapMetaData
 }
 
 // adopt moves the regular file from (not a symbolic link) to to, owned
-// by root, mode 0600 (copying it if to is on another filesystem).
+// by root, mode 0600.
 func adopt(from, to string) error {
 	f, err := os.OpenFile(from, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	if err != nil {
@@ -467,7 +467,7 @@ func adopt(from, to string) error {
 	if err := f.Chmod(0o600); err != nil {
 		return err
 	}
-	return adoptFile(f, from, to)
+	return os.Rename(from, to)
 }
 
 func ptr[T any](v T) *T { return &v }
