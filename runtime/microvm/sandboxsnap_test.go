@@ -249,9 +249,21 @@ func testSnapshots(t *testing.T, r *Runtime, opts Options, create func(*testing.
 		return m, c
 	}
 
+	limit := func() string {
+		rec, err := r.readRecord(src.ID)
+		if err != nil || rec.Jail == nil || rec.Jail.Memory == "" {
+			return "(no jail)"
+		}
+		b, _ := os.ReadFile(filepath.Join(rec.Jail.Memory, "memory.limit_in_bytes"))
+		return strings.TrimSpace(string(b))
+	}
+	limitBefore := limit()
 	mem := filepath.Join(snaps, "mem")
 	if err := r.Snapshot(ctx, src.ID, mem, runtime.SnapshotOptions{Memory: true}); err != nil {
 		t.Fatal(err)
+	}
+	if got := limit(); got != limitBefore {
+		t.Errorf("the jail's memory limit is %s after the snapshot, %s before", got, limitBefore)
 	}
 	if err := r.Snapshot(ctx, src.ID, mem, runtime.SnapshotOptions{Memory: true}); err == nil || !strings.Contains(err.Error(), "exists") {
 		t.Errorf("a snapshot into an existing directory: %v", err)
@@ -321,10 +333,24 @@ func testSnapshots(t *testing.T, r *Runtime, opts Options, create func(*testing.
 		if got := envdRun(t, src.Addr, "cat /tmp/state; cat /tmp/mine 2>/dev/null || true"); got != "after" {
 			t.Errorf("the source sees %q", got)
 		}
-		// A fork can be snapshotted in turn, and killing it leaves nothing.
+		// A fork can be snapshotted and restored in turn, and killing it
+		// leaves nothing.
 		again := filepath.Join(snaps, "again")
 		if err := r.Snapshot(ctx, forks[0].ID, again, runtime.SnapshotOptions{Memory: true}); err != nil {
 			t.Errorf("snapshot of a fork: %v", err)
+		}
+		cfg := testConfig(t, opts, "mvforkc")
+		c, err := r.Restore(ctx, cfg, again)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Kill(context.Background(), c.ID) })
+		waitHealth(t, c.Addr)
+		if got := envdRun(t, c.Addr, "hostname; cat /tmp/mine"); got != c.ID+"\n"+forks[0].ID {
+			t.Errorf("the fork of a fork: %q", got)
+		}
+		if m, _ := counter(c); m != memo {
+			t.Errorf("the fork of a fork has memo %q, not %q", m, memo)
 		}
 		rec, err := r.readRecord(forks[0].ID)
 		if err != nil {
