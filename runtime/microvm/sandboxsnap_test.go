@@ -421,3 +421,25 @@ func testSnapshots(t *testing.T, r *Runtime, opts Options, create func(*testing.
 		}
 	})
 }
+
+// TestOriginOfOldRecord: a sandbox whose record predates Origin (made by
+// an earlier server) is snapshotted with its template snapshot's inputs,
+// read from that snapshot's meta.json; without one it is an error, not
+// a snapshot that names nothing.
+func TestOriginOfOldRecord(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "tmpl")
+	fakeSnapshot(t, dir, snapMetaData{Key: "k", KernelKey: "kernel-a", ImageKey: "image-a", VMMHash: "vmm-a", VCPUs: 2, MemoryMiB: 1, DiskMB: 4})
+	r := &Runtime{log: slog.New(slog.DiscardHandler)}
+	got, err := r.originOf(record{Snapshot: dir})
+	want := origin{TemplateSnapshot: "k", ImageKey: "image-a", KernelKey: "kernel-a", VMMHash: "vmm-a", VCPUs: 2, MemoryMiB: 1}
+	if err != nil || got != want {
+		t.Fatalf("origin %+v, %v; want %+v", got, err, want)
+	}
+	if _, err := r.originOf(record{Snapshot: t.TempDir()}); err == nil {
+		t.Error("a record whose template snapshot is gone has an origin")
+	}
+	own := origin{ImageKey: "x"}
+	if got, err := r.originOf(record{Snapshot: dir, Origin: &own}); err != nil || got != own {
+		t.Errorf("a record's own origin: %+v, %v", got, err)
+	}
+}
