@@ -226,6 +226,13 @@ func FuzzSandboxSnapMeta(f *testing.F) {
 func testSnapshots(t *testing.T, r *Runtime, opts Options, create func(*testing.T, string) runtime.Sandbox) {
 	ctx := context.Background()
 	snaps := t.TempDir()
+	t.Cleanup(func() {
+		// The VMMs' own log says why a VM stopped (inside nested KVM it
+		// is gone with L1 otherwise).
+		if t.Failed() {
+			t.Logf("vmm.log:\n%s", tail(filepath.Join(opts.StateDir, "vmm.log"), 8192))
+		}
+	})
 	src := create(t, "mvsnapsrc")
 	waitHealth(t, src.Addr)
 	envdRun(t, src.Addr, "echo before > /tmp/state && sync")
