@@ -178,7 +178,9 @@ type Snapshotter interface {
 	// template the snapshotted sandbox was made from, and its limits at
 	// least the snapshotted sandbox's. cfg.Volumes nil mounts the
 	// snapshotted sandbox's volumes, whose files its processes may hold
-	// open. The snapshot is only read, so one snapshot restores any
-	// number of sandboxes.
+	// open. (A microVM restored with its memory keeps the snapshot's
+	// vCPUs and memory size: larger limits are accepted, not used.) The
+	// snapshot is only read, so one snapshot restores any number of
+	// sandboxes.
 	Restore(ctx context.Context, cfg Config, dir string) (Sandbox, error)
 }

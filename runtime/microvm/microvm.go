@@ -34,9 +34,14 @@
 // cgroups of its own with the sandbox's memory limit (jail.go); its
 // sockets and console are then in its jail, not in StateDir/<id>/.
 //
-// Not yet: Pause keeps the paused VM in memory (no diff snapshot to disk); the template's
-// start and ready commands run after each restore (the orchestrator's
-// pool), not once before the snapshot.
+// Snapshot and Restore (sandboxsnap.go) save a sandbox's VM and disk to a
+// directory and start sandboxes from it: the orchestrator's snapshots,
+// forks and pause to disk. Pause itself keeps the paused VM in memory.
+//
+// Not yet: a sandbox snapshot's memory is a full file, not a diff against
+// the template snapshot's; the template's start and ready commands run
+// after each restore (the orchestrator's pool), not once before the
+// snapshot.
 package microvm
 
 import (
@@ -135,7 +140,10 @@ type Runtime struct {
 	logf   *os.File                  // StateDir/vmm.log, once opened
 }
 
-var _ runtime.Runtime = (*Runtime)(nil)
+var (
+	_ runtime.Runtime     = (*Runtime)(nil)
+	_ runtime.Snapshotter = (*Runtime)(nil)
+)
 
 var validID = regexp.MustCompile(`^[a-z0-9]{1,64}$`)
 

@@ -400,6 +400,8 @@ func TestMicroVM(t *testing.T) {
 		}
 	})
 
+	t.Run("snapshots, forks and filesystem-only snapshots", func(t *testing.T) { testSnapshots(t, r, opts, create) })
+
 	t.Run("a new runtime adopts running sandboxes", func(t *testing.T) {
 		sb := create(t, "mvadopt")
 		waitHealth(t, sb.Addr)

@@ -36,8 +36,12 @@ type record struct {
 	// the same pid. Zero until the VMM holds the sandbox.
 	Pid      int    `json:"pid,omitempty"`
 	PidStart uint64 `json:"pidStart,omitempty"`
-	// Snapshot is the template snapshot's directory it was restored from.
+	// Snapshot is the template snapshot's directory it was restored from
+	// (empty for a sandbox restored from a sandbox snapshot).
 	Snapshot string `json:"snapshot,omitempty"`
+	// Origin is what its guest was made from, which its snapshots record
+	// (sandboxsnap.go).
+	Origin *origin `json:"origin,omitempty"`
 	// Jail is the VMM's jail (root and cgroups), nil if unjailed; set as
 	// soon as the sandbox has its VMM, so that Kill removes it whatever
 	// happens after.
@@ -110,6 +114,8 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 		return runtime.Sandbox{}, err
 	}
 	rec.Snapshot = snap.Dir
+	org := originOfTemplate(snap.Meta)
+	rec.Origin = &org
 	tSnap := time.Now()
 
 	att := cfg.Network
