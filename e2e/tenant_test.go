@@ -102,6 +102,7 @@ func TestTenantWalls(t *testing.T) {
 		{"PUT", "/sandboxes/{id}/network", `{"allowOut":["0.0.0.0/0"]}`, 204},
 		{"POST", "/sandboxes/{id}/snapshots", `{}`, 201},
 		{"POST", "/sandboxes/{id}/fork", `{"timeout":5}`, 201},
+		{"POST", "/sandboxes/{id}/rollback", `{"snapshotID":"aaaaaaaaaaaaaaaaaaaa:default"}`, 404},
 		{"POST", "/sandboxes/{id}/pause", `{}`, 204},
 		{"POST", "/sandboxes/{id}/resume", `{"timeout":300}`, 201},
 		{"DELETE", "/sandboxes/{id}", "", 204},
