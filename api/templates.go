@@ -49,6 +49,8 @@ func (s *Server) templateRoutes(m *http.ServeMux, auth func(http.Handler) http.H
 	h("GET /templates", s.listTemplates)
 	h("GET /v2/templates", s.listTemplates)
 	h("GET /templates/aliases/{alias}", s.templateAlias)
+	h("PATCH /v2/templates/{id}", s.updateTemplate)
+	h("PATCH /templates/{id}", s.updateTemplate)
 	h("GET /templates/{id}", s.getTemplate)
 	h("GET /templates/{id}/files/{hash}", s.templateFiles)
 	h("POST /v2/templates/{id}/builds/{buildID}", s.startBuild)
@@ -70,7 +72,9 @@ func (s *Server) templatesOn(fn http.HandlerFunc) http.Handler {
 }
 
 // visible reports whether owner may see and use t: its own, or a built-in.
-func visible(t template.Template, owner string) bool { return t.Owner == "" || t.Owner == owner }
+func visible(t template.Template, owner string) bool {
+	return t.Owner == "" || t.Owner == owner || t.Public
+}
 
 // createTemplate is POST /v3/templates {name, tags?, cpuCount?, memoryMB?}:
 // a template (new, or the owner's of that name) with a build waiting for
@@ -224,6 +228,10 @@ func (s *Server) startBuild(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	if why := s.opts.Templates.InUse(id); why != "" {
+		writeError(w, http.StatusConflict, "the template is in use ("+why+"): a new build would replace the files under it; kill its sandboxes and delete its snapshots first, or build under another name")
+		return
+	}
 	err = s.opts.Templates.Builds.Start(requestOwner(r.Context()), id, buildID, spec)
 	switch {
 	case errors.Is(err, builder.ErrNotFound):
@@ -282,7 +290,7 @@ func templateJSON(t template.Template) map[string]any {
 	}
 	return map[string]any{
 		"templateID": t.TemplateID, "buildID": t.BuildID, "cpuCount": t.CPUCount, "memoryMB": t.MemoryMB,
-		"diskSizeMB": t.DiskSizeMB, "public": t.Owner == "", "aliases": aliases, "names": aliases,
+		"diskSizeMB": t.DiskSizeMB, "public": t.Owner == "" || t.Public, "aliases": aliases, "names": aliases,
 		"createdAt": t.CreatedAt, "updatedAt": t.CreatedAt, "envdVersion": t.EnvdVersion, "buildStatus": "ready",
 	}
 }
@@ -353,7 +361,7 @@ func (s *Server) templateAlias(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "template not found")
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"templateID": t.TemplateID, "public": t.Owner == ""})
+	writeJSON(w, http.StatusOK, map[string]any{"templateID": t.TemplateID, "public": t.Owner == "" || t.Public})
 }
 
 // deleteBuiltTemplate deletes owner's template id: 404 when it has none
@@ -378,4 +386,35 @@ func (s *Server) deleteBuiltTemplate(w http.ResponseWriter, r *http.Request, own
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// updateTemplate is PATCH /v2/templates/{id} {public?}: a public template
+// is seen and used by every key (read-only: only its owner builds,
+// changes or deletes it).
+func (s *Server) updateTemplate(w http.ResponseWriter, r *http.Request) {
+	var body struct {
+		Public *bool `json:"public"`
+	}
+	if err := decode(r, &body, false); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	reg := s.opts.Templates.Registry
+	t, err := reg.Get(r.PathValue("id"))
+	if err != nil || t.Owner == "" || t.Owner != requestOwner(r.Context()) {
+		writeError(w, http.StatusNotFound, "template not found")
+		return
+	}
+	if body.Public != nil {
+		t.Public = *body.Public
+		if err := reg.Put(t); err != nil {
+			s.fail(w, err)
+			return
+		}
+	}
+	names := t.Aliases
+	if names == nil {
+		names = []string{}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"names": names})
 }

@@ -39,6 +39,7 @@ func TestSDKTemplates(t *testing.T) {
 	pushBusybox(t, bb, ref)
 	t.Setenv("CUBICLE_E2E_IMAGE", ref)
 	t.Setenv("CUBICLE_E2E_DEB", buildDeb(t))
+	t.Setenv("CUBICLE_E2E_OTHER_API_KEY", newAPIKey(t, "e2e-templates-other"))
 	runNode(t, "template.test.mjs")
 }
 

@@ -69,8 +69,9 @@ type Template struct {
 	Env     []string
 	User    string
 	Workdir string
-	// Owner, when set, is the only owner who may use it.
-	Owner string
+	// Owner, when set, is the only owner who may use it, unless Public.
+	Owner  string
+	Public bool
 	// base, for a snapshot used as a template, is the ID of the template
 	// whose files its sandboxes see (store.Sandbox.BaseTemplate).
 	base string
@@ -429,7 +430,7 @@ func (o *Orchestrator) Create(ctx context.Context, req CreateRequest) (Info, err
 	if err != nil {
 		return Info{}, err
 	}
-	if p.tmpl.Owner != "" && p.tmpl.Owner != req.Owner {
+	if p.tmpl.Owner != "" && p.tmpl.Owner != req.Owner && !p.tmpl.Public {
 		return Info{}, fmt.Errorf("%w: %q", ErrTemplateNotFound, req.Template)
 	}
 	now := time.Now().UTC()

@@ -42,6 +42,12 @@ func (o *Orchestrator) poolFor(idOrAlias string) (*pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %q: %v", ErrTemplateNotFound, idOrAlias, err)
 	}
+	if t.Owner != "" {
+		// A template built through the API can be built again: a pool
+		// would hand out sandboxes of its old build, on files the new
+		// one replaced. Its sandboxes start cold, from what it is now.
+		return &pool{o: o, tmpl: t, ready: make(chan slot), kick: make(chan struct{}, 1)}, nil
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.closed {

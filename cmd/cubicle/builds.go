@@ -70,6 +70,7 @@ func startBuilds(c serveConfig, k checked, templates templateSource, orch *orche
 		ImageOptions: oci.Options{Insecure: c.insecureRegistries},
 		Runner:       buildRunner{rt: rt, orch: orch},
 		CacheDir:     filepath.Join(c.dataDir, "build-cache"),
+		InUse:        func(id string) string { return orch.TemplateInUse(context.Background(), id) },
 	})
 	if err != nil {
 		return nil, nil, err
@@ -85,7 +86,7 @@ func startBuilds(c serveConfig, k checked, templates templateSource, orch *orche
 // Base resolves the template a build starts from, as owner sees them.
 func (s templateSource) Base(owner, ref string) (template.Template, string, error) {
 	t, err := s.reg.Get(ref)
-	if err != nil || (t.Owner != "" && t.Owner != owner) {
+	if err != nil || (t.Owner != "" && t.Owner != owner && !t.Public) {
 		return template.Template{}, "", fmt.Errorf("template %q: %w", ref, template.ErrNotFound)
 	}
 	rootfs := s.reg.RootFS(t)

@@ -86,7 +86,7 @@ func (s templateSource) Lookup(idOrAlias string) (orchestrator.Template, error) 
 		ID: t.TemplateID, Alias: alias, RootFS: rootfs,
 		CPUCount: t.CPUCount, MemoryMB: t.MemoryMB, DiskSizeMB: t.DiskSizeMB,
 		StartCmd: t.StartCmd, ReadyCmd: t.ReadyCmd,
-		Env: t.Env, User: t.User, Workdir: t.Workdir, Owner: t.Owner,
+		Env: t.Env, User: t.User, Workdir: t.Workdir, Owner: t.Owner, Public: t.Public,
 	}, nil
 }
 

@@ -12,8 +12,8 @@ const ctx = process.env.CUBICLE_E2E_DEB
 const image = process.env.CUBICLE_E2E_IMAGE
 const opts = (logs) => ({ cpuCount: 1, memoryMB: 512, onBuildLogs: (e) => logs.push(e) })
 
-async function raw(method, path, body) {
-  const res = await fetch(api + path, { method, body, headers: { 'X-API-KEY': key, 'Content-Type': 'application/json' } })
+async function raw(method, path, body, apiKey = key) {
+  const res = await fetch(api + path, { method, body, headers: { 'X-API-KEY': apiKey, 'Content-Type': 'application/json' } })
   const text = await res.text()
   let json
   try { json = JSON.parse(text) } catch { json = undefined }
@@ -33,6 +33,12 @@ test('a template from base: COPY of local files, a RUN that installs a .deb, ENV
   assert.ok(logs.some((e) => /hello-cubicle/.test(e.message)), 'the RUN step\'s output is in the build log')
   t.after(() => raw('DELETE', `/templates/${info.templateId}`))
 
+  // The same steps again: the RUN's result comes from the cache.
+  const again = []
+  const info2 = await Template.build(tmpl, name, opts(again))
+  assert.equal(info2.templateId, info.templateId, 'a new build of the same name is the same template')
+  assert.ok(again.some((e) => /cached/.test(e.message)), JSON.stringify(again.map((e) => e.message)))
+
   const sbx = await Sandbox.create(name, { timeoutMs: 120_000 })
   t.after(() => sbx.kill().catch(() => {}))
   assert.equal((await sbx.commands.run('hello-cubicle')).stdout, 'hello from a package\n')
@@ -40,12 +46,9 @@ test('a template from base: COPY of local files, a RUN that installs a .deb, ENV
   assert.equal((await sbx.commands.run('echo $BUILT_BY')).stdout.trim(), 'cubicle')
   assert.equal((await sbx.commands.run('test -e /tmp/pkg.deb || echo gone')).stdout.trim(), 'gone')
 
-  // The same steps again: the RUN's result comes from the cache.
-  const again = []
-  const info2 = await Template.build(tmpl, name, opts(again))
-  assert.equal(info2.templateId, info.templateId, 'a new build of the same name is the same template')
-  assert.ok(again.some((e) => /cached/.test(e.message)), JSON.stringify(again.map((e) => e.message)))
-
+  // In use: a new build would replace the files under its sandbox.
+  await assert.rejects(Template.build(tmpl, name, opts([])), (e) => /in use/.test(e.message))
+  assert.equal((await sbx.commands.run('hello-cubicle')).stdout, 'hello from a package\n')
   // In use: it cannot be deleted under its sandbox.
   const del = await raw('DELETE', `/templates/${info.templateId}`)
   assert.equal(del.status, 409, del.text)
@@ -70,6 +73,20 @@ RUN echo built > /opt/app/built && cat /opt/app/notes.txt
   assert.ok(listed.json.some((x) => x.templateID === info.templateId), listed.text)
   const alias = await raw('GET', `/templates/aliases/${name}`)
   assert.equal(alias.json?.templateID, info.templateId, alias.text)
+
+  // Another key neither sees nor uses it until its owner makes it public.
+  const other = process.env.CUBICLE_E2E_OTHER_API_KEY
+  assert.equal((await raw('GET', `/templates/aliases/${name}`, undefined, other)).status, 404)
+  await assert.rejects(Sandbox.create(name, { apiKey: other, timeoutMs: 30_000 }), /not found/i)
+  assert.equal((await raw('PATCH', `/v2/templates/${info.templateId}`, '{"public":true}', other)).status, 404)
+  const patched = await raw('PATCH', `/v2/templates/${info.templateId}`, '{"public":true}')
+  assert.equal(patched.status, 200, patched.text)
+  assert.deepEqual(patched.json, { names: [name] })
+  assert.equal((await raw('GET', `/templates/aliases/${name}`, undefined, other)).json?.public, true)
+  const theirs = await Sandbox.create(name, { apiKey: other, timeoutMs: 60_000 })
+  t.after(() => theirs.kill().catch(() => {}))
+  assert.equal((await theirs.commands.run('cat /opt/app/built')).stdout, 'built\n')
+  assert.equal((await raw('DELETE', `/templates/${info.templateId}`, undefined, other)).status, 404, 'only its owner deletes it')
 })
 
 test('a failing RUN fails the build with that step\'s log; a missing image too', async () => {

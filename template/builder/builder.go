@@ -77,6 +77,10 @@ type Options struct {
 	// CacheDir keeps the trees after RUN steps (steps/<key>).
 	CacheDir string
 	Limits   uploads.Limits
+	// InUse, when set, says why template id must not be replaced now
+	// ("" if it may): checked again just before a build installs over an
+	// existing template, which replaces its files.
+	InUse func(id string) string
 }
 
 // Builder builds templates. It is safe for concurrent builds of different
@@ -237,6 +241,11 @@ func (b *Builder) Build(ctx context.Context, req Request, log Log) (t template.T
 	}
 	if req.Alias != "" {
 		t.Aliases = []string{req.Alias}
+	}
+	if b.opts.InUse != nil {
+		if why := b.opts.InUse(t.TemplateID); why != "" {
+			return t, &StepError{Step: "finalize", Err: fmt.Errorf("the template came into use during the build (%s): not replaced", why)}
+		}
 	}
 	if err := b.opts.Registry.Install(t, staging); err != nil {
 		return t, &StepError{Step: "finalize", Err: err}
