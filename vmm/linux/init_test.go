@@ -10,6 +10,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -271,20 +272,34 @@ type control struct {
 	con *console
 }
 
+// dialControl connects to init's control port as runtime/microvm's
+// dialGuest does: a CONNECT the vsock device closes unanswered (EOF) is
+// made again, up to 5 times. That close is a known fault of the device,
+// seen about once in fifteen first connections and tracked apart
+// (docs/STATUS.md, TestLinuxSnapshotRestore); this test is about init's
+// contract, so it logs the retry and goes on.
 func dialControl(t *testing.T, uds string, con *console) *control {
 	t.Helper()
-	c, err := net.DialTimeout("unix", uds, bootTimeout)
-	if err != nil {
-		t.Fatal(err)
+	for try := 1; ; try++ {
+		c, err := net.DialTimeout("unix", uds, bootTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(2 * bootTimeout))
+		r := bufio.NewReader(c)
+		fmt.Fprintf(c, "CONNECT 1024\n")
+		line, err := r.ReadString('\n')
+		if err == nil && strings.HasPrefix(line, "OK ") {
+			t.Cleanup(func() { c.Close() })
+			return &control{c: c, r: r, con: con}
+		}
+		c.Close()
+		if !errors.Is(err, io.EOF) || try == 5 {
+			t.Fatalf("CONNECT 1024 (try %d): %q, %v; console:\n%s", try, line, err, con)
+		}
+		t.Logf("CONNECT 1024 closed unanswered (try %d): making it again", try)
+		time.Sleep(200 * time.Millisecond)
 	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(2 * bootTimeout))
-	r := bufio.NewReader(c)
-	fmt.Fprintf(c, "CONNECT 1024\n")
-	if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "OK ") {
-		t.Fatalf("CONNECT 1024: %q, %v; console:\n%s", line, err, con)
-	}
-	return &control{c: c, r: r, con: con}
 }
 
 func (c *control) ask(t *testing.T, req string) map[string]any {
