@@ -261,6 +261,14 @@ func (s *Server) errorOf(err error) (int, string) {
 	}
 }
 
+// secondsOr is seconds of *n, or of def when the body left it out.
+func secondsOr(n *int64, def int64) (time.Duration, error) {
+	if n != nil {
+		def = *n
+	}
+	return seconds(def)
+}
+
 // seconds converts a JSON timeout in seconds to a duration, refusing the
 // values that would overflow it.
 func seconds(n int64) (time.Duration, error) {

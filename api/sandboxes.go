@@ -361,11 +361,7 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request, sb orchestrator
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	timeout := int64(300)
-	if body.Timeout != nil {
-		timeout = *body.Timeout
-	}
-	d, err := seconds(timeout)
+	d, err := secondsOr(body.Timeout, 300)
 	if err != nil {
 		s.fail(w, err)
 		return
@@ -449,11 +445,7 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request, sb orchestrator.
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	timeout := int64(15)
-	if body.Timeout != nil {
-		timeout = *body.Timeout
-	}
-	d, err := seconds(timeout)
+	d, err := secondsOr(body.Timeout, 15)
 	if err != nil {
 		s.fail(w, err)
 		return

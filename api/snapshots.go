@@ -127,11 +127,7 @@ func (s *Server) fork(w http.ResponseWriter, r *http.Request, sb orchestrator.In
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("count must be between 1 and %d", orchestrator.MaxForks))
 		return
 	}
-	timeout := int64(15) // E2B's default for forks
-	if body.Timeout != nil {
-		timeout = *body.Timeout
-	}
-	d, err := seconds(timeout)
+	d, err := secondsOr(body.Timeout, 15) // E2B's default for forks
 	if err != nil {
 		s.fail(w, err)
 		return

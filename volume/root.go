@@ -332,14 +332,7 @@ func (r *Root) MakeDir(p string, parents bool, m Meta) (Entry, error) {
 		}
 		return Entry{}, fmt.Errorf("%w: / is the volume's root", ErrExists)
 	}
-	dir, base := path.Split(p)
-	dir = path.Clean(dir)
-	var dfd int
-	if parents {
-		dfd, err = r.mkdirAll(dir)
-	} else {
-		dfd, err = r.openIn(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
-	}
+	dfd, base, err := r.parentOf(p, parents)
 	if err != nil {
 		return Entry{}, err
 	}
@@ -408,14 +401,7 @@ func (r *Root) WriteFile(p string, body io.Reader, parents bool, m Meta) (Entry,
 	if p == "/" {
 		return Entry{}, fmt.Errorf("%w: / is the volume's root directory", ErrInvalid)
 	}
-	dir, base := path.Split(p)
-	dir = path.Clean(dir)
-	var dfd int
-	if parents {
-		dfd, err = r.mkdirAll(dir)
-	} else {
-		dfd, err = r.openIn(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
-	}
+	dfd, base, err := r.parentOf(p, parents)
 	if err != nil {
 		return Entry{}, err
 	}
@@ -552,4 +538,17 @@ func removeAt(dfd int, name string, depth int) error {
 		}
 	}
 	return mapErr(unix.Unlinkat(dfd, name, unix.AT_REMOVEDIR))
+}
+
+// parentOf opens the directory holding p (made, with its parents, when
+// parents is set) and returns it with p's last name.
+func (r *Root) parentOf(p string, parents bool) (int, string, error) {
+	dir, base := path.Split(p)
+	dir = path.Clean(dir)
+	if parents {
+		fd, err := r.mkdirAll(dir)
+		return fd, base, err
+	}
+	fd, err := r.openIn(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	return fd, base, err
 }

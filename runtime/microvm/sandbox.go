@@ -85,11 +85,8 @@ func (r *Runtime) Create(ctx context.Context, cfg runtime.Config) (sb runtime.Sa
 	}
 	start := time.Now()
 	dir, sock, uds, diskPath, console := r.paths(cfg.ID)
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return runtime.Sandbox{}, fmt.Errorf("%w: %s", ErrExists, cfg.ID)
-		}
-		return runtime.Sandbox{}, fmt.Errorf("microvm: create sandbox dir: %w", err)
+	if err := claimDir(cfg.ID, dir); err != nil {
+		return runtime.Sandbox{}, err
 	}
 	var proc *control.Process
 	defer func() {
@@ -492,4 +489,16 @@ func writeJSON(path string, v any) error {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+// claimDir makes sandbox id's directory: the claim on the ID, which fails
+// if another Create or Restore (in this process or an earlier one) holds it.
+func claimDir(id, dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("%w: %s", ErrExists, id)
+		}
+		return fmt.Errorf("microvm: create sandbox dir: %w", err)
+	}
+	return nil
 }

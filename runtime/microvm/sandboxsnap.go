@@ -419,11 +419,8 @@ func (r *Runtime) Restore(ctx context.Context, cfg runtime.Config, dir string) (
 func (r *Runtime) restore(ctx context.Context, cfg runtime.Config, snap *sandboxSnap, img Image, org origin) (sb runtime.Sandbox, err error) {
 	start := time.Now()
 	dir, sock, uds, diskPath, console := r.paths(cfg.ID)
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return runtime.Sandbox{}, fmt.Errorf("%w: %s", ErrExists, cfg.ID)
-		}
-		return runtime.Sandbox{}, fmt.Errorf("microvm: create sandbox dir: %w", err)
+	if err := claimDir(cfg.ID, dir); err != nil {
+		return runtime.Sandbox{}, err
 	}
 	var proc *control.Process
 	defer func() {
