@@ -70,7 +70,7 @@ const resubscribeDelay = time.Second
 // re-lists and applies both after every change, until ctx is done. It
 // replaces Options.HostAddrs, Options.HostLAN and any SetHostAddrs.
 // Errors after the return are logged; a subscription the kernel drops is
-// renewed. Cancel ctx before Close.
+// renewed. Cancel ctx before Close, which waits for the goroutine to end.
 func (m *Manager) FollowHostAddrs(ctx context.Context) error {
 	sub, err := m.subscribe(ctx)
 	if err != nil {
@@ -81,7 +81,11 @@ func (m *Manager) FollowHostAddrs(ctx context.Context) error {
 		sub.stop()
 		return err
 	}
-	go m.followHost(ctx, sub)
+	m.following.Add(1)
+	go func() {
+		defer m.following.Done()
+		m.followHost(ctx, sub)
+	}()
 	return nil
 }
 

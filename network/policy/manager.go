@@ -205,6 +205,9 @@ type Manager struct {
 	deny []netip.Prefix // Options.DenyCIDRs
 	open []netip.Prefix // Options.AllowCIDRs
 
+	// following counts FollowHostAddrs's goroutine, which Close waits for.
+	following sync.WaitGroup
+
 	mu       sync.Mutex // guards everything below
 	maps     map[string]*ebpf.Map
 	prog     *ebpf.Program
@@ -733,8 +736,12 @@ func (m *Manager) Counters(ifindex int) (Counters, error) {
 
 // Close releases the Manager's file descriptors. Pins, map contents and
 // attached filters stay: the sandboxes keep their policies, and the next
-// New adopts them. Cancel FollowHostAddrs's context first.
+// New adopts them. Cancel FollowHostAddrs's context first: Close waits for
+// its goroutine.
 func (m *Manager) Close() error {
+	// A refresh of the host's addresses under way uses the netlink
+	// handle closed below.
+	m.following.Wait()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, mp := range m.maps {
